@@ -1,0 +1,154 @@
+"""Inference requests and replies as they travel over RabbitMQ (JSON, `application/json`)."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ._base import Contract
+from .incident import IncidentContext
+from .rca import RcaResult
+
+SCHEMA_VERSION = 1
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Task(StrEnum):
+    """What the publisher wants done with the incident."""
+
+    RCA = "rca"
+    RUNBOOK = "runbook"
+    SUMMARY = "summary"
+    CHAT = "chat"
+    TEST_CONNECTION = "test_connection"
+
+
+class Status(StrEnum):
+    """How a request ended."""
+
+    OK = "ok"
+    FAILED = "failed"  # the provider or the model could not produce a valid answer
+    UNAVAILABLE = "unavailable"  # the tenant's provider is down and its policy is fail_closed
+    EXPIRED = "expired"  # the request's deadline passed before it could be answered
+    REJECTED = "rejected"  # the request itself was malformed
+
+
+class ChatMessage(Contract):
+    """A conversation turn supplied by the caller (`chat` task)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = Field(max_length=200_000)
+    tool_call_id: str | None = None
+
+
+class ToolDeclaration(Contract):
+    """An automation action the platform can run; its parameters are a JSON Schema object."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str = Field(default="", max_length=4000)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolCall(Contract):
+    """A call the model asked for, with arguments already parsed from JSON."""
+
+    id: str | None = None
+    name: str
+    arguments: dict[str, Any]
+
+
+class InferenceRequest(Contract):
+    """What upstream services publish to `{ns}.requests`."""
+
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=1)
+    request_id: str = Field(min_length=1, max_length=200, description="Idempotency key.")
+    tenant_id: str = Field(pattern=TENANT_ID_PATTERN)
+    task: Task
+    incident: IncidentContext | None = None
+    deadline: datetime | None = Field(
+        default=None, description="Absolute time (ISO 8601 with offset) after which no answer is useful."
+    )
+    tools: list[ToolDeclaration] | None = Field(default=None, max_length=128)
+    max_output_tokens: int | None = Field(default=None, ge=1, le=65_536)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    messages: list[ChatMessage] | None = Field(default=None, max_length=500)
+
+    @model_validator(mode="after")
+    def _task_has_its_input(self) -> "InferenceRequest":
+        if self.task in (Task.RCA, Task.RUNBOOK, Task.SUMMARY) and self.incident is None:
+            raise ValueError(f"task {self.task.value!r} needs an 'incident'")
+        if self.task is Task.CHAT and not self.messages:
+            raise ValueError("task 'chat' needs a non-empty 'messages' list")
+        if self.deadline is not None and self.deadline.tzinfo is None:
+            raise ValueError("'deadline' needs a UTC offset, e.g. 2026-01-01T12:00:00Z")
+        return self
+
+
+class Usage(Contract):
+    """Tokens the tenant's provider counted, and what they cost if the tenant has a price table."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    estimated_cost: float | None = None
+    currency: str | None = None
+
+
+class Provenance(Contract):
+    """Where the answer came from and what the worker did to get it."""
+
+    provider_kind: str | None = None
+    model: str | None = None
+    attempts: int = 0
+    policy: str | None = Field(default=None, description="The tenant's fallback policy, when one applied.")
+    fallback_used: bool = False
+    data_left_network: bool = False
+    prompt_version: str | None = None
+    trimmed: dict[str, int] = Field(
+        default_factory=dict, description="Items of the incident context left out to fit the model."
+    )
+
+
+class Timings(Contract):
+    """Milliseconds spent, measured by the worker."""
+
+    received_at: datetime
+    replied_at: datetime
+    provider_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class ErrorInfo(Contract):
+    """Why a request did not end `ok`. Never holds secrets."""
+
+    code: str
+    message: str
+    error_class: str | None = None
+    retry_after_s: float | None = None
+
+
+class ReplyResult(Contract):
+    """The answer, in the shape of its task."""
+
+    text: str | None = None
+    rca: RcaResult | None = None
+    tool_calls: list[ToolCall] | None = None
+    raw_output: str | None = Field(
+        default=None, description="The model's unusable output, kept for diagnosis on `invalid_output`."
+    )
+
+
+class InferenceReply(Contract):
+    """What the worker publishes to `reply_to`, or to `{ns}.replies` with key `<tenant_id>.<task>`."""
+
+    schema_version: int = SCHEMA_VERSION
+    request_id: str | None
+    tenant_id: str | None
+    task: str | None
+    status: Status
+    result: ReplyResult | None = None
+    usage: Usage = Field(default_factory=Usage)
+    provenance: Provenance = Field(default_factory=Provenance)
+    timings: Timings
+    error: ErrorInfo | None = None

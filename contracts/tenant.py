@@ -1,0 +1,125 @@
+"""Tenant configuration: one TOML file per tenant naming its provider, fallback policy and limits."""
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from .messages import TENANT_ID_PATTERN
+
+SECRET_DESCRIPTION = "A reference: `env:NAME` or `file:/path`. Never logged."
+
+
+class _Section(BaseModel):
+    # Unknown keys are kept aside (not fatal) so the registry can warn about likely typos.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class _ProviderBase(_Section):
+    context_window: int | None = Field(
+        default=None, ge=1024, description="The model's context window in tokens, if known."
+    )
+
+
+class OpenAICompatibleSettings(_ProviderBase):
+    """Any server speaking OpenAI Chat Completions: vLLM, TGI, Ollama's /v1, OpenAI itself."""
+
+    kind: Literal["openai_compatible"]
+    base_url: str = Field(description="Up to and including `/v1`, e.g. http://vllm:8000/v1")
+    model: str
+    api_key: SecretStr | None = Field(default=None, description=SECRET_DESCRIPTION)
+
+
+class AzureOpenAISettings(_ProviderBase):
+    """An Azure OpenAI deployment (dated api-version endpoint)."""
+
+    kind: Literal["azure_openai"]
+    endpoint: str = Field(description="https://<resource>.openai.azure.com/")
+    deployment: str
+    api_version: str = "2024-10-21"
+    api_key: SecretStr = Field(description=SECRET_DESCRIPTION)
+
+
+class BedrockSettings(_ProviderBase):
+    """AWS Bedrock Runtime through the Converse API."""
+
+    kind: Literal["bedrock"]
+    region: str
+    model_id: str = Field(description="Base model id, inference profile id or ARN.")
+    access_key_id: SecretStr | None = Field(default=None, description=SECRET_DESCRIPTION)
+    secret_access_key: SecretStr | None = Field(default=None, description=SECRET_DESCRIPTION)
+    role_arn: str | None = None
+    external_id: SecretStr | None = Field(default=None, description=SECRET_DESCRIPTION)
+    endpoint_url: str | None = None
+    sts_endpoint_url: str | None = None
+
+
+class VertexSettings(_ProviderBase):
+    """Google Vertex AI Gemini `generateContent` with a service-account key."""
+
+    kind: Literal["vertex"]
+    project: str
+    location: str
+    model: str
+    service_account: SecretStr = Field(description="Reference to the service account's JSON key.")
+    base_url: str | None = Field(default=None, description="Private endpoint, instead of the public host.")
+
+
+class OllamaSettings(_ProviderBase):
+    """Ollama's native `/api/chat`."""
+
+    kind: Literal["ollama"]
+    base_url: str = "http://127.0.0.1:11434"
+    model: str
+
+
+ProviderSettings = Annotated[
+    OpenAICompatibleSettings | AzureOpenAISettings | BedrockSettings | VertexSettings | OllamaSettings,
+    Field(discriminator="kind"),
+]
+
+
+class FallbackPolicy(StrEnum):
+    """What happens when the tenant's provider fails."""
+
+    FAIL_CLOSED = "fail_closed"
+    QUEUE_AND_RETRY = "queue_and_retry"
+    ATLAS_CLOUD = "atlas_cloud"
+
+
+class Fallback(_Section):
+    policy: FallbackPolicy = FallbackPolicy.FAIL_CLOSED
+    max_attempts: int = Field(default=5, ge=1, le=50)
+
+
+class Limits(_Section):
+    timeout_s: float = Field(default=30.0, gt=0, le=1500, description="Per provider call.")
+    max_concurrency: int = Field(default=16, ge=1, le=10_000, description="Calls in flight per worker.")
+
+
+class Pricing(_Section):
+    """Optional price table, to estimate a cost per reply."""
+
+    currency: str = "USD"
+    input_per_1k_tokens: float = Field(ge=0)
+    output_per_1k_tokens: float = Field(ge=0)
+
+
+class TenantConfig(_Section):
+    """One tenant's bring-your-own-LLM configuration (`tenants/<tenant_id>.toml`)."""
+
+    tenant_id: str = Field(pattern=TENANT_ID_PATTERN)
+    provider: ProviderSettings
+    fallback: Fallback = Field(default_factory=Fallback)
+    limits: Limits = Field(default_factory=Limits)
+    pricing: Pricing | None = None
+
+
+def unknown_keys(model: BaseModel, prefix: str = "") -> list[str]:
+    """Dotted paths of keys the model did not recognise, for warnings about likely typos."""
+    found = [f"{prefix}{key}" for key in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            found.extend(unknown_keys(value, f"{prefix}{name}."))
+    return found

@@ -1,0 +1,124 @@
+"""Shared fixtures: a broker (skips locally without one, fails in CI), a namespace per test, fakes, a worker."""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts import Topology
+from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
+from tests.fakes.openai_server import FakeOpenAI
+from worker.app import WorkerApp
+from worker.ladder import RetryLadder
+from worker.log import configure_logging
+from worker.settings import WorkerSettings
+
+configure_logging("warning")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    url, container = find_broker()
+    if url is None:
+        message = "no RabbitMQ: set AMQP_URL, start one on 127.0.0.1:5672, or run a Docker engine"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield url
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture
+async def topology(amqp_url: str) -> AsyncIterator[Topology]:
+    topo = Topology(f"test-{uuid.uuid4().hex[:10]}")
+    yield topo
+    await delete_namespace(amqp_url, topo, (f"{topo.namespace}.atlas-cloud",))
+
+
+@pytest.fixture
+async def client(amqp_url: str, topology: Topology) -> AsyncIterator[BrokerClient]:
+    async with broker_client(amqp_url, topology) as c:
+        yield c
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    fake = FakeOpenAI()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+@pytest.fixture
+def tenants_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "tenants"
+    directory.mkdir()
+    return directory
+
+
+def write_tenant(directory: Path, tenant_id: str, base_url: str, *, policy: str = "fail_closed",
+                 max_attempts: int = 3, timeout_s: float = 5, max_concurrency: int = 16,
+                 api_key: str = "env:TEST_FAKE_OPENAI_KEY", model: str = "fake-model") -> Path:
+    path = directory / f"{tenant_id}.toml"
+    path.write_text(f"""
+tenant_id = "{tenant_id}"
+[provider]
+kind = "openai_compatible"
+base_url = "{base_url}"
+model = "{model}"
+api_key = "{api_key}"
+[fallback]
+policy = "{policy}"
+max_attempts = {max_attempts}
+[limits]
+timeout_s = {timeout_s}
+max_concurrency = {max_concurrency}
+""")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fake_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_FAKE_OPENAI_KEY", "sk-test-fake")
+
+
+def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **overrides: Any) -> WorkerSettings:
+    base: dict[str, Any] = dict(
+        amqp_url=amqp_url, tenants_dir=tenants_dir, namespace=topology.namespace, prefetch=32,
+        atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud", grace_s=5.0, tenants_poll_s=0.2,
+        ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
+    )
+    return WorkerSettings(**(base | overrides))
+
+
+class RunningWorker:
+    def __init__(self, app: WorkerApp, task: "asyncio.Task[None]") -> None:
+        self.app = app
+        self.task = task
+
+    async def stop(self) -> None:
+        self.app.stop()
+        await asyncio.wait_for(self.task, 30)
+
+
+async def start_worker(settings: WorkerSettings) -> RunningWorker:
+    app = WorkerApp(settings)
+    task = asyncio.create_task(app.run())
+    ready = asyncio.create_task(app.ready.wait())
+    await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    assert app.ready.is_set(), "worker did not become ready"
+    return RunningWorker(app, task)
+
+
+@pytest.fixture
+async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
+    yield running
+    await running.stop()

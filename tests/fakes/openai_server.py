@@ -1,0 +1,143 @@
+"""A strict fake of the OpenAI Chat Completions API, with faults on command.
+
+Checks what the real API checks: method and path, the bearer key, JSON body, a known model, message roles,
+tool and response_format shapes. Answers come from the demo stand-in model's deterministic generator.
+"""
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from demo.standin_model import completion
+
+FaultKind = Literal["rate_limit", "server_error", "hang", "malformed", "context_overflow", "quota", "bad_request"]
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass
+class Fault:
+    kind: FaultKind
+    retry_after_s: float | None = None
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None, **headers: str) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass
+class FakeOpenAI:
+    api_key: str | None = "sk-test-fake"
+    model: str = "fake-model"
+    latency_s: float = 0.0
+    faults: deque[Fault] = field(default_factory=deque)  # consumed one per request, before answering
+    always: Fault | None = None  # applied to every request while set
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    override: dict[str, Any] | None = None  # a full response body to return instead of the generated one
+    _runner: web.AppRunner | None = None
+    base_url: str = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        return self.base_url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.api_key is None:
+            return None
+        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        return None
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        return web.json_response({"object": "list", "data": [{"id": self.model, "object": "model"}]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        if (denied := self._unauthorized(request)) is not None:
+            return denied
+        if not request.content_type == "application/json":
+            return _error(400, "Content-Type must be application/json", "invalid_request_error")
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error")
+        if (problem := self._shape_problem(body)) is not None:
+            return _error(400, problem, "invalid_request_error")
+        if body["model"] != self.model:
+            return _error(404, f"The model `{body['model']}` does not exist", "invalid_request_error",
+                          "model_not_found")
+        self.requests.append(body)
+        fault = self.faults.popleft() if self.faults else self.always
+        if fault is not None:
+            return await self._fault(fault)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        return web.json_response(self.override or completion(body))
+
+    async def _fault(self, fault: Fault) -> web.StreamResponse:
+        retry_after = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else {}
+        match fault.kind:
+            case "rate_limit":
+                return _error(429, "Rate limit reached. Please try again later.", "requests", "rate_limit_exceeded",
+                              **retry_after)
+            case "quota":
+                return _error(429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota")
+            case "server_error":
+                return _error(503, "The server is overloaded.", "server_error", **retry_after)
+            case "context_overflow":
+                return _error(400, "This model's maximum context length is 8192 tokens.", "invalid_request_error",
+                              "context_length_exceeded")
+            case "bad_request":
+                return _error(400, "Invalid value for 'temperature'.", "invalid_request_error")
+            case "malformed":
+                return web.Response(body=b'{"choices": [ {"mess', content_type="application/json")
+            case "hang":
+                await asyncio.sleep(3600)
+        raise AssertionError(fault)
+
+    @staticmethod
+    def _shape_problem(body: Any) -> str | None:
+        if not isinstance(body, dict):
+            return "body must be a JSON object"
+        if not isinstance(body.get("model"), str):
+            return "you must provide a model parameter"
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return "'messages' must be a non-empty array"
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                return f"messages[{i}].role is invalid"
+            if not isinstance(message.get("content"), str | None):
+                return f"messages[{i}].content must be a string"
+        for key in ("max_tokens", "max_completion_tokens"):
+            if key in body and (not isinstance(body[key], int) or body[key] < 1):
+                return f"'{key}' must be a positive integer"
+        for tool in body.get("tools", []):
+            function = tool.get("function", {}) if isinstance(tool, dict) else {}
+            if tool.get("type") != "function" or not isinstance(function.get("name"), str):
+                return "tools[].type must be 'function' with a function.name"
+        response_format = body.get("response_format")
+        if response_format is not None:
+            kind = response_format.get("type")
+            if kind == "json_schema" and not isinstance(response_format.get("json_schema", {}).get("schema"), dict):
+                return "response_format.json_schema.schema must be an object"
+            if kind not in ("text", "json_object", "json_schema"):
+                return "response_format.type is invalid"
+        return None

@@ -1,0 +1,196 @@
+"""A request goes in, a reply comes out: the foundation's promises, observed on the broker."""
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import orjson
+import pika  # a different client library, as another team's publisher would use
+import pytest
+
+from contracts import Header, InferenceReply, RcaResult, Status, Topology
+from tests import samples
+from tests.broker import BrokerClient, collect, drain_now, json_body
+from tests.conftest import RunningWorker, write_tenant
+from tests.fakes.openai_server import Fault, FakeOpenAI
+
+pytestmark = pytest.mark.broker
+
+
+async def test_summary_request_gets_one_reply_with_same_correlation_id(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    replies = await client.reply_queue()
+    body = samples.request("acme", "summary")
+
+    await client.publish_request(body, reply_to=replies.name, correlation_id="corr-1")
+
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert message.correlation_id == "corr-1"
+    assert reply.request_id == body["request_id"]
+    assert reply.status is Status.OK
+    assert reply.result is not None and reply.result.text
+    assert reply.provenance.provider_kind == "openai_compatible"
+    assert reply.provenance.attempts == 1
+    assert reply.usage.input_tokens > 0
+    # The fake saw the tenant's key and model, resolved from env: and never echoed anywhere.
+    assert fake_openai.requests[0]["model"] == "fake-model"
+    assert b"sk-test-fake" not in message.body
+    await asyncio.sleep(0.3)
+    assert await drain_now(replies) == []
+
+
+async def test_request_published_with_pika_is_answered(
+    amqp_url: str, client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path,
+    topology: Topology,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    replies = await client.reply_queue()
+    body = samples.request("acme", "rca")
+
+    def publish_with_pika() -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.basic_publish(
+                topology.requests, "request", orjson.dumps(body),
+                pika.BasicProperties(content_type="application/json", reply_to=replies.name,
+                                     correlation_id="pika-42", delivery_mode=2),
+            )
+        finally:
+            connection.close()
+
+    await asyncio.to_thread(publish_with_pika)
+
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert message.correlation_id == "pika-42"
+    assert reply.request_id == body["request_id"]
+    assert reply.status is Status.OK
+    assert reply.result is not None and reply.result.rca is not None
+    RcaResult.model_validate(reply.result.rca.model_dump())
+
+
+async def test_reply_without_reply_to_goes_to_replies_queue_by_tenant_and_task(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, topology: Topology
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    observer = await client.bind_observer(topology.replies, "acme.summary")
+    body = samples.request("acme", "summary")
+
+    await client.publish_request(body)
+
+    [message] = await collect(observer, 1)
+    assert message.routing_key == "acme.summary"
+    assert json_body(message)["request_id"] == body["request_id"]
+
+
+async def test_malformed_message_is_dead_lettered_and_next_one_answered(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, topology: Topology
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    replies = await client.reply_queue()
+    dead = await client.channel.get_queue(topology.dead)
+
+    await client.publish_request(b"{not json", reply_to=replies.name, correlation_id="bad-1")
+    await client.publish_request({"request_id": "r-unknown-task", "tenant_id": "acme", "task": "poem"},
+                                 reply_to=replies.name, correlation_id="bad-2")
+    good = samples.request("acme", "summary")
+    await client.publish_request(good, reply_to=replies.name, correlation_id="good")
+
+    messages = {m.correlation_id: m for m in await collect(replies, 3)}
+    assert json_body(messages["bad-1"])["status"] == "rejected"
+    assert json_body(messages["bad-1"])["error"]["code"] == "invalid_json"
+    assert json_body(messages["bad-2"])["status"] == "rejected"
+    assert json_body(messages["bad-2"])["error"]["code"] == "unknown_task"
+    assert json_body(messages["bad-2"])["request_id"] == "r-unknown-task"
+    assert json_body(messages["good"])["status"] == "ok"
+
+    dead_letters = await collect(dead, 2)
+    by_body = {m.body: m for m in dead_letters}
+    assert by_body[b"{not json"].headers[Header.REASON] == "malformed"
+    assert by_body[b"{not json"].headers[Header.ERROR_CODE] == "invalid_json"
+    unknown = next(m for m in dead_letters if m.body != b"{not json")
+    assert unknown.headers[Header.ERROR_CODE] == "unknown_task"
+    assert "task" in str(unknown.headers[Header.ERROR_MESSAGE])
+
+
+async def test_tenant_without_config_is_rerouted_to_atlas_cloud_unchanged(
+    client: BrokerClient, worker: RunningWorker, topology: Topology
+) -> None:
+    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
+    replies = await client.reply_queue()
+    raw = orjson.dumps(samples.request("globex", "rca"))
+
+    await client.publish_request(raw, reply_to=replies.name, correlation_id="c-globex")
+
+    [message] = await collect(cloud, 1)
+    assert message.body == raw
+    assert message.reply_to == replies.name
+    assert message.correlation_id == "c-globex"
+    assert message.headers[Header.REASON] == "no_byoc_config"
+    assert message.headers[Header.REROUTED_FROM_TENANT] == "globex"
+    assert await drain_now(replies) == []
+
+
+async def test_unroutable_reroute_is_dead_lettered_with_reason(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    from tests.conftest import start_worker, worker_settings
+
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir,
+                                                 atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud"))
+    try:
+        # The exchange exists but nothing is bound to it: the reroute is returned, never dropped.
+        dead = await client.channel.get_queue(topology.dead)
+        raw = orjson.dumps(samples.request("initech", "summary"))
+        await client.publish_request(raw)
+        [message] = await collect(dead, 1)
+        assert message.body == raw
+        assert message.headers[Header.REASON] == "reroute_unroutable"
+    finally:
+        await running.stop()
+
+
+async def test_fail_closed_tenant_gets_unavailable_and_nothing_leaves(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed")
+    worker.app.registry.refresh()
+    fake_openai.always = Fault("server_error")
+    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+
+    [message] = await collect(replies, 1)
+    reply = json_body(message)
+    assert reply["status"] == "unavailable"
+    assert reply["error"]["error_class"] == "transient"
+    assert "503" in reply["error"]["message"]
+    await asyncio.sleep(0.3)
+    assert await drain_now(cloud) == []
+
+
+async def test_unique_request_ids_each_get_exactly_one_reply_under_concurrency(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, max_concurrency=64)
+    worker.app.registry.refresh()
+    fake_openai.latency_s = 0.05
+    replies = await client.reply_queue()
+    ids = [f"bulk-{uuid.uuid4().hex[:8]}" for _ in range(100)]
+
+    for request_id in ids:
+        await client.publish_request(samples.request("acme", "summary", request_id=request_id),
+                                     reply_to=replies.name)
+
+    received = [json_body(m)["request_id"] for m in await collect(replies, len(ids), timeout_s=60)]
+    assert sorted(received) == sorted(ids)

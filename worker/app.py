@@ -1,0 +1,88 @@
+"""The composition root: opens the broker connection, HTTP session and registry, runs the consumer, drains."""
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+
+import aio_pika
+import aiohttp
+import structlog
+
+from worker.consumer import Consumer, Settled
+from worker.handler import Handler
+from worker.providers import ProviderPool
+from worker.settings import WorkerSettings
+from worker.settle import Settler
+from worker.tenants import TenantRegistry
+from worker.topology import declare, declare_atlas_cloud, topology_spec
+
+log = structlog.get_logger("worker.app")
+
+
+class WorkerApp:
+    """One worker process. `run()` returns after `stop()` once in-flight work is drained."""
+
+    def __init__(self, settings: WorkerSettings, *, on_settled: Callable[[Settled], None] | None = None) -> None:
+        self.settings = settings
+        self.registry = TenantRegistry(settings.tenants_dir)
+        self.ready = asyncio.Event()
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._on_settled = on_settled
+        self.consumer: Consumer | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        async with AsyncExitStack() as stack:
+            self.registry.refresh()
+            log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
+            watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))
+            stack.callback(watcher.cancel)
+
+            connection = await aio_pika.connect_robust(
+                settings.amqp_url, client_properties={"connection_name": f"atlas-worker:{settings.namespace}"}
+            )
+            stack.push_async_callback(connection.close)
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300),
+                raise_for_status=False,
+            )
+            stack.push_async_callback(session.close)
+
+            publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
+            await declare(publish_channel, spec)
+            await declare_atlas_cloud(connection, settings.atlas_cloud_exchange)
+
+            consume_channel = await connection.channel(publisher_confirms=False)
+            await consume_channel.set_qos(prefetch_count=settings.prefetch)
+            # Declared (not just looked up) on this channel so the robust connection re-consumes it after a reconnect.
+            requests_spec = spec.queues[0]
+            requests = await consume_channel.declare_queue(
+                requests_spec.name, durable=True, arguments=requests_spec.arguments
+            )
+
+            handler = Handler(self.registry, ProviderPool(session), settings.ladder)
+            settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
+            self.consumer = Consumer(requests, handler, settler, on_settled=self._on_settled)
+            await self.consumer.start()
+            self.ready.set()
+            log.info(
+                "worker_started",
+                namespace=settings.namespace,
+                prefetch=settings.prefetch,
+                queue=settings.topology.requests,
+            )
+
+            await self._stop.wait()
+            self.draining = True
+            self.ready.clear()
+            log.info("worker_draining", in_flight=self.consumer.in_flight, grace_s=settings.grace_s)
+            returned = await self.consumer.drain(settings.grace_s)
+            log.info("worker_stopped", returned_to_queue=returned)
+            with contextlib.suppress(Exception):
+                await consume_channel.close()

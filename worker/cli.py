@@ -1,0 +1,122 @@
+"""The `atlas-worker` command line: run, test-connection, dlq, topology, tenants."""
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.ladder import RetryLadder
+from worker.log import configure_logging
+from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
+from worker.tenants import validate_directory
+
+
+def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amqp-url",
+        default=env_amqp_url(),
+        help="broker URL (env AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)",
+    )
+    parser.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="atlas-worker",
+        description="Answers incident inference requests from RabbitMQ with each tenant's own LLM.",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="consume requests and publish replies until SIGTERM")
+    _add_broker_flags(run)
+    run.add_argument(
+        "--tenants",
+        type=Path,
+        default=env_tenants_dir(),
+        help="directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default ./tenants)",
+    )
+    run.add_argument("--prefetch", type=int, default=64, help="deliveries in flight (default: %(default)s)")
+    run.add_argument(
+        "--atlas-cloud-exchange",
+        default=DEFAULT_ATLAS_CLOUD_EXCHANGE,
+        help="where unconfigured tenants and atlas_cloud fallbacks go (default: %(default)s)",
+    )
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds in-flight calls may finish after SIGTERM (default: %(default)s)",
+    )
+    run.add_argument(
+        "--delivery-limit",
+        type=int,
+        default=20,
+        help="deliveries of one message before the broker dead-letters it (default: %(default)s)",
+    )
+    run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
+    run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
+    run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
+    run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    run.set_defaults(func=_run)
+
+    tenants = commands.add_parser("tenants", help="work with tenant configuration files")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
+    validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
+    validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
+    validate.set_defaults(func=_validate_tenants)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from worker.app import WorkerApp
+
+    settings = WorkerSettings(
+        amqp_url=args.amqp_url,
+        tenants_dir=args.tenants,
+        namespace=args.namespace,
+        prefetch=args.prefetch,
+        atlas_cloud_exchange=args.atlas_cloud_exchange,
+        grace_s=args.grace,
+        delivery_limit=args.delivery_limit,
+        ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
+        metrics_port=args.metrics_port,
+    )
+
+    async def main() -> None:
+        app = WorkerApp(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, app.stop)
+        await app.run()
+
+    asyncio.run(main())
+    return 0
+
+
+def _validate_tenants(args: argparse.Namespace) -> int:
+    configs, problems = validate_directory(args.directory)
+    for config in configs:
+        print(
+            f"ok    {args.directory / (config.tenant_id + '.toml')}  "
+            f"({config.provider.kind}, fallback {config.fallback.policy.value})"
+        )
+    for problem in problems:
+        print(f"error {problem}")
+    print(f"{len(configs)} valid, {len({p.path for p in problems})} invalid")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""The consumer loop: decode a delivery, hand it to the handler, settle the outcome (shielded), log it."""
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
+from pydantic import ValidationError
+
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from worker.handler import DeliveryContext, Handler
+from worker.outcome import DeadLetter, Outcome, Reply
+from worker.settle import Settler
+
+log = structlog.get_logger("worker.consumer")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A delivery that is not a valid request; what we could still read helps the publisher match it."""
+
+    code: str  # invalid_json | invalid_request | unknown_task | body_too_large
+    message: str
+    request_id: str | None = None
+    tenant_id: str | None = None
+    task: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """One delivery's end, for metrics and tests."""
+
+    request_id: str | None
+    tenant_id: str | None
+    task: str | None
+    outcome: Outcome
+    done: str
+    duration_ms: float
+
+
+def decode(body: bytes) -> InferenceRequest | Malformed:
+    if len(body) > MAX_BODY_BYTES:
+        return Malformed("body_too_large", f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        return InferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            return Malformed("invalid_json", "body is not valid JSON")
+        partial = _readable_ids(body)
+        first = errors[0]
+        where = ".".join(map(str, first["loc"])) or "(body)"
+        code = "unknown_task" if first["loc"] == ("task",) else "invalid_request"
+        detail = f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+        return Malformed(code, detail[:500], *partial)
+
+
+def _readable_ids(body: bytes) -> tuple[str | None, str | None, str | None]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None, None, None
+    if not isinstance(data, dict):
+        return None, None, None
+
+    def text(key: str) -> str | None:
+        value = data.get(key)
+        return value[:200] if isinstance(value, str) else None
+
+    return text("request_id"), text("tenant_id"), text("task")
+
+
+def _attempts(message: AbstractIncomingMessage) -> int:
+    value = (message.headers or {}).get(Header.ATTEMPTS)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+class Consumer:
+    """Consumes `{ns}.requests` with many deliveries in flight; each is settled exactly once or returned."""
+
+    def __init__(
+        self,
+        queue: AbstractQueue,
+        handler: Handler,
+        settler: Settler,
+        *,
+        on_settled: Callable[[Settled], None] | None = None,
+    ) -> None:
+        self._queue = queue
+        self._handler = handler
+        self._settler = settler
+        self._on_settled = on_settled
+        self._tag: str | None = None
+        self._working: set[asyncio.Task[None]] = set()  # handling; cancellable on shutdown
+        self._settling: set[asyncio.Task[str]] = set()  # never cancelled
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._working)
+
+    @property
+    def consuming(self) -> bool:
+        return self._tag is not None
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_delivery)
+
+    async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._process(message))
+        self._working.add(task)
+        task.add_done_callback(self._working.discard)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        started = time.monotonic()
+        ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started)
+        decoded = decode(message.body)
+        request = decoded if isinstance(decoded, InferenceRequest) else None
+        ids = (
+            (request.request_id, request.tenant_id, request.task.value)
+            if request
+            else (decoded.request_id, decoded.tenant_id, decoded.task)
+            if isinstance(decoded, Malformed)
+            else (None,) * 3
+        )
+        structlog.contextvars.bind_contextvars(
+            request_id=ids[0], tenant_id=ids[1], task=ids[2], attempt=ctx.attempts + 1
+        )
+        try:
+            if request is not None:
+                outcome = await self._handle(request, ctx)
+            else:
+                assert isinstance(decoded, Malformed)
+                outcome = _rejected(decoded, ctx, has_reply_to=bool(message.reply_to))
+        except asyncio.CancelledError:
+            await _return_to_queue(message)
+            raise
+        settling = asyncio.create_task(self._settler.settle(message, outcome, request))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        try:
+            done = await asyncio.shield(settling)
+        except asyncio.CancelledError:
+            raise
+        except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
+            # Not confirmed, so not acked: the broker delivers it again (at-least-once).
+            log.warning("settle_failed", error=f"{type(exc).__name__}: {exc}")
+            await _return_to_queue(message)
+            return
+        except Exception:
+            log.exception("settle_failed")
+            await _return_to_queue(message)
+            return
+        self._report(Settled(ids[0], ids[1], ids[2], outcome, done, (time.monotonic() - started) * 1000))
+
+    async def _handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        try:
+            return await self._handler.handle(request, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug must not become a crash loop: the request is dead-lettered with the reason.
+            log.exception("handler_crashed")
+            error = ErrorInfo(code="internal_error", message=f"worker error: {type(exc).__name__}")
+            reply = InferenceReply(
+                request_id=request.request_id,
+                tenant_id=request.tenant_id,
+                task=request.task.value,
+                status=Status.FAILED,
+                error=error,
+                timings=_timings(ctx),
+            )
+            return Reply(reply, DeadLetter("internal_error", error, attempts=ctx.attempts))
+
+    def _report(self, settled: Settled) -> None:
+        outcome = settled.outcome
+        fields: dict[str, Any] = {"outcome": settled.done, "duration_ms": round(settled.duration_ms, 2)}
+        if isinstance(outcome, Reply) and outcome.reply is not None:
+            reply = outcome.reply
+            fields |= {
+                "status": reply.status.value,
+                "provider": reply.provenance.provider_kind,
+                "provider_ms": reply.timings.provider_ms,
+            }
+            if reply.error:
+                fields["error_code"] = reply.error.code
+        elif isinstance(outcome, Reply) and outcome.dead_letter:
+            fields |= {"status": Status.REJECTED.value, "error_code": outcome.dead_letter.error.code}
+        log.info("request_settled", **fields)
+        if self._on_settled is not None:
+            self._on_settled(settled)
+
+    async def stop_consuming(self) -> None:
+        """Take no new deliveries (those already prefetched still arrive and are handled)."""
+        if self._tag is not None:
+            tag, self._tag = self._tag, None
+            try:
+                await self._queue.cancel(tag)
+            except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+                log.warning("consumer_cancel_failed", error=str(exc))
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop consuming, let in-flight work finish for `grace_s`, return the rest to the queue.
+        Returns how many deliveries were returned unfinished."""
+        await self.stop_consuming()
+        if self._working:
+            await asyncio.wait(set(self._working), timeout=grace_s)
+        unfinished = [t for t in self._working if not t.done()]
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished)
+        if self._settling:
+            await asyncio.wait(set(self._settling))
+        return len(unfinished)
+
+
+async def _return_to_queue(message: AbstractIncomingMessage) -> None:
+    # If the channel is gone, the broker requeues unacked deliveries itself.
+    with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.CancelledError):
+        await asyncio.shield(message.nack(requeue=True))
+
+
+def _timings(ctx: DeliveryContext) -> Timings:
+    return Timings(
+        received_at=ctx.received_at,
+        replied_at=datetime.now(UTC),
+        total_ms=round((time.monotonic() - ctx.received_monotonic) * 1000, 3),
+    )
+
+
+def _rejected(bad: Malformed, ctx: DeliveryContext, *, has_reply_to: bool) -> Reply:
+    error = ErrorInfo(code=bad.code, message=bad.message)
+    reply = None
+    if has_reply_to:
+        reply = InferenceReply(
+            request_id=bad.request_id,
+            tenant_id=bad.tenant_id,
+            task=bad.task,
+            status=Status.REJECTED,
+            error=error,
+            timings=_timings(ctx),
+        )
+    return Reply(reply, DeadLetter("malformed", error, attempts=ctx.attempts))

@@ -1,0 +1,50 @@
+"""The one error taxonomy every provider maps its failures into.
+
+    ProviderError                 raised by Provider.complete(); carries an ErrorClass
+     ├─ transient                 timeouts, resets, 408/409/5xx, "overloaded", breaker open
+     ├─ rate_limited              429 / throttling; `retry_after_s` when the provider says
+     ├─ quota                     billing or quota exhausted: not worth a hot retry
+     ├─ bad_request               400/422: the call is wrong, or asks what the model cannot do
+     ├─ context_overflow          the prompt does not fit the model's context window
+     ├─ content_filtered          the provider's safety system blocked the prompt or answer
+     ├─ auth                      401/403: credentials, roles, network ACLs, unresolvable secrets
+     └─ not_found                 404: model, deployment or endpoint does not exist
+
+Messages are written for the tenant admin ("401 from Azure: check the API key") and never contain secrets.
+"""
+
+from enum import StrEnum
+
+
+class ErrorClass(StrEnum):
+    TRANSIENT = "transient"
+    RATE_LIMITED = "rate_limited"
+    QUOTA = "quota"
+    BAD_REQUEST = "bad_request"
+    CONTEXT_OVERFLOW = "context_overflow"
+    CONTENT_FILTERED = "content_filtered"
+    AUTH = "auth"
+    NOT_FOUND = "not_found"
+
+
+class ProviderError(Exception):
+    """A provider call failed; `error_class` decides what the tenant's policy does next."""
+
+    def __init__(
+        self,
+        error_class: ErrorClass,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_class = error_class
+        self.message = message
+        self.code = code or error_class.value
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+    def __repr__(self) -> str:
+        return f"ProviderError({self.error_class.value}, {self.code!r}, {self.message!r})"

@@ -1,0 +1,51 @@
+"""What handling a delivery decided; `settle` turns exactly one of these into publishes and an ack."""
+
+from dataclasses import dataclass
+
+from contracts import ErrorInfo, InferenceReply
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Park the original message on `{ns}.dead` for an operator, with the reason in headers."""
+
+    reason: str  # malformed | unknown_tenant_config | exhausted | expired | permanent_error | …
+    error: ErrorInfo
+    provider_kind: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the publisher (when there is someone to answer); optionally also dead-letter the request."""
+
+    reply: InferenceReply | None
+    dead_letter: DeadLetter | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Park the original message on a ladder level; it returns to `{ns}.requests` after the level's TTL."""
+
+    level: int
+    attempts: int
+    error: ErrorInfo
+    provider_kind: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Defer:
+    """Over the tenant's concurrency limit: come back shortly, without counting an attempt."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reroute:
+    """Republish the original message, unchanged, to the Atlas Cloud exchange (data leaves the network)."""
+
+    reason: str
+    error: ErrorInfo | None = None
+    provider_kind: str | None = None
+    attempts: int = 0
+
+
+Outcome = Reply | Retry | Defer | Reroute

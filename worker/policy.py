@@ -1,0 +1,70 @@
+"""The fallback decision: (error class × tenant policy × attempts × deadline) → what happens next.
+
+Pure and broker-free. The table, as promised to tenants (README "Failure policy"):
+
+| error class                  | fail_closed       | queue_and_retry                     | atlas_cloud       |
+|------------------------------|-------------------|-------------------------------------|-------------------|
+| transient, rate_limited      | reply unavailable | retry on the ladder; when attempts  | reroute           |
+|                              |                   | or the deadline run out: failed /   |                   |
+|                              |                   | expired reply + dead letter         |                   |
+| quota, auth, not_found       | reply unavailable | failed reply + dead letter (a retry | reroute           |
+|                              |                   | cannot fix it; replay after the fix)|                   |
+| bad_request, content_filtered| failed reply +    | failed reply + dead letter          | failed reply +    |
+| context_overflow             | dead letter       |                                     | dead letter       |
+
+The last row never leaves the tenant's network: a request the tenant's model rejected as wrong or
+unsafe would be just as wrong for Atlas Cloud, so it is not rerouted.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from contracts import FallbackPolicy, Status
+from worker.errors import ErrorClass
+from worker.ladder import RetryLadder
+
+AVAILABILITY = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
+MISCONFIGURED = frozenset({ErrorClass.QUOTA, ErrorClass.AUTH, ErrorClass.NOT_FOUND})
+REQUEST_IS_WRONG = frozenset({ErrorClass.BAD_REQUEST, ErrorClass.CONTENT_FILTERED, ErrorClass.CONTEXT_OVERFLOW})
+
+
+class Action(StrEnum):
+    REPLY = "reply"  # reply with `status`; dead-letter too when `dead_letter`
+    RETRY = "retry"  # park on ladder level `retry_level`
+    REROUTE = "reroute"  # republish to the Atlas Cloud exchange
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    status: Status | None = None
+    dead_letter: bool = False
+    retry_level: int | None = None
+    reason: str = ""
+
+
+def decide(
+    error_class: ErrorClass,
+    policy: FallbackPolicy,
+    *,
+    attempts: int,
+    max_attempts: int,
+    time_left_s: float | None,
+    ladder: RetryLadder,
+    retry_after_s: float | None = None,
+) -> Decision:
+    """What to do after the `attempts`-th provider attempt failed with `error_class`."""
+    if error_class in REQUEST_IS_WRONG:
+        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="request rejected by provider")
+    if policy is FallbackPolicy.FAIL_CLOSED:
+        return Decision(Action.REPLY, Status.UNAVAILABLE, reason="provider failed; policy fail_closed")
+    if policy is FallbackPolicy.ATLAS_CLOUD:
+        return Decision(Action.REROUTE, reason=f"provider failed ({error_class.value}); policy atlas_cloud")
+    if error_class in MISCONFIGURED:
+        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="provider misconfigured")
+    if attempts >= max_attempts:
+        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason=f"gave up after {attempts} attempts")
+    level = ladder.level_for(attempts, retry_after_s)
+    if time_left_s is not None and ladder.delays_s[level] >= time_left_s:
+        return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="next retry would miss the deadline")
+    return Decision(Action.RETRY, retry_level=level, reason=f"retry {attempts + 1} of {max_attempts}")

@@ -1,0 +1,47 @@
+"""Builds the provider for a tenant's settings and reuses it while the settings stay the same."""
+
+from collections.abc import Callable
+
+import aiohttp
+
+from contracts import TenantConfig
+from contracts.tenant import ProviderSettings
+from worker.errors import ErrorClass, ProviderError
+from worker.providers.base import Provider
+from worker.providers.openai_compatible import OpenAICompatibleProvider
+
+ProviderFactory = Callable[[ProviderSettings, aiohttp.ClientSession], Provider]
+
+
+def _openai_compatible(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
+    assert settings.kind == "openai_compatible"
+    return OpenAICompatibleProvider(settings, session)
+
+
+FACTORIES: dict[str, ProviderFactory] = {
+    "openai_compatible": _openai_compatible,
+}
+
+
+class ProviderPool:
+    """One provider object per tenant settings; all share one HTTP session (connection reuse)."""
+
+    def __init__(self, session: aiohttp.ClientSession, factories: dict[str, ProviderFactory] | None = None) -> None:
+        self._session = session
+        self._factories = factories if factories is not None else FACTORIES
+        self._built: dict[str, tuple[ProviderSettings, Provider]] = {}
+
+    def get(self, tenant: TenantConfig) -> Provider:
+        cached = self._built.get(tenant.tenant_id)
+        if cached is not None and cached[0] == tenant.provider:
+            return cached[1]
+        factory = self._factories.get(tenant.provider.kind)
+        if factory is None:
+            raise ProviderError(
+                ErrorClass.BAD_REQUEST,
+                f"provider kind {tenant.provider.kind!r} is not available in this worker",
+                code="provider_unsupported",
+            )
+        provider = factory(tenant.provider, self._session)
+        self._built[tenant.tenant_id] = (tenant.provider, provider)
+        return provider

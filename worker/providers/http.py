@@ -1,0 +1,134 @@
+"""HTTP helpers shared by the JSON-over-HTTP providers: error classification and retry-after parsing."""
+
+import asyncio
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+import orjson
+
+from worker.errors import ErrorClass, ProviderError
+
+CONTEXT_OVERFLOW_PATTERNS = re.compile(
+    r"context_length_exceeded|maximum context length|longer than the maximum model length"
+    r"|must be <= \d+|input is too long|input token count .* exceeds the maximum"
+    r"|exceeds the context window|context window",
+    re.IGNORECASE,
+)
+QUOTA_PATTERNS = re.compile(r"insufficient_quota|quota exceeded|billing", re.IGNORECASE)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`retry-after-ms` first (Azure), then `retry-after` as seconds or an HTTP date."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                return None
+            return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return None
+
+
+def error_text(body: bytes) -> str:
+    """The human part of an error body, whatever shape the server used."""
+    try:
+        data: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            parts = [str(error.get(k)) for k in ("code", "type", "message") if error.get(k)]
+            return " ".join(parts)[:500] or str(error)[:300]
+        if isinstance(error, str):
+            return error[:500]
+    return str(data)[:300]
+
+
+def classify_status(status: int, text: str, headers: Mapping[str, str], who: str) -> ProviderError:
+    """Map an HTTP error answer into the taxonomy, with an actionable message."""
+    retry_after = retry_after_seconds(headers)
+    if CONTEXT_OVERFLOW_PATTERNS.search(text) and status in (400, 413, 422):
+        return ProviderError(
+            ErrorClass.CONTEXT_OVERFLOW,
+            f"{status} from {who}: prompt too long ({text})",
+            code="context_overflow",
+            status=status,
+        )
+    if status == 429 and QUOTA_PATTERNS.search(text):
+        return ProviderError(
+            ErrorClass.QUOTA,
+            f"429 from {who}: quota or billing exhausted ({text})",
+            code="quota_exceeded",
+            status=status,
+        )
+    if status == 429:
+        return ProviderError(
+            ErrorClass.RATE_LIMITED,
+            f"429 from {who}: rate limited ({text})",
+            code="rate_limited",
+            retry_after_s=retry_after,
+            status=status,
+        )
+    if status in (408, 409) or status >= 500:
+        return ProviderError(
+            ErrorClass.TRANSIENT,
+            f"{status} from {who}: server error ({text})",
+            code="provider_unavailable",
+            retry_after_s=retry_after,
+            status=status,
+        )
+    if status == 401:
+        return ProviderError(
+            ErrorClass.AUTH,
+            f"401 from {who}: check the API key or credentials ({text})",
+            code="unauthorized",
+            status=status,
+        )
+    if status == 403:
+        return ProviderError(
+            ErrorClass.AUTH,
+            f"403 from {who}: the credentials lack permission, or a network rule blocks the worker ({text})",
+            code="forbidden",
+            status=status,
+        )
+    if status == 404:
+        return ProviderError(
+            ErrorClass.NOT_FOUND,
+            f"404 from {who}: check the model or deployment name and the URL ({text})",
+            code="not_found",
+            status=status,
+        )
+    return ProviderError(
+        ErrorClass.BAD_REQUEST,
+        f"{status} from {who}: request rejected ({text})",
+        code="bad_request",
+        status=status,
+    )
+
+
+def transport_error(exc: BaseException, who: str, timeout_s: float) -> ProviderError:
+    """Timeouts and connection failures are transient."""
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return ProviderError(ErrorClass.TRANSIENT, f"{who} did not answer within {timeout_s:g}s", code="timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProviderError(
+            ErrorClass.TRANSIENT, f"cannot connect to {who}: {exc.os_error or exc}", code="unreachable"
+        )
+    return ProviderError(ErrorClass.TRANSIENT, f"{who} connection failed: {type(exc).__name__}", code="unreachable")
+
+
+def malformed(who: str, detail: str) -> ProviderError:
+    """A 200 whose body we cannot read is the server misbehaving: retryable."""
+    return ProviderError(ErrorClass.TRANSIENT, f"{who} returned a malformed body: {detail}", code="malformed_response")

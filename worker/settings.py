@@ -1,0 +1,36 @@
+"""Worker settings from flags and environment."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
+from worker.ladder import RetryLadder
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def env_amqp_url() -> str:
+    return os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
+
+
+def env_tenants_dir() -> Path:
+    return Path(os.environ.get("ATLAS_TENANTS_DIR", "./tenants"))
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    amqp_url: str = field(default_factory=env_amqp_url)
+    tenants_dir: Path = field(default_factory=env_tenants_dir)
+    namespace: str = DEFAULT_NAMESPACE
+    prefetch: int = 64
+    atlas_cloud_exchange: str = DEFAULT_ATLAS_CLOUD_EXCHANGE
+    grace_s: float = 30.0
+    delivery_limit: int = 20
+    ladder: RetryLadder = field(default_factory=RetryLadder)
+    tenants_poll_s: float = 2.0
+    metrics_port: int | None = None
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.namespace)

@@ -1,0 +1,228 @@
+"""Settling a delivery: publish what the outcome requires, wait for every confirm, then ack. Nothing else acks."""
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import orjson
+import structlog
+from aio_pika import Exchange
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
+from aio_pika.exceptions import PublishError
+
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Topology
+from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
+
+log = structlog.get_logger("worker.settle")
+audit = structlog.get_logger("worker.audit")
+
+PUBLISH_TIMEOUT_S = 30.0
+ERROR_MESSAGE_LIMIT = 1000
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class Settler:
+    """Publishes replies, retries, reroutes and dead letters with confirms, then acks the delivery."""
+
+    def __init__(self, channel: AbstractChannel, topology: Topology, atlas_cloud_exchange: str) -> None:
+        self._channel = channel
+        self._topology = topology
+        self._atlas_cloud = atlas_cloud_exchange
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    async def settle(
+        self, delivery: AbstractIncomingMessage, outcome: Outcome, request: InferenceRequest | None
+    ) -> str:
+        """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
+        to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
+        match outcome:
+            case Reply(reply=reply, dead_letter=dead):
+                done = await self._reply_and_dead_letter(delivery, reply, dead)
+            case Retry():
+                await self._publish_copy(
+                    delivery,
+                    self._topology.retry,
+                    str(outcome.level),
+                    {
+                        Header.ATTEMPTS: outcome.attempts,
+                        Header.RETRY_LEVEL: outcome.level,
+                        **self._failure_headers(delivery, outcome.error, outcome.provider_kind),
+                    },
+                )
+                done = "retried"
+            case Defer():
+                deferrals = _int_header(delivery, Header.DEFERRALS) + 1
+                await self._publish_copy(delivery, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
+                done = "deferred"
+            case Reroute():
+                done = await self._reroute(delivery, outcome, request)
+        await delivery.ack()
+        return done
+
+    async def _reply_and_dead_letter(
+        self, delivery: AbstractIncomingMessage, reply: InferenceReply | None, dead: DeadLetter | None
+    ) -> str:
+        publishes = []
+        if reply is not None:
+            publishes.append(self._publish_reply(delivery, reply))
+        if dead is not None:
+            publishes.append(self._dead_letter(delivery, dead))
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        reply_lost = reply is not None and isinstance(results[0], PublishError)
+        for result in results:
+            if isinstance(result, BaseException) and not (reply_lost and result is results[0]):
+                raise result
+        if reply_lost:
+            log.warning("reply_unroutable", reply_to=delivery.reply_to)
+            if dead is None:
+                await self._dead_letter(
+                    delivery,
+                    DeadLetter(
+                        "reply_unroutable",
+                        ErrorInfo(code="reply_unroutable", message=f"no queue named {delivery.reply_to!r} to reply to"),
+                        attempts=reply.provenance.attempts if reply else 0,
+                    ),
+                )
+            return "dead_lettered"
+        return "replied+dead_lettered" if dead else "replied"
+
+    async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
+        body = orjson.dumps(reply.model_dump(mode="json", exclude_none=True))
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            correlation_id=delivery.correlation_id or reply.request_id,
+            message_id=f"{reply.request_id}:reply" if reply.request_id else None,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            timestamp=datetime.now(UTC),
+            headers={
+                Header.REQUEST_ID: reply.request_id,
+                Header.TENANT_ID: reply.tenant_id,
+                Header.TASK: reply.task,
+                "atlas-status": reply.status.value,
+            },
+        )
+        if delivery.reply_to:
+            await self._exchange("").publish(message, delivery.reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+        else:
+            await self._exchange(self._topology.replies).publish(
+                message,
+                Topology.reply_routing_key(reply.tenant_id, reply.task),
+                mandatory=True,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+
+    async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter) -> None:
+        headers = {
+            Header.REASON: dead.reason,
+            Header.ATTEMPTS: dead.attempts,
+            Header.DEAD_LETTERED_AT: _now(),
+            **self._failure_headers(delivery, dead.error, dead.provider_kind),
+        }
+        await self._publish_copy(delivery, self._topology.dead, "", headers)
+
+    async def _reroute(
+        self, delivery: AbstractIncomingMessage, outcome: Reroute, request: InferenceRequest | None
+    ) -> str:
+        assert request is not None
+        headers: dict[str, Any] = {
+            Header.REASON: outcome.reason,
+            Header.REROUTED_FROM_TENANT: request.tenant_id,
+            Header.REROUTED_AT: _now(),
+        }
+        if outcome.error is not None:
+            headers |= self._failure_headers(delivery, outcome.error, outcome.provider_kind)
+            headers[Header.ATTEMPTS] = outcome.attempts
+        try:
+            await self._publish_copy(
+                delivery, self._atlas_cloud, Topology.reply_routing_key(request.tenant_id, request.task), headers
+            )
+        except PublishError:
+            log.error("reroute_unroutable", exchange=self._atlas_cloud)
+            await self._dead_letter(
+                delivery,
+                DeadLetter(
+                    "reroute_unroutable",
+                    ErrorInfo(
+                        code="reroute_unroutable", message=f"nothing is bound to {self._atlas_cloud!r} for this request"
+                    ),
+                    provider_kind=outcome.provider_kind,
+                    attempts=outcome.attempts,
+                ),
+            )
+            return "dead_lettered"
+        audit.warning(
+            "data_left_network",
+            tenant_id=request.tenant_id,
+            request_id=request.request_id,
+            reason=outcome.reason,
+            exchange=self._atlas_cloud,
+            at=headers[Header.REROUTED_AT],
+        )
+        return "rerouted"
+
+    def _failure_headers(
+        self, delivery: AbstractIncomingMessage, error: ErrorInfo, provider_kind: str | None
+    ) -> dict[str, Any]:
+        headers = delivery.headers or {}
+        first = headers.get(Header.FIRST_FAILURE_AT)
+        now = _now()
+        result: dict[str, Any] = {
+            Header.ERROR_CODE: error.code,
+            Header.ERROR_MESSAGE: error.message[:ERROR_MESSAGE_LIMIT],
+            Header.FIRST_FAILURE_AT: first if isinstance(first, str) else now,
+            Header.LAST_FAILURE_AT: now,
+            Header.ORIGINAL_EXCHANGE: headers.get(Header.ORIGINAL_EXCHANGE, delivery.exchange or ""),
+            Header.ORIGINAL_ROUTING_KEY: headers.get(Header.ORIGINAL_ROUTING_KEY, delivery.routing_key or ""),
+        }
+        if error.error_class:
+            result[Header.ERROR_CLASS] = error.error_class
+        if provider_kind:
+            result[Header.PROVIDER_KIND] = provider_kind
+        return result
+
+    async def _publish_copy(
+        self, delivery: AbstractIncomingMessage, exchange_name: str, routing_key: str, extra: dict[str, Any]
+    ) -> None:
+        """Republish the original body and properties with extra headers (the body is never changed)."""
+        headers = {**_passable_headers(delivery), **extra}
+        message = aio_pika.Message(
+            delivery.body,
+            headers=headers,
+            content_type=delivery.content_type,
+            content_encoding=delivery.content_encoding,
+            correlation_id=delivery.correlation_id,
+            reply_to=delivery.reply_to,
+            message_id=delivery.message_id,
+            timestamp=delivery.timestamp,
+            type=delivery.type,
+            app_id=delivery.app_id,
+            priority=delivery.priority,
+            delivery_mode=DeliveryMode.PERSISTENT,
+        )
+        await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+
+    def _exchange(self, name: str) -> AbstractExchange:
+        # Exchange objects publish through the robust channel, so they stay valid across reconnects.
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            exchange = self._exchanges[name] = Exchange(self._channel, name, durable=True)
+        return exchange
+
+
+def _passable_headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
+    """Headers that can be re-encoded as they came; anything odd is dropped rather than block settling."""
+    passable: dict[str, Any] = {}
+    for key, value in (delivery.headers or {}).items():
+        if isinstance(value, str | int | float | bool | bytes | datetime | list | dict) or value is None:
+            passable[key] = value
+    return passable
+
+
+def _int_header(delivery: AbstractIncomingMessage, name: str) -> int:
+    value = (delivery.headers or {}).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
