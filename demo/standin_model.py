@@ -40,24 +40,40 @@ def rca_answer(text: str) -> dict[str, Any]:
         index, line = deploys[-1]
         refs = [{"kind": "deploy", "index": index, "note": line[:200]}]
         refs += [{"kind": "log", "index": i, "note": line[:200]} for i, line in evidence.get("log", [])[-2:]]
-        causes.append({"title": "A recent deploy introduced the fault", "description": line[:500],
-                       "confidence": 0.7, "evidence": refs})
+        causes.append(
+            {
+                "title": "A recent deploy introduced the fault",
+                "description": line[:500],
+                "confidence": 0.7,
+                "evidence": refs,
+            }
+        )
     if alerts := evidence.get("alert"):
         index, line = alerts[0]
-        causes.append({"title": "Resource saturation", "description": line[:500], "confidence": 0.4,
-                       "evidence": [{"kind": "alert", "index": index, "note": line[:200]}]})
+        causes.append(
+            {
+                "title": "Resource saturation",
+                "description": line[:500],
+                "confidence": 0.4,
+                "evidence": [{"kind": "alert", "index": index, "note": line[:200]}],
+            }
+        )
     if not causes:
-        causes.append({"title": "Insufficient evidence", "description": "No deploys or alerts were provided.",
-                       "confidence": 0.1, "evidence": []})
+        causes.append(
+            {
+                "title": "Insufficient evidence",
+                "description": "No deploys or alerts were provided.",
+                "confidence": 0.1,
+                "evidence": [],
+            }
+        )
     return {
         "summary": f"{STANDIN_NOTICE} {title}",
         "probable_causes": causes,
         "impact": f"Service {_field(text, 'Service', 'unknown')} degraded.",
         "remediation": [
-            {"action": "Roll back the most recent deploy", "rationale": "It precedes the first alert.",
-             "risk": "low"},
-            {"action": "Watch error rate and latency for 15 minutes", "rationale": "Confirm recovery.",
-             "risk": "low"},
+            {"action": "Roll back the most recent deploy", "rationale": "It precedes the first alert.", "risk": "low"},
+            {"action": "Watch error rate and latency for 15 minutes", "rationale": "Confirm recovery.", "risk": "low"},
         ],
         "follow_ups": ["Add a canary stage for this service"],
     }
@@ -91,8 +107,13 @@ def tool_calls(body: dict[str, Any], text: str) -> list[dict[str, Any]]:
         params = tool.get("parameters") or {}
         props = params.get("properties", {})
         args = {name: _value_for(props.get(name, {}), name, service) for name in params.get("required", [])}
-        calls.append({"id": f"call_{number}", "type": "function",
-                      "function": {"name": tool["name"], "arguments": orjson.dumps(args).decode()}})
+        calls.append(
+            {
+                "id": f"call_{number}",
+                "type": "function",
+                "function": {"name": tool["name"], "arguments": orjson.dumps(args).decode()},
+            }
+        )
     return calls
 
 
@@ -112,10 +133,16 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
     prompt_tokens = max(1, len(orjson.dumps(body.get("messages", []))) // 4)
     completion_tokens = max(1, len(orjson.dumps(message)) // 4)
     return {
-        "id": "chatcmpl-standin", "object": "chat.completion", "created": 0, "model": body.get("model", "standin"),
+        "id": "chatcmpl-standin",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body.get("model", "standin"),
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -125,8 +152,9 @@ async def _chat(request: web.Request) -> web.Response:
 
 
 async def _models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": "standin", "object": "model",
-                                                          "max_model_len": 131072}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": "standin", "object": "model", "max_model_len": 131072}]}
+    )
 
 
 def make_app() -> web.Application:

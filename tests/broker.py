@@ -72,9 +72,14 @@ class BrokerClient:
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         exchange = await self.channel.get_exchange(self.topology.requests, ensure=False)
         await exchange.publish(
-            aio_pika.Message(raw, content_type="application/json", reply_to=reply_to,
-                             correlation_id=correlation_id, headers=headers,
-                             delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            aio_pika.Message(
+                raw,
+                content_type="application/json",
+                reply_to=reply_to,
+                correlation_id=correlation_id,
+                headers=headers,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
             REQUEST_ROUTING_KEY,
         )
 

@@ -61,9 +61,18 @@ def tenants_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def write_tenant(directory: Path, tenant_id: str, base_url: str, *, policy: str = "fail_closed",
-                 max_attempts: int = 3, timeout_s: float = 5, max_concurrency: int = 16,
-                 api_key: str = "env:TEST_FAKE_OPENAI_KEY", model: str = "fake-model") -> Path:
+def write_tenant(
+    directory: Path,
+    tenant_id: str,
+    base_url: str,
+    *,
+    policy: str = "fail_closed",
+    max_attempts: int = 3,
+    timeout_s: float = 5,
+    max_concurrency: int = 16,
+    api_key: str = "env:TEST_FAKE_OPENAI_KEY",
+    model: str = "fake-model",
+) -> Path:
     path = directory / f"{tenant_id}.toml"
     path.write_text(f"""
 tenant_id = "{tenant_id}"
@@ -89,8 +98,13 @@ def _fake_key(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **overrides: Any) -> WorkerSettings:
     base: dict[str, Any] = dict(
-        amqp_url=amqp_url, tenants_dir=tenants_dir, namespace=topology.namespace, prefetch=32,
-        atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud", grace_s=5.0, tenants_poll_s=0.2,
+        amqp_url=amqp_url,
+        tenants_dir=tenants_dir,
+        namespace=topology.namespace,
+        prefetch=32,
+        atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud",
+        grace_s=5.0,
+        tenants_poll_s=0.2,
         ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
     )
     return WorkerSettings(**(base | overrides))

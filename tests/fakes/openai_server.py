@@ -81,8 +81,9 @@ class FakeOpenAI:
         if (problem := self._shape_problem(body)) is not None:
             return _error(400, problem, "invalid_request_error")
         if body["model"] != self.model:
-            return _error(404, f"The model `{body['model']}` does not exist", "invalid_request_error",
-                          "model_not_found")
+            return _error(
+                404, f"The model `{body['model']}` does not exist", "invalid_request_error", "model_not_found"
+            )
         self.requests.append(body)
         fault = self.faults.popleft() if self.faults else self.always
         if fault is not None:
@@ -95,15 +96,20 @@ class FakeOpenAI:
         retry_after = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else {}
         match fault.kind:
             case "rate_limit":
-                return _error(429, "Rate limit reached. Please try again later.", "requests", "rate_limit_exceeded",
-                              **retry_after)
+                return _error(
+                    429, "Rate limit reached. Please try again later.", "requests", "rate_limit_exceeded", **retry_after
+                )
             case "quota":
                 return _error(429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota")
             case "server_error":
                 return _error(503, "The server is overloaded.", "server_error", **retry_after)
             case "context_overflow":
-                return _error(400, "This model's maximum context length is 8192 tokens.", "invalid_request_error",
-                              "context_length_exceeded")
+                return _error(
+                    400,
+                    "This model's maximum context length is 8192 tokens.",
+                    "invalid_request_error",
+                    "context_length_exceeded",
+                )
             case "bad_request":
                 return _error(400, "Invalid value for 'temperature'.", "invalid_request_error")
             case "malformed":

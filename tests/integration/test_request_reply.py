@@ -12,7 +12,7 @@ from contracts import Header, InferenceReply, RcaResult, Status, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect, drain_now, json_body
 from tests.conftest import RunningWorker, write_tenant
-from tests.fakes.openai_server import Fault, FakeOpenAI
+from tests.fakes.openai_server import FakeOpenAI, Fault
 
 pytestmark = pytest.mark.broker
 
@@ -44,7 +44,11 @@ async def test_summary_request_gets_one_reply_with_same_correlation_id(
 
 
 async def test_request_published_with_pika_is_answered(
-    amqp_url: str, client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path,
+    amqp_url: str,
+    client: BrokerClient,
+    worker: RunningWorker,
+    fake_openai: FakeOpenAI,
+    tenants_dir: Path,
     topology: Topology,
 ) -> None:
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
@@ -58,9 +62,12 @@ async def test_request_published_with_pika_is_answered(
             channel = connection.channel()
             channel.confirm_delivery()
             channel.basic_publish(
-                topology.requests, "request", orjson.dumps(body),
-                pika.BasicProperties(content_type="application/json", reply_to=replies.name,
-                                     correlation_id="pika-42", delivery_mode=2),
+                topology.requests,
+                "request",
+                orjson.dumps(body),
+                pika.BasicProperties(
+                    content_type="application/json", reply_to=replies.name, correlation_id="pika-42", delivery_mode=2
+                ),
             )
         finally:
             connection.close()
@@ -100,8 +107,11 @@ async def test_malformed_message_is_dead_lettered_and_next_one_answered(
     dead = await client.channel.get_queue(topology.dead)
 
     await client.publish_request(b"{not json", reply_to=replies.name, correlation_id="bad-1")
-    await client.publish_request({"request_id": "r-unknown-task", "tenant_id": "acme", "task": "poem"},
-                                 reply_to=replies.name, correlation_id="bad-2")
+    await client.publish_request(
+        {"request_id": "r-unknown-task", "tenant_id": "acme", "task": "poem"},
+        reply_to=replies.name,
+        correlation_id="bad-2",
+    )
     good = samples.request("acme", "summary")
     await client.publish_request(good, reply_to=replies.name, correlation_id="good")
 
@@ -145,8 +155,9 @@ async def test_unroutable_reroute_is_dead_lettered_with_reason(
 ) -> None:
     from tests.conftest import start_worker, worker_settings
 
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir,
-                                                 atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud"))
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud")
+    )
     try:
         # The exchange exists but nothing is bound to it: the reroute is returned, never dropped.
         dead = await client.channel.get_queue(topology.dead)
@@ -189,8 +200,7 @@ async def test_unique_request_ids_each_get_exactly_one_reply_under_concurrency(
     ids = [f"bulk-{uuid.uuid4().hex[:8]}" for _ in range(100)]
 
     for request_id in ids:
-        await client.publish_request(samples.request("acme", "summary", request_id=request_id),
-                                     reply_to=replies.name)
+        await client.publish_request(samples.request("acme", "summary", request_id=request_id), reply_to=replies.name)
 
     received = [json_body(m)["request_id"] for m in await collect(replies, len(ids), timeout_s=60)]
     assert sorted(received) == sorted(ids)
