@@ -72,7 +72,7 @@ class FakeOpenAI:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         if (denied := self._unauthorized(request)) is not None:
             return denied
-        if not request.content_type == "application/json":
+        if request.content_type != "application/json":
             return _error(400, "Content-Type must be application/json", "invalid_request_error")
         try:
             body = orjson.loads(await request.read())

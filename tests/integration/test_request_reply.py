@@ -32,7 +32,8 @@ async def test_summary_request_gets_one_reply_with_same_correlation_id(
     assert message.correlation_id == "corr-1"
     assert reply.request_id == body["request_id"]
     assert reply.status is Status.OK
-    assert reply.result is not None and reply.result.text
+    assert reply.result is not None
+    assert reply.result.text
     assert reply.provenance.provider_kind == "openai_compatible"
     assert reply.provenance.attempts == 1
     assert reply.usage.input_tokens > 0
@@ -79,7 +80,8 @@ async def test_request_published_with_pika_is_answered(
     assert message.correlation_id == "pika-42"
     assert reply.request_id == body["request_id"]
     assert reply.status is Status.OK
-    assert reply.result is not None and reply.result.rca is not None
+    assert reply.result is not None
+    assert reply.result.rca is not None
     RcaResult.model_validate(reply.result.rca.model_dump())
 
 
