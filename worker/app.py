@@ -11,7 +11,7 @@ import structlog
 
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
-from worker.providers import ProviderPool
+from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
 from worker.tenants import TenantRegistry
@@ -23,13 +23,20 @@ log = structlog.get_logger("worker.app")
 class WorkerApp:
     """One worker process. `run()` returns after `stop()` once in-flight work is drained."""
 
-    def __init__(self, settings: WorkerSettings, *, on_settled: Callable[[Settled], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        on_settled: Callable[[Settled], None] | None = None,
+        provider_factories: dict[str, ProviderFactory] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = TenantRegistry(settings.tenants_dir)
         self.ready = asyncio.Event()
         self.draining = False
         self._stop = asyncio.Event()
         self._on_settled = on_settled
+        self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
 
     def stop(self) -> None:
@@ -66,7 +73,7 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            handler = Handler(self.registry, ProviderPool(session), settings.ladder)
+            handler = Handler(self.registry, ProviderPool(session, self._provider_factories), settings.ladder)
             settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
             self.consumer = Consumer(requests, handler, settler, on_settled=self._on_settled)
             await self.consumer.start()
