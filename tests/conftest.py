@@ -17,7 +17,7 @@ from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings
 
-configure_logging("warning")
+configure_logging("warning", cache=False)
 
 
 @pytest.fixture(scope="session")
