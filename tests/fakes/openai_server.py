@@ -7,6 +7,7 @@ Answers come from the demo stand-in model's deterministic generator, or from scr
 
 import asyncio
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ def prompt_tokens(body: dict[str, Any]) -> int:
 def chat_completion(
     content: str | None = None,
     *,
-    tool_calls: list[tuple[str, dict[str, Any] | str]] | None = None,
+    tool_calls: Sequence[tuple[str, Mapping[str, Any] | str]] | None = None,
     finish_reason: str | None = None,
     usage: tuple[int, int] = (100, 50),
     model: str = "fake-model",
@@ -47,7 +48,10 @@ def chat_completion(
             {
                 "id": f"call_{n}",
                 "type": "function",
-                "function": {"name": name, "arguments": args if isinstance(args, str) else orjson.dumps(args).decode()},
+                "function": {
+                    "name": name,
+                    "arguments": args if isinstance(args, str) else orjson.dumps(dict(args)).decode(),
+                },
             }
             for n, (name, args) in enumerate(tool_calls)
         ]
