@@ -119,6 +119,8 @@ def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
 def build_call(request: InferenceRequest, tenant: TenantConfig, budget: Budget | None = None) -> PreparedCall:
     """The model call for `request`; `budget` replaces the planned one (the retry after a context overflow)."""
     task = request.task
+    if task not in PROMPT_VERSIONS:
+        raise TaskFailure("unsupported_task", f"task {task.value!r} is not answered by a model call", rejected=True)
     if budget is None:
         output = request.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS[task]
         budget = budgets.plan(tenant.provider.context_window, output, answers=2 if task is Task.RCA else 1)
