@@ -47,7 +47,7 @@ async def test_each_sample_incident_yields_rca_runbook_and_summary(
     write_priced_tenant(tenants_dir, fake_openai.base_url)
     worker.app.registry.refresh()
     replies = await client.reply_queue()
-    sent = {}
+    sent: dict[str, tuple[str, str]] = {}
     for name, incident in incidents().items():
         for task in ("rca", "runbook", "summary"):
             request_id = f"{name}-{task}"
@@ -55,11 +55,11 @@ async def test_each_sample_incident_yields_rca_runbook_and_summary(
             await client.publish_request(body, reply_to=replies.name, correlation_id=request_id)
             sent[request_id] = (name, task)
 
-    received = {m.correlation_id: json_body(m) for m in await collect(replies, len(sent), timeout_s=60)}
+    received = {json_body(m)["request_id"]: json_body(m) for m in await collect(replies, len(sent), timeout_s=60)}
 
     assert received.keys() == sent.keys()
-    for request_id, reply in received.items():
-        name, task = sent[request_id]
+    for request_id, (name, task) in sent.items():
+        reply = received[request_id]
         jsonschema.validate(reply, REPLY_SCHEMA)
         assert reply["status"] == "ok", (request_id, reply["error"])
         assert reply["provenance"]["prompt_version"] == f"{task}/1"
