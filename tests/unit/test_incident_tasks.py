@@ -193,6 +193,29 @@ async def test_truncated_output_gets_a_shorter_retry_then_fails_as_truncated(ask
     assert all(m["role"] != "assistant" for m in repair)  # the cut-off text is not sent back
 
 
+async def test_rca_returned_as_a_forced_tool_call_is_accepted(ask: Ask, fake_openai: FakeOpenAI) -> None:
+    # Providers without a JSON-schema mode ask for structured output as one forced tool call.
+    fake_openai.replies = deque([chat_completion(tool_calls=[("rca_result", VALID_RCA)])])
+
+    reply = reply_of(await ask("rca"))
+
+    assert reply.status is Status.OK
+    assert reply.result is not None
+    assert reply.result.rca is not None
+    assert reply.result.rca.summary == VALID_RCA["summary"]
+
+
+async def test_content_filtered_answer_is_not_repaired(ask: Ask, fake_openai: FakeOpenAI) -> None:
+    fake_openai.replies = deque([chat_completion("", finish_reason="content_filter")])
+
+    reply = reply_of(await ask("rca"))
+
+    assert reply.status is Status.FAILED
+    assert reply.error is not None
+    assert reply.error.code == "content_filtered"
+    assert len(fake_openai.requests) == 1
+
+
 async def test_runbook_tool_calls_come_back_in_order_and_validated(ask: Ask, fake_openai: FakeOpenAI) -> None:
     calls = [
         ("run_diagnostic", {"service": "checkout-api", "command": "pg_stat_activity", "purpose": "count sessions"}),
