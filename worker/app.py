@@ -9,6 +9,7 @@ import aio_pika
 import aiohttp
 import structlog
 
+from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
 from worker.providers import ProviderFactory, ProviderPool
@@ -38,6 +39,7 @@ class WorkerApp:
         self._on_settled = on_settled
         self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
+        self.breakers = BreakerBoard(settings.breaker_failures, settings.breaker_cooldown_s)
 
     def stop(self) -> None:
         self._stop.set()
@@ -73,7 +75,8 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            handler = Handler(self.registry, ProviderPool(session, self._provider_factories), settings.ladder)
+            providers = ProviderPool(session, self._provider_factories, self.breakers)
+            handler = Handler(self.registry, providers, settings.ladder)
             settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
             self.consumer = Consumer(requests, handler, settler, on_settled=self._on_settled)
             await self.consumer.start()
