@@ -14,10 +14,12 @@ from contracts import InferenceReply, InferenceRequest, Status, TenantConfig
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from tests import fixtures
 from tests.fakes.openai_server import FakeOpenAI, Fault, chat_completion
+from worker.errors import ErrorClass, ProviderError
 from worker.handler import DeliveryContext, Handler
 from worker.ladder import RetryLadder
 from worker.outcome import Reply
 from worker.providers import ProviderPool
+from worker.tasks import explain_provider_error
 
 Ask = Callable[..., Awaitable[Reply]]
 VALID_RCA: dict[str, Any] = {
@@ -410,3 +412,28 @@ async def test_chat_that_overflows_is_not_retried_unchanged(ask: Ask, fake_opena
     assert reply.error is not None
     assert reply.error.code == "context_overflow"
     assert len(fake_openai.requests) == 1  # nothing to trim, so a retry would be the same call
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "400 from Ollama: registry.ollama.ai/library/gemma:2b does not support tools",
+        "400 from Bedrock: ValidationException: This model doesn't support tool use.",
+        "400 from Vertex: Function calling is not enabled for models/gemini-pro-vision",
+        '400 from vLLM: "auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+    ],
+)
+def test_providers_refusing_tools_are_recognised(message: str) -> None:
+    request = InferenceRequest.model_validate(
+        {
+            "request_id": "r",
+            "tenant_id": "acme",
+            "task": "runbook",
+            "incident": fixtures.incident("tls-certificate-expired"),
+        }
+    )
+
+    explained = explain_provider_error(request, ProviderError(ErrorClass.BAD_REQUEST, message))
+
+    assert explained.code == "tools_unsupported"
+    assert explained.error_class is ErrorClass.BAD_REQUEST
