@@ -5,7 +5,7 @@ unordered iteration. Any change to a template, or to the incident text in `worke
 which every reply reports in `provenance.prompt_version`.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -150,16 +150,7 @@ def repair_call(prepared: PreparedCall, raw_output: str | None, error: str, trun
         turns = (*call.turns, Turn("user", REPAIR_TRUNCATED))
     else:
         turns = (*call.turns, Turn("assistant", raw_output or ""), Turn("user", REPAIR_INVALID.format(error=error)))
-    return ModelCall(
-        system=call.system,
-        turns=turns,
-        max_output_tokens=call.max_output_tokens,
-        timeout_s=call.timeout_s,
-        temperature=call.temperature,
-        tools=call.tools,
-        tool_choice=call.tool_choice,
-        output_schema=call.output_schema,
-    )
+    return replace(call, turns=turns)
 
 
 def canonical(call: ModelCall) -> bytes:

@@ -61,11 +61,8 @@ def interpret(
 
 def explain_provider_error(request: InferenceRequest, exc: ProviderError) -> ProviderError:
     """A provider's refusal of tool calling, said plainly for a runbook; any other error unchanged."""
-    if (
-        request.task is Task.RUNBOOK
-        and exc.error_class is ErrorClass.BAD_REQUEST
-        and TOOLS_UNSUPPORTED.search(exc.message)
-    ):
+    refused = exc.code == "tools_unsupported" or TOOLS_UNSUPPORTED.search(exc.message)
+    if request.task is Task.RUNBOOK and exc.error_class is ErrorClass.BAD_REQUEST and refused:
         return ProviderError(
             ErrorClass.BAD_REQUEST,
             f"runbooks need a model with tool calling, and this one has none ({exc.message})",
