@@ -108,6 +108,14 @@ class Provenance(Contract):
     trimmed: dict[str, int] = Field(
         default_factory=dict, description="Items of the incident context left out to fit the model."
     )
+    model_calls: int = Field(
+        default=0, description="Provider calls behind this reply: 1, or 2 after a repair or a context-overflow retry."
+    )
+    repaired: bool = Field(default=False, description="The result came from the one repair attempt.")
+    context_window: int | None = Field(default=None, description="The model's context window the prompt was fit to.")
+    prompt_budget_tokens: int | None = Field(
+        default=None, description="Estimated tokens the prompt was allowed, after reserving room for the answer."
+    )
 
 
 class Timings(Contract):
