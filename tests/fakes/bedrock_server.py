@@ -45,7 +45,9 @@ class Keyring:
         self.identities[access_key_id] = Identity(secret_access_key, session_token)
 
 
-def sigv4_problem(request: web.Request, body: bytes, keyring: Keyring, region: str, service: str) -> tuple[str, str] | None:
+def sigv4_problem(
+    request: web.Request, body: bytes, keyring: Keyring, region: str, service: str
+) -> tuple[str, str] | None:
     """(error code, message) when the request is not correctly signed for `service` in `region`."""
     match = AUTHORIZATION.match(request.headers.get("Authorization", ""))
     if match is None:
@@ -84,7 +86,9 @@ def sigv4_problem(request: web.Request, body: bytes, keyring: Keyring, region: s
 
 def _aws_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
-        {"message": message}, status=status, headers={"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.bedrock/", **(headers or {})}
+        {"message": message},
+        status=status,
+        headers={"x-amzn-ErrorType": f"{code}:http://internal.amazon.com/coral/com.amazon.bedrock/", **(headers or {})},
     )
 
 
@@ -148,8 +152,11 @@ class FakeBedrock:
             {"role": m["role"], "content": "".join(b.get("text", "") for b in m["content"])} for m in body["messages"]
         ]
         tool_config = body.get("toolConfig") or {}
-        tools = [
-            {"type": "function", "function": {"name": t["toolSpec"]["name"], "parameters": t["toolSpec"]["inputSchema"]["json"]}}
+        tools: list[dict[str, Any]] = [
+            {
+                "type": "function",
+                "function": {"name": t["toolSpec"]["name"], "parameters": t["toolSpec"]["inputSchema"]["json"]},
+            }
             for t in tool_config.get("tools", [])
         ]
         forced = (tool_config.get("toolChoice") or {}).get("tool")
@@ -159,7 +166,9 @@ class FakeBedrock:
         if structured:
             # A forced "rca_result" tool: answer with the structured RCA as its input, like Claude does.
             content = completion(openai_shaped(messages, json_output=True))["choices"][0]["message"]["content"]
-            blocks.append({"toolUse": {"toolUseId": "tooluse_rca", "name": "rca_result", "input": orjson.loads(content)}})
+            blocks.append(
+                {"toolUse": {"toolUseId": "tooluse_rca", "name": "rca_result", "input": orjson.loads(content)}}
+            )
         else:
             message = completion(openai_shaped(messages, tools, choice))["choices"][0]["message"]
             if message.get("content"):
@@ -179,7 +188,11 @@ class FakeBedrock:
         return {
             "output": {"message": {"role": "assistant", "content": blocks}},
             "stopReason": stop or ("tool_use" if any("toolUse" in b for b in blocks) else "end_turn"),
-            "usage": {"inputTokens": input_tokens, "outputTokens": output_tokens, "totalTokens": input_tokens + output_tokens},
+            "usage": {
+                "inputTokens": input_tokens,
+                "outputTokens": output_tokens,
+                "totalTokens": input_tokens + output_tokens,
+            },
             "metrics": {"latencyMs": 120},
         }
 
@@ -187,15 +200,21 @@ class FakeBedrock:
         match fault.kind:
             case "rate_limit":
                 headers = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else None
-                return _aws_error(429, "ThrottlingException", "Too many requests, please wait before trying again.", headers)
+                return _aws_error(
+                    429, "ThrottlingException", "Too many requests, please wait before trying again.", headers
+                )
             case "model_not_ready":
                 return _aws_error(429, "ModelNotReadyException", "Model is not ready to serve inference requests.")
             case "server_error":
                 return _aws_error(503, "ServiceUnavailableException", "Bedrock is unable to process your request.")
             case "forbidden":
-                return _aws_error(403, "AccessDeniedException", "You don't have access to the model with the specified model ID.")
+                return _aws_error(
+                    403, "AccessDeniedException", "You don't have access to the model with the specified model ID."
+                )
             case "quota":
-                return _aws_error(400, "ServiceQuotaExceededException", "Your request exceeds the service quota for your account.")
+                return _aws_error(
+                    400, "ServiceQuotaExceededException", "Your request exceeds the service quota for your account."
+                )
             case "context_overflow":
                 return _aws_error(400, "ValidationException", "Input is too long for requested model.")
             case "truncated":
@@ -218,7 +237,7 @@ class FakeBedrock:
         if not isinstance(messages, list) or not messages:
             return "A conversation must start with a user message."
         if messages[0].get("role") != "user":
-            return "A conversation must start with a user message. Try again with a conversation that starts with a user message."
+            return "A conversation must start with a user message."
         for i, message in enumerate(messages):
             if message.get("role") not in ("user", "assistant") or not message.get("content"):
                 return f"messages.{i}: role must be user or assistant with non-empty content"
@@ -237,11 +256,16 @@ class FakeBedrock:
                 return "This model doesn't support tool use."
             for tool in tool_config.get("tools", []):
                 spec = tool.get("toolSpec", {})
-                if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", spec.get("name", "")) or "json" not in spec.get("inputSchema", {}):
+                if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", spec.get("name", "")) or "json" not in spec.get(
+                    "inputSchema", {}
+                ):
                     return "toolConfig.tools: each toolSpec needs a valid name and inputSchema.json"
             kind = next(iter(tool_config.get("toolChoice") or {"auto": {}}))
             if kind not in choices:
-                return f"This model doesn't support the toolConfig.toolChoice.{kind} field. Remove toolConfig.toolChoice and try again."
+                return (
+                    f"This model doesn't support the toolConfig.toolChoice.{kind} field. "
+                    "Remove toolConfig.toolChoice and try again."
+                )
         return None
 
 

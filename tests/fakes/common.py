@@ -64,7 +64,9 @@ class LocalServer:
             await self._runner.cleanup()
 
 
-def openai_shaped(messages: Any, tools: Any = None, tool_choice: Any = None, json_output: bool = False) -> dict[str, Any]:
+def openai_shaped(
+    messages: Any, tools: Any = None, tool_choice: Any = None, json_output: bool = False
+) -> dict[str, Any]:
     """A Chat Completions-shaped body, so the demo stand-in model can answer any provider's request."""
     body: dict[str, Any] = {"messages": messages, "model": "standin"}
     if tools:

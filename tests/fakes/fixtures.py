@@ -32,7 +32,13 @@ def rsa_key() -> rsa.RSAPrivateKey:
 @pytest.fixture(autouse=True)
 def _isolated_cloud_sdks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The SDKs must find nothing of the machine's own cloud setup, and never reach a metadata service."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+    for name in (
+        "AWS_PROFILE",
+        "AWS_DEFAULT_PROFILE",
+        "AWS_SESSION_TOKEN",
+        "AWS_ROLE_ARN",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))

@@ -80,7 +80,7 @@ class FakeOllama:
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
             return _error(400, "model is required")
         if not self._known(body["model"]):
-            return _error(404, f"model \"{body['model']}\" not found, try pulling it first")
+            return _error(404, f'model "{body["model"]}" not found, try pulling it first')
         for message in body.get("messages") or []:
             if message.get("role") not in ROLES:
                 return _error(400, f"invalid role: {message.get('role')}")

@@ -193,7 +193,12 @@ class FakeVertex:
             parts.append({"text": message["content"]})
         for call in message.get("tool_calls") or []:
             parts.append(
-                {"functionCall": {"name": call["function"]["name"], "args": orjson.loads(call["function"]["arguments"])}}
+                {
+                    "functionCall": {
+                        "name": call["function"]["name"],
+                        "args": orjson.loads(call["function"]["arguments"]),
+                    }
+                }
             )
         prompt_tokens = max(1, len(orjson.dumps(body["contents"])) // 4)
         output_tokens = max(1, len(orjson.dumps(parts)) // 4)

@@ -348,7 +348,7 @@ class BedrockProvider:
         return AioConfig(
             connect_timeout=min(CONNECT_TIMEOUT_S, read_timeout_s),
             read_timeout=read_timeout_s,
-            retries={"mode": "standard", "max_attempts": 1},
+            retries={"mode": "standard", "total_max_attempts": 1},
             connector_args={"resolver": self._resolver} if self._resolver is not None else None,
         )
 

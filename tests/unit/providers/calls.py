@@ -4,8 +4,8 @@ from typing import Any
 
 from contracts import InferenceRequest, TenantConfig
 from tests import samples
-from worker.providers.base import ModelCall
 from worker.prompts import build_call
+from worker.providers.base import ModelCall
 
 
 def call_for(task: str, provider: dict[str, Any], **fields: Any) -> ModelCall:
