@@ -15,10 +15,12 @@ from contracts import (
     Provenance,
     ReplyResult,
     Status,
+    Task,
     TenantConfig,
     Timings,
     Usage,
 )
+from worker.connection_test import answer_test_connection
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
@@ -91,6 +93,8 @@ class Handler:
         self._slots = slots or TenantSlots()
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        if request.task is Task.TEST_CONNECTION:
+            return await answer_test_connection(request, ctx, self._tenants, self._providers)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)
