@@ -75,9 +75,11 @@ async def test_draft_that_works_is_ready_and_the_json_report_says_why(
     assert (report.reachable, report.authenticated, report.model_found) == (True, True, True)
     assert report.tool_calling == "yes"
     assert report.structured_output == "schema"
-    assert report.context_window is not None and report.context_window >= 128_000
+    assert report.context_window is not None
+    assert report.context_window >= 128_000
     assert report.context_window_source == context_source
-    assert report.rca_latency_ms is not None and report.latency_ms is not None
+    assert report.rca_latency_ms is not None
+    assert report.latency_ms is not None
     assert report.verdict == "ready", report.checks
     assert report.input_tokens > 0
     for secret in (AZURE_KEY, AWS_SECRET, "PRIVATE KEY", orjson.loads(fake_vertex.service_account)["private_key_id"]):
