@@ -142,3 +142,14 @@ def provider_toml(kind: str, url: str, *, key_file: Path | None = None, **extra:
 
 def iter_kinds() -> Iterator[str]:
     yield from ("azure_openai", "bedrock", "vertex", "ollama")
+
+
+def write_provider_tenant(directory: Path, tenant_id: str, kind: str, url: str, key_file: Path, **extra: str) -> Path:
+    """A complete tenant file for one of the fakes (fail_closed, short timeout)."""
+    path = directory / f"{tenant_id}.toml"
+    path.write_text(
+        f'tenant_id = "{tenant_id}"\n'
+        + provider_toml(kind, url, key_file=key_file, **extra)
+        + '[fallback]\npolicy = "fail_closed"\n[limits]\ntimeout_s = 10\n'
+    )
+    return path
