@@ -2,7 +2,7 @@
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +19,7 @@ from worker.providers.http import classify_status, json_object, malformed, retry
 from worker.secrets import resolve_secret
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+LOCATION = re.compile(r"[a-z][a-z0-9-]{1,40}")
 PALM_MODEL = re.compile(r"^(text|chat|code|codechat)-(bison|unicorn|gecko)|^textembedding-gecko")
 FINISH = {
     "STOP": Finish.STOP,
@@ -167,15 +168,15 @@ class ServiceAccountToken:
     calls share one refresh instead of each fetching a token.
     """
 
-    def __init__(self, key: str, who: str) -> None:
-        self._key = key
-        self._who = who
+    def __init__(self, read_key: Callable[[], str]) -> None:
+        self._read_key = read_key
+        self._key: str | None = None
         self._credentials: service_account.Credentials | None = None
         self._lock = asyncio.Lock()
 
-    def _load(self) -> service_account.Credentials:
+    def _load(self, key: str) -> service_account.Credentials:
         try:
-            info = orjson.loads(self._key)
+            info = orjson.loads(key)
             credentials: service_account.Credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
                 info, scopes=[SCOPE]
             )
@@ -187,31 +188,36 @@ class ServiceAccountToken:
                 code="service_account_invalid",
             ) from None
 
-    async def get(self, *, force: bool = False) -> str:
+    async def get(self, *, stale: str | None = None) -> str:
+        """A valid token; `stale` is one the server refused, refreshed unless another call already did."""
         async with self._lock:
-            if self._credentials is None:
-                self._credentials = self._load()
+            current = self._credentials
+            if current is not None and current.valid and (stale is None or current.token != stale):
+                return str(current.token)
+            # Read the key again before each refresh, so a rotated key file is picked up without a restart.
+            key = self._read_key()
+            if self._credentials is None or key != self._key:
+                self._credentials, self._key = self._load(key), key
             credentials = self._credentials
-            if force or not credentials.valid:
-                try:
-                    await asyncio.to_thread(credentials.refresh, google.auth.transport.requests.Request())
-                except google.auth.exceptions.RefreshError as exc:
-                    if getattr(exc, "retryable", False):
-                        raise ProviderError(
-                            ErrorClass.TRANSIENT, f"the token endpoint failed; try again ({exc.args[0]})"
-                        ) from None
+            try:
+                await asyncio.to_thread(credentials.refresh, google.auth.transport.requests.Request())
+            except google.auth.exceptions.RefreshError as exc:
+                if getattr(exc, "retryable", False):
                     raise ProviderError(
-                        ErrorClass.AUTH,
-                        f"the service account key was rejected by its token endpoint: check service_account "
-                        f"({exc.args[0]})",
-                        code="unauthorized",
+                        ErrorClass.TRANSIENT, f"the token endpoint failed; try again ({exc.args[0]})"
                     ) from None
-                except google.auth.exceptions.TransportError as exc:
-                    raise ProviderError(
-                        ErrorClass.TRANSIENT,
-                        f"cannot reach the service account's token endpoint: {type(exc).__name__}",
-                        code="unreachable",
-                    ) from None
+                raise ProviderError(
+                    ErrorClass.AUTH,
+                    f"the service account key was rejected by its token endpoint: check service_account "
+                    f"({exc.args[0]})",
+                    code="unauthorized",
+                ) from None
+            except google.auth.exceptions.TransportError as exc:
+                raise ProviderError(
+                    ErrorClass.TRANSIENT,
+                    f"cannot reach the service account's token endpoint: {type(exc).__name__}",
+                    code="unreachable",
+                ) from None
             return str(credentials.token)
 
 
@@ -221,6 +227,12 @@ class VertexProvider:
     kind = "vertex"
 
     def __init__(self, settings: VertexSettings, session: aiohttp.ClientSession) -> None:
+        if not LOCATION.fullmatch(settings.location):
+            raise ProviderError(
+                ErrorClass.BAD_REQUEST,
+                f"location {settings.location!r} is not a Google Cloud location such as europe-west4 or global",
+                code="config_invalid",
+            )
         if PALM_MODEL.match(settings.model):
             raise ProviderError(
                 ErrorClass.BAD_REQUEST,
@@ -241,7 +253,7 @@ class VertexProvider:
             f"/publishers/google/models/{quote(settings.model, safe='')}:generateContent"
         )
         self._who = f"Vertex AI ({settings.model} in {settings.project}/{settings.location})"
-        self._token: ServiceAccountToken | None = None
+        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account))
 
     @property
     def endpoint(self) -> str:
@@ -251,16 +263,12 @@ class VertexProvider:
     def model(self) -> str:
         return self._settings.model
 
-    def _tokens(self) -> ServiceAccountToken:
-        if self._token is None:
-            self._token = ServiceAccountToken(resolve_secret(self._settings.service_account), self._who)
-        return self._token
-
     async def complete(self, call: ModelCall) -> ModelResult:
-        tokens = self._tokens()
+        tokens = self._tokens
         body = generate_body(call)
+        refused: str | None = None
         for attempt in (1, 2):
-            token = await tokens.get(force=attempt == 2)
+            token = await tokens.get(stale=refused)
             try:
                 data = await send_json(
                     self._session,
@@ -275,6 +283,7 @@ class VertexProvider:
             except ProviderError as exc:
                 # A token revoked or expired early: refresh once, as the reference advises for OAuth.
                 if exc.status == 401 and attempt == 1:
+                    refused = token
                     continue
                 raise
             return parse_generate(data, self._who)

@@ -176,3 +176,20 @@ async def test_http_200_endings_are_reported_as_finish(
     result = await provider(fake_vertex, key_file, session).complete(call_for("rca", settings(fake_vertex, key_file)))
 
     assert result.finish is finish
+
+
+async def test_rotated_key_file_is_used_at_the_next_refresh_without_a_restart(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    vertex = provider(fake_vertex, key_file, session)
+    call = call_for("summary", settings(fake_vertex, key_file))
+    await vertex.complete(call)
+    rotated = new_key()
+    key_file.write_text(service_account_json(rotated, fake_vertex.fake.token_uri))
+    fake_vertex.fake.public_key = rotated.public_key()  # the old key is deleted in IAM
+    fake_vertex.fake.revoke_all()
+
+    result = await vertex.complete(call)
+
+    assert result.text
+    assert len(fake_vertex.fake.tokens_issued) == 2
