@@ -19,14 +19,14 @@ WORKER_AWS_SECRET = "worker-secret-access-key"
 ROLE_ARN = "arn:aws:iam::111122223333:role/atlas-bedrock"
 EXTERNAL_ID = "acme-external-id"
 AZURE_KEY = "azure-test-key"
-_KEY: list[rsa.RSAPrivateKey] = []
+_KEYS: dict[int, rsa.RSAPrivateKey] = {}
 
 
-def rsa_key() -> rsa.RSAPrivateKey:
-    # Generating a 2048-bit key takes a moment; one per test run is enough.
-    if not _KEY:
-        _KEY.append(new_key())
-    return _KEY[0]
+def rsa_key(number: int = 0) -> rsa.RSAPrivateKey:
+    """Test key `number`; generating a 2048-bit key takes a moment, so each is made once per run."""
+    if number not in _KEYS:
+        _KEYS[number] = new_key()
+    return _KEYS[number]
 
 
 @pytest.fixture(autouse=True)

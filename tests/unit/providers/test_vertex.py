@@ -9,8 +9,8 @@ import pytest
 
 from contracts import RcaResult, VertexSettings
 from tests.fakes.common import Fault
-from tests.fakes.fixtures import VertexFake
-from tests.fakes.vertex_server import new_key, service_account_json
+from tests.fakes.fixtures import VertexFake, rsa_key
+from tests.fakes.vertex_server import service_account_json
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish
@@ -99,7 +99,7 @@ async def test_key_not_matching_the_accounts_public_key_is_auth(
     fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
 ) -> None:
     impostor = dataclasses.replace(
-        fake_vertex, service_account=service_account_json(new_key(), fake_vertex.fake.token_uri)
+        fake_vertex, service_account=service_account_json(rsa_key(1), fake_vertex.fake.token_uri)
     )
 
     with pytest.raises(ProviderError) as caught:
@@ -184,8 +184,8 @@ async def test_rotated_key_file_is_used_at_the_next_refresh_without_a_restart(
     vertex = provider(fake_vertex, key_file, session)
     call = call_for("summary", settings(fake_vertex, key_file))
     await vertex.complete(call)
-    rotated = new_key()
-    key_file.write_text(service_account_json(rotated, fake_vertex.fake.token_uri))
+    rotated = rsa_key(2)
+    await asyncio.to_thread(key_file.write_text, service_account_json(rotated, fake_vertex.fake.token_uri))
     fake_vertex.fake.public_key = rotated.public_key()  # the old key is deleted in IAM
     fake_vertex.fake.revoke_all()
 
