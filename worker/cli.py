@@ -116,7 +116,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _test_connection(args: argparse.Namespace) -> int:
     """Exit 0 when the provider is usable (maybe with warnings), 1 when it is not, 2 when the file is invalid."""
-    from worker.connection_test import DraftError, check_tenant, load_draft, load_stored, render
+    from worker.connection_test import DraftError, check_tenant, load_draft, load_stored
+    from worker.model_requirements import render
 
     try:
         tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)

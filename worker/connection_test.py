@@ -7,23 +7,16 @@ what to fix. Reports never hold secrets: every secret value of the configuration
 """
 
 import asyncio
-import ipaddress
 import re
-import socket
 import time
 import tomllib
-from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-from pydantic import BaseModel, SecretStr
 
 from contracts import (
     ConnectionReport,
@@ -43,10 +36,27 @@ from contracts import (
 from contracts._base import TENANT_ID_PATTERN
 from contracts.messages import ContextWindowSource, StructuredOutputSupport, ToolCallingSupport
 from contracts.tenant import ProviderSettings
+from worker.connection_guard import (
+    Builder,
+    ConfigRefused,
+    endpoints_of,
+    refuse_secret_references,
+    refuse_unsafe_endpoints,
+    secret_fields,
+    with_guarded_session,
+)
 from worker.errors import ErrorClass, ProviderError
+from worker.model_requirements import (
+    context_check,
+    fix_for,
+    latency_check,
+    structured_check,
+    tools_check,
+    verdict,
+)
 from worker.outcome import Outcome, Reply
 from worker.prompts import build_call
-from worker.providers import FACTORIES, ProviderPool
+from worker.providers import ProviderPool
 from worker.providers.base import (
     Describable,
     ModelCall,
@@ -58,7 +68,7 @@ from worker.providers.base import (
     structured_output_mode,
 )
 from worker.providers.bedrock import UNKNOWN_FAMILY, BedrockProvider
-from worker.secrets import is_reference, resolve_secret
+from worker.secrets import resolve_secret
 from worker.tasks import TaskFailure, interpret
 from worker.tenants import TenantConfigError, load_tenant_file, parse_tenant_config
 
@@ -66,18 +76,6 @@ if TYPE_CHECKING:
     from worker.handler import DeliveryContext, TenantLookup
 
 DEFAULT_TIMEOUT_S = 30.0
-CONTEXT_REQUIRED = 32_000
-CONTEXT_RECOMMENDED = 128_000
-RCA_LATENCY_TARGET_S = 30.0
-# Cloud metadata services: reading them would hand out the worker's own cloud credentials.
-METADATA_ADDRESSES = {
-    ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, OpenStack
-    ipaddress.ip_address("169.254.170.2"),  # AWS ECS task credentials
-    ipaddress.ip_address("fd00:ec2::254"),  # AWS IMDS over IPv6
-    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
-    ipaddress.ip_address("192.0.0.192"),  # Oracle Cloud
-}
-METADATA_HOSTNAMES = {"metadata.google.internal", "metadata.goog", "metadata"}
 # Context windows of well-known models, for providers whose APIs do not report one.
 MODEL_CONTEXT: tuple[tuple[re.Pattern[str], int], ...] = tuple(
     (re.compile(pattern), tokens)
@@ -124,113 +122,6 @@ PROBE_TOOL = ToolSpec(
     "Report whether the service under test is healthy.",
     {"type": "object", "properties": {"healthy": {"type": "boolean"}}, "required": ["healthy"]},
 )
-
-
-class ConfigRefused(Exception):
-    """A configuration carried in a message that the worker will not test (secret references, unsafe hosts)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-# --- what a configuration sent over the queue may not do --------------------------------------------------
-
-
-def _secret_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, SecretStr]]:
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, SecretStr):
-            yield f"{prefix}{name}", value
-
-
-def refuse_secret_references(settings: ProviderSettings) -> None:
-    """A message may carry literal secrets only: a reference would make the worker read its own secrets."""
-    references = [name for name, value in _secret_fields(settings) if is_reference(value)]
-    if references:
-        raise ConfigRefused(
-            "secret_reference_refused",
-            f"provider.{', provider.'.join(references)}: env:/file: references are not accepted in a message; "
-            "send the secret's value, or save the configuration and test the stored one",
-        )
-
-
-def endpoints_of(settings: ProviderSettings) -> list[str]:
-    """Every URL the worker would contact for this configuration."""
-    match settings.kind:
-        case "openai_compatible" | "ollama":
-            return [settings.base_url]
-        case "azure_openai":
-            return [settings.endpoint]
-        case "bedrock":
-            urls = [settings.endpoint_url or f"https://bedrock-runtime.{settings.region}.amazonaws.com"]
-            if settings.role_arn:
-                urls.append(settings.sts_endpoint_url or f"https://sts.{settings.region}.amazonaws.com")
-            return urls
-        case "vertex":
-            host = f"{settings.location}-aiplatform.googleapis.com"
-            urls = [settings.base_url or f"https://{host}"]
-            try:
-                key = orjson.loads(settings.service_account.get_secret_value())
-            except orjson.JSONDecodeError:
-                key = None
-            if isinstance(key, dict) and isinstance(key.get("token_uri"), str):
-                urls.append(key["token_uri"])  # google-auth posts the signed assertion here
-            return urls
-    raise AssertionError(settings)
-
-
-def blocked_address(address: str) -> bool:
-    """Link-local and metadata addresses are refused; loopback and private networks stay allowed."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip in METADATA_ADDRESSES or ip.is_link_local or ip.is_unspecified or ip.is_multicast
-
-
-async def refuse_unsafe_endpoints(settings: ProviderSettings) -> None:
-    """Resolve every endpoint now and refuse the configuration if any lands on a forbidden address."""
-    loop = asyncio.get_running_loop()
-    for url in endpoints_of(settings):
-        parts = urlsplit(url)
-        host = (parts.hostname or "").rstrip(".").lower()
-        if parts.scheme not in ("http", "https") or not host:
-            raise ConfigRefused("endpoint_refused", f"{url!r} is not an http(s) URL")
-        if host in METADATA_HOSTNAMES:
-            raise ConfigRefused("endpoint_refused", f"{host} is a cloud metadata service; it cannot be tested")
-        try:
-            infos = await loop.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
-        except OSError:
-            continue  # does not resolve: the probe will report it unreachable
-        for info in infos:
-            if blocked_address(str(info[4][0])):
-                raise ConfigRefused(
-                    "endpoint_refused",
-                    f"{host} resolves to {info[4][0]}, a link-local or cloud-metadata address; it cannot be tested",
-                )
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp does but drops forbidden addresses, so a DNS answer that changes after the check
-    (DNS rebinding) still cannot reach a metadata service."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        allowed = [r for r in await self._inner.resolve(host, port, family) if not blocked_address(r["host"])]
-        if not allowed:
-            raise OSError(f"{host} resolves only to refused addresses")
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 # --- the probes ---------------------------------------------------------------------------------------------
@@ -293,37 +184,6 @@ async def _call(provider: Provider, call: ModelCall) -> tuple[ModelResult, float
     return result, (time.monotonic() - started) * 1000
 
 
-def _fix_for(kind: str, error: ProviderError) -> str:
-    """What the tenant admin should change, for a failed connection probe."""
-    if error.code in ("unreachable",):
-        return "check the endpoint URL, DNS, and that the worker's network (firewall, proxy) can reach it"
-    if error.code == "timeout":
-        return "check that the server is up and not overloaded; cold-starting models may need a longer timeout_s"
-    if error.error_class is ErrorClass.AUTH:
-        return {
-            "azure_openai": "check api_key (Azure portal → Keys and Endpoint) and the resource's network rules",
-            "bedrock": "check access_key_id / secret_access_key or role_arn (trust policy, external_id) and that the "
-            "identity may call bedrock:InvokeModel",
-            "vertex": "check service_account, that it has the Vertex AI User role, and that the Vertex AI API is "
-            "enabled in the project",
-            "openai_compatible": "check api_key (the server's --api-key)",
-            "ollama": "Ollama itself needs no key; check any proxy in front of it",
-        }.get(kind, "check the credentials")
-    if error.error_class is ErrorClass.NOT_FOUND:
-        return {
-            "azure_openai": "check deployment (the deployment name, not the model name) and endpoint",
-            "bedrock": "check model_id and region, and that model access is enabled in the Bedrock console",
-            "vertex": "check model and location (not every model is offered in every location)",
-            "openai_compatible": "check model: it must equal an id from GET /v1/models (vLLM --served-model-name)",
-            "ollama": "pull the model on the Ollama server (`ollama pull <model>`)",
-        }.get(kind, "check the model name")
-    if error.error_class is ErrorClass.RATE_LIMITED:
-        return "the provider is throttling this account; try again later or raise its rate limits"
-    if error.error_class is ErrorClass.QUOTA:
-        return "the account's quota or billing is exhausted at the provider; raise it"
-    return "fix the configuration as the message says"
-
-
 def _failed_connection(probe: _Probe, kind: str, error: ProviderError) -> None:
     unreachable = error.code in ("unreachable", "timeout", "config_invalid", "model_retired", "provider_unsupported")
     probe.report["reachable"] = not unreachable
@@ -332,7 +192,7 @@ def _failed_connection(probe: _Probe, kind: str, error: ProviderError) -> None:
         if error.error_class is ErrorClass.NOT_FOUND:
             probe.report["model_found"] = False
     probe.checks.append(
-        RequirementCheck(requirement="connection", status="fail", message=error.message, fix=_fix_for(kind, error))
+        RequirementCheck(requirement="connection", status="fail", message=error.message, fix=fix_for(kind, error))
     )
 
 
@@ -405,16 +265,16 @@ async def probe_provider(provider: Provider, settings: ProviderSettings, timeout
     info = await _describe(provider, timeout_s)
     tools = await _tool_calling(provider, info, timeout_s, probe)
     probe.report["tool_calling"] = tools
-    probe.checks.append(_tools_check(kind, tools))
+    probe.checks.append(tools_check(kind, tools))
 
     structured, rca_ms, detail = await _rca(provider, settings, timeout_s, probe)
     probe.report |= {"structured_output": structured, "rca_latency_ms": rca_ms}
-    probe.checks.append(_structured_check(kind, structured, detail))
-    probe.checks.append(_latency_check(rca_ms, detail))
+    probe.checks.append(structured_check(kind, structured, detail))
+    probe.checks.append(latency_check(rca_ms, detail))
 
     context, source = _context_window(settings, provider, info, ping.model)
     probe.report |= {"context_window": context, "context_window_source": source}
-    probe.checks.append(_context_check(kind, context, source))
+    probe.checks.append(context_check(kind, context, source))
     return _finish(provider, probe)
 
 
@@ -435,117 +295,14 @@ async def _rca(
     return structured_output_mode(provider), round(elapsed, 1), None
 
 
-def _tools_check(kind: str, tools: ToolCallingSupport) -> RequirementCheck:
-    if tools == "yes":
-        return RequirementCheck(requirement="tool_calling", status="pass", message="the model calls tools")
-    if tools == "forced_only":
-        return RequirementCheck(
-            requirement="tool_calling",
-            status="pass",
-            message="the model calls tools when they are forced (runbooks force them); automatic choice is off",
-            fix="for automatic tool choice start vLLM with --enable-auto-tool-choice --tool-call-parser <parser>",
-        )
-    if tools == "no":
-        return RequirementCheck(
-            requirement="tool_calling",
-            status="fail",
-            message="the model does not call tools; runbook generation requires tool calling",
-            fix={
-                "bedrock": "use a model family with tool use: Claude 3+, Nova, Llama 3.1+, Mistral Large, Command R",
-                "ollama": "use a model whose `ollama show` capabilities include tools (e.g. llama3.1, qwen2.5)",
-                "openai_compatible": "serve a model with a tool-capable chat template (vLLM: --tool-call-parser)",
-            }.get(kind, "use a model with tool calling"),
-        )
-    return RequirementCheck(
-        requirement="tool_calling",
-        status="warn",
-        message="tool calling could not be checked (the probe failed for another reason)",
-        fix="run Test Connection again",
-    )
-
-
-def _structured_check(kind: str, structured: StructuredOutputSupport, detail: str | None) -> RequirementCheck:
-    if structured == "schema":
-        return RequirementCheck(
-            requirement="structured_output", status="pass", message="the provider enforces the RCA JSON schema"
-        )
-    fix = {
-        "azure_openai": "use api_version 2024-08-01-preview or newer for JSON-schema output",
-        "bedrock": "use a model family with tool use, so the answer can be a forced tool call",
-    }.get(kind, "use a model or server version that supports JSON-schema output")
-    if structured == "json_mode":
-        message = "JSON mode only: answers are JSON but the schema is not enforced (recommended for RCA)"
-    elif structured == "none":
-        message = detail or "no structured output: RCA answers are validated after the fact and may fail"
-    else:
-        message, fix = f"structured output could not be checked: {detail}", "run Test Connection again"
-    return RequirementCheck(requirement="structured_output", status="warn", message=message, fix=fix)
-
-
-def _latency_check(rca_ms: float | None, detail: str | None) -> RequirementCheck:
-    if rca_ms is None:
-        return RequirementCheck(
-            requirement="rca_latency",
-            status="warn",
-            message=f"the sample RCA call failed, so its latency is unknown ({detail})",
-            fix="fix the structured-output problem above, then test again",
-        )
-    if rca_ms <= RCA_LATENCY_TARGET_S * 1000:
-        return RequirementCheck(
-            requirement="rca_latency", status="pass", message=f"a sample RCA took {rca_ms / 1000:.1f} s"
-        )
-    return RequirementCheck(
-        requirement="rca_latency",
-        status="warn",
-        message=f"a sample RCA took {rca_ms / 1000:.1f} s; a typical RCA should take under {RCA_LATENCY_TARGET_S:g} s",
-        fix="use a faster model or deployment, or add capacity (provisioned throughput, more GPUs)",
-    )
-
-
-def _context_check(kind: str, context: int | None, source: str | None) -> RequirementCheck:
-    set_it = "set provider.context_window in the tenant file to the model's window"
-    if context is None:
-        return RequirementCheck(
-            requirement="context_window",
-            status="warn",
-            message=f"context window unknown (needs ≥ {CONTEXT_REQUIRED:,}, {CONTEXT_RECOMMENDED:,} recommended)",
-            fix=set_it,
-        )
-    if context < CONTEXT_REQUIRED:
-        return RequirementCheck(
-            requirement="context_window",
-            status="fail",
-            message=f"context window {context:,} tokens ({source}) is below the required {CONTEXT_REQUIRED:,}",
-            fix="use a model with a larger context window" + (" or raise num_ctx" if kind == "ollama" else ""),
-        )
-    if kind == "ollama" and source != "config":
-        # Ollama's effective window is num_ctx, often far below what the model was trained for.
-        return RequirementCheck(
-            requirement="context_window",
-            status="warn",
-            message=f"the model supports {context:,} tokens, but Ollama only uses its num_ctx unless asked",
-            fix=set_it + " so the worker requests it as num_ctx",
-        )
-    if context < CONTEXT_RECOMMENDED:
-        return RequirementCheck(
-            requirement="context_window",
-            status="warn",
-            message=f"context window {context:,} tokens ({source}); {CONTEXT_RECOMMENDED:,} is recommended",
-            fix="large incidents will be trimmed; a model with a 128K window avoids that",
-        )
-    return RequirementCheck(requirement="context_window", status="pass", message=f"{context:,} tokens ({source})")
-
-
 def _finish(provider: Provider, probe: _Probe) -> ConnectionReport:
-    statuses = {c.status for c in probe.checks}
-    verdict = "not_ready" if "fail" in statuses else "ready_with_warnings" if "warn" in statuses else "ready"
     return ConnectionReport.model_validate(
         probe.report
         | {
             "provider_kind": provider.kind,
             "endpoint": provider.endpoint,
             "model": provider.model,
-            "verdict": verdict,
+            "verdict": verdict(probe.checks),
             "checks": probe.checks,
             "input_tokens": probe.input_tokens,
             "output_tokens": probe.output_tokens,
@@ -557,7 +314,7 @@ def _unbuilt_report(settings: ProviderSettings, error: ProviderError) -> Connect
     model = next((getattr(settings, n) for n in ("model", "deployment", "model_id") if hasattr(settings, n)), "")
     endpoint = endpoints_of(settings)[0]
     check = RequirementCheck(
-        requirement="connection", status="fail", message=error.message, fix=_fix_for(settings.kind, error)
+        requirement="connection", status="fail", message=error.message, fix=fix_for(settings.kind, error)
     )
     return ConnectionReport(
         provider_kind=settings.kind,
@@ -575,7 +332,7 @@ def _unbuilt_report(settings: ProviderSettings, error: ProviderError) -> Connect
 def secret_values(settings: ProviderSettings) -> list[str]:
     """Every secret value the configuration holds or points at, and the parts of a JSON key."""
     values: list[str] = []
-    for _, secret in _secret_fields(settings):
+    for _, secret in secret_fields(settings):
         try:
             value = resolve_secret(secret)
         except ProviderError:
@@ -601,9 +358,6 @@ def redact(report: ConnectionReport, secrets: list[str]) -> ConnectionReport:
 # --- entry points -------------------------------------------------------------------------------------------
 
 
-Builder = Callable[[ProviderSettings], Provider]
-
-
 async def check_connection(
     settings: ProviderSettings, build: Builder, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ConnectionReport:
@@ -615,26 +369,6 @@ async def check_connection(
     else:
         report = await probe_provider(provider, settings, timeout_s)
     return redact(report, secret_values(settings))
-
-
-async def with_guarded_session(run: Callable[[Builder], Awaitable[ConnectionReport]]) -> ConnectionReport:
-    """Runs `run` with providers whose HTTP never reaches a refused address (for configs from messages)."""
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver())
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        def build(settings: ProviderSettings) -> Provider:
-            if settings.kind == "bedrock":
-                return BedrockProvider(settings, resolver=GuardedResolver())
-            factory = FACTORIES.get(settings.kind)
-            if factory is None:
-                raise ProviderError(
-                    ErrorClass.BAD_REQUEST,
-                    f"provider kind {settings.kind!r} is not available",
-                    code="provider_unsupported",
-                )
-            return factory(settings, session)
-
-        return await run(build)
 
 
 async def check_draft_from_message(
@@ -714,41 +448,6 @@ def _reply(
         ),
         error=error,
     )
-
-
-# --- human-readable output ----------------------------------------------------------------------------------
-
-
-def render(report: ConnectionReport) -> str:
-    """The report as an operator reads it in a terminal."""
-
-    def yes(value: bool | None) -> str:
-        return "unknown" if value is None else "yes" if value else "NO"
-
-    lines = [
-        f"Test Connection: {report.provider_kind} {report.model} at {report.endpoint}",
-        f"  reachable          {yes(report.reachable)}"
-        + (f" ({report.latency_ms:.0f} ms)" if report.latency_ms is not None else ""),
-        f"  authenticated      {yes(report.authenticated)}",
-        f"  model found        {yes(report.model_found)}"
-        + (f" (serves {report.served_model})" if report.served_model else ""),
-        f"  tool calling       {report.tool_calling.replace('_', ' ')}",
-        f"  structured output  {report.structured_output.replace('_', ' ')}",
-        "  context window     "
-        + (
-            f"{report.context_window:,} tokens ({report.context_window_source})" if report.context_window else "unknown"
-        ),
-        "  sample RCA         "
-        + (f"{report.rca_latency_ms / 1000:.1f} s" if report.rca_latency_ms is not None else "-"),
-        f"  tokens used        {report.input_tokens} in, {report.output_tokens} out",
-        "",
-        f"Verdict: {report.verdict.replace('_', ' ').upper()}",
-    ]
-    for check in report.checks:
-        lines.append(f"  {check.status:<4}  {check.requirement:<17} {check.message}")
-        if check.fix and check.status != "pass":
-            lines.append(f"        {'':<17} fix: {check.fix}")
-    return "\n".join(lines)
 
 
 # --- the command line ---------------------------------------------------------------------------------------

@@ -13,13 +13,8 @@ from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, pr
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 from worker import cli
-from worker.connection_test import (
-    ConfigRefused,
-    GuardedResolver,
-    blocked_address,
-    check_draft_from_message,
-    refuse_unsafe_endpoints,
-)
+from worker.connection_guard import ConfigRefused, GuardedResolver, blocked_address, refuse_unsafe_endpoints
+from worker.connection_test import check_draft_from_message
 
 
 @pytest.fixture
