@@ -139,12 +139,12 @@ class GuardedResolver(AbstractResolver):
 
 async def with_guarded_session(run: Callable[[Builder], Awaitable[ConnectionReport]]) -> ConnectionReport:
     """Runs `run` with providers whose HTTP never reaches a refused address (for configs from messages)."""
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver())
-    async with aiohttp.ClientSession(connector=connector) as session:
+    resolver = GuardedResolver()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=resolver)) as session:
 
         def build(settings: ProviderSettings) -> Provider:
             if settings.kind == "bedrock":
-                return BedrockProvider(settings, resolver=GuardedResolver())
+                return BedrockProvider(settings, resolver=resolver)
             factory = FACTORIES.get(settings.kind)
             if factory is None:
                 raise ProviderError(
@@ -154,4 +154,7 @@ async def with_guarded_session(run: Callable[[Builder], Awaitable[ConnectionRepo
                 )
             return factory(settings, session)
 
-        return await run(build)
+        try:
+            return await run(build)
+        finally:
+            await resolver.close()  # connectors close only the resolvers they made themselves

@@ -59,6 +59,7 @@ from worker.prompts import build_call
 from worker.providers import ProviderPool
 from worker.providers.base import (
     Describable,
+    Finish,
     ModelCall,
     ModelInfo,
     ModelResult,
@@ -144,8 +145,7 @@ def _ping(timeout_s: float) -> ModelCall:
         system="This is a connection test. Reply with the single word OK.",
         turns=(Turn("user", "ping"),),
         max_output_tokens=16,
-        timeout_s=timeout_s,
-        temperature=0.0,
+        timeout_s=timeout_s,  # no temperature: some models (o-series) refuse any but their default
     )
 
 
@@ -153,9 +153,8 @@ def _tool_probe(timeout_s: float, choice: str) -> ModelCall:
     return ModelCall(
         system="This is a connection test. Call the report_status tool.",
         turns=(Turn("user", "The service is healthy. Report its status with the tool."),),
-        max_output_tokens=64,
+        max_output_tokens=512,  # thinking models spend output tokens before they call anything
         timeout_s=timeout_s,
-        temperature=0.0,
         tools=(PROBE_TOOL,),
         tool_choice=choice,
     )
@@ -202,10 +201,11 @@ async def _tool_calling(provider: Provider, info: ModelInfo, timeout_s: float, p
     try:
         result, _ = await _call(provider, _tool_probe(timeout_s, PROBE_TOOL.name))
     except ProviderError as exc:
-        return "no" if exc.error_class is ErrorClass.BAD_REQUEST else "unknown"
+        refused_tools = exc.code == "tools_unsupported" or "tool" in exc.message.lower()
+        return "no" if exc.error_class is ErrorClass.BAD_REQUEST and refused_tools else "unknown"
     probe.count(result)
     if not result.tool_calls:
-        return "no"
+        return "unknown" if result.finish is Finish.LENGTH else "no"
     if provider.kind != "openai_compatible":
         return "yes"
     # vLLM answers named/required choices without --enable-auto-tool-choice, but rejects "auto".
