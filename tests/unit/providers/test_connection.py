@@ -1,6 +1,7 @@
 """Test Connection from the command line against every provider's fake, and what a message may not ask for."""
 
-import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, provider_toml
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
-from worker import cli
+from tests.unit.providers.calls import run_test_connection
 from worker.connection_guard import ConfigRefused, GuardedResolver, blocked_address, refuse_unsafe_endpoints
 from worker.connection_test import check_draft_from_message
 
@@ -26,8 +27,7 @@ async def fake_openai() -> Any:
 
 
 async def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    # The CLI runs its own event loop; a thread keeps this test's loop free to serve the fakes.
-    code = await asyncio.to_thread(cli.main, ["--log-level", "error", "test-connection", *argv])
+    code = await run_test_connection(*argv)
     return code, capsys.readouterr().out
 
 
@@ -168,17 +168,24 @@ async def test_unreachable_endpoint_says_check_the_url(tmp_path: Path, capsys: p
     assert "check the endpoint URL" in (report.checks[0].fix or "")
 
 
-async def test_invalid_draft_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_invalid_draft_exits_2_naming_the_field(tmp_path: Path) -> None:
     path = tmp_path / "draft.toml"
     path.write_text(
         '[provider]\nkind = "azure_openai"\nendpoint = "https://x/"\ndeployment = "d"\napi_key = "k"\n'
         'api_version = "2023-05-15"\n'
     )
 
-    code = await asyncio.to_thread(cli.main, ["--log-level", "error", "test-connection", "--config", str(path)])
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "test-connection", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
-    assert code == 2
-    assert "provider.azure_openai.api_version" in capsys.readouterr().err
+    assert done.returncode == 2
+    assert "provider.azure_openai.api_version" in done.stderr
+    assert "older than 2024-02-15-preview" in done.stderr
 
 
 # --- what a configuration carried in a message may not do ----------------------------------------------------

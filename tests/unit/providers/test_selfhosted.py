@@ -1,6 +1,5 @@
 """vLLM's and TGI's quirks through the OpenAI-compatible provider: TGI's grammar shape, windows, forced-only tools."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -9,8 +8,7 @@ import pytest
 
 from contracts import ConnectionReport, OpenAICompatibleSettings, RcaResult
 from tests.fakes.selfhosted_server import FakeTGI, FakeVLLM
-from tests.unit.providers.calls import call_for
-from worker import cli
+from tests.unit.providers.calls import call_for, run_test_connection
 from worker.providers.openai_compatible import OpenAICompatibleProvider
 
 
@@ -67,9 +65,7 @@ async def test_vllm_without_auto_tool_choice_is_reported_forced_only_and_ready(
     draft = tmp_path / "draft.toml"
     draft.write_text(f'[provider]\nkind = "openai_compatible"\nbase_url = "{vllm.base_url}"\nmodel = "{vllm.model}"\n')
 
-    code = await asyncio.to_thread(
-        cli.main, ["--log-level", "error", "test-connection", "--config", str(draft), "--json"]
-    )
+    code = await run_test_connection("--config", str(draft), "--json")
 
     report = ConnectionReport.model_validate_json(capsys.readouterr().out)
     assert code == 0
