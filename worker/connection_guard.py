@@ -58,6 +58,13 @@ def refuse_secret_references(settings: ProviderSettings) -> None:
             f"provider.{', provider.'.join(references)}: env:/file: references are not accepted in a message; "
             "send the secret's value, or save the configuration and test the stored one",
         )
+    if settings.kind == "bedrock" and settings.role_arn and settings.access_key_id is None:
+        # Assuming a role with no keys of its own would lend the worker's AWS identity to whoever sent the message.
+        raise ConfigRefused(
+            "secret_reference_refused",
+            "provider.role_arn without access_key_id / secret_access_key would be assumed with the worker's own AWS "
+            "identity; that cannot be tested from a message: save the configuration and test the stored one",
+        )
 
 
 def endpoints_of(settings: ProviderSettings) -> list[str]:

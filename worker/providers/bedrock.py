@@ -213,6 +213,17 @@ def _choice(requested: str, family: Family) -> dict[str, Any] | None:
     return {"tool": {"name": requested}} if family.tool_choice == "tool" else {"any": {}}
 
 
+def _alternating(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Converse wants user and assistant turns to alternate: results of parallel tool calls share one turn."""
+    merged: list[dict[str, Any]] = []
+    for message in messages:
+        if merged and merged[-1]["role"] == message["role"]:
+            merged[-1] = {"role": message["role"], "content": merged[-1]["content"] + message["content"]}
+        else:
+            merged.append(message)
+    return merged
+
+
 def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str, Any]:
     """The Converse parameters for a neutral call. Structured output travels as a forced tool."""
     system = call.system
@@ -235,6 +246,7 @@ def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str
             {"toolUse": {"toolUseId": c.id or c.name, "name": c.name, "input": c.arguments}} for c in turn.tool_calls
         ]
         messages.append({"role": turn.role, "content": content or [{"text": " "}]})
+    messages = _alternating(messages)
     if not family.system_prompt and messages and messages[0]["role"] == "user":
         # Titan and Mistral 7B reject a system prompt; it goes ahead of the first user turn instead.
         messages[0] = {"role": "user", "content": [{"text": system}, *messages[0]["content"]]}

@@ -93,7 +93,14 @@ def _contents(call: ModelCall) -> list[dict[str, Any]]:
             if c.id:
                 names[c.id] = c.name
         contents.append({"role": "model" if turn.role == "assistant" else "user", "parts": parts or [{"text": ""}]})
-    return contents
+    # Responses to parallel function calls belong in one turn, after the turn that made the calls.
+    merged: list[dict[str, Any]] = []
+    for content in contents:
+        if merged and merged[-1]["role"] == content["role"]:
+            merged[-1] = {"role": content["role"], "parts": merged[-1]["parts"] + content["parts"]}
+        else:
+            merged.append(content)
+    return merged
 
 
 def generate_body(call: ModelCall) -> dict[str, Any]:

@@ -5,12 +5,12 @@ from datetime import timedelta
 
 import pytest
 
-from contracts import BedrockSettings, RcaResult
+from contracts import BedrockSettings, RcaResult, ToolCall
 from tests.fakes.common import Fault
 from tests.fakes.fixtures import AWS_KEY_ID, EXTERNAL_ID, ROLE_ARN, AwsFakes
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
-from worker.providers.base import Finish
+from worker.providers.base import Finish, Turn
 from worker.providers.bedrock import BedrockProvider, family_of
 
 CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
@@ -198,3 +198,23 @@ async def test_guardrail_intervention_is_a_content_filter_finish(fake_aws: AwsFa
     result = await provider(settings(fake_aws)).complete(call_for("summary", settings(fake_aws)))
 
     assert result.finish is Finish.CONTENT_FILTER
+
+
+async def test_tool_results_of_parallel_calls_share_one_user_turn(fake_aws: AwsFakes) -> None:
+    calls = (ToolCall(id="t1", name="run_diagnostic", arguments={}), ToolCall(id="t2", name="page_team", arguments={}))
+    call = dataclasses.replace(
+        call_for("summary", settings(fake_aws)),
+        turns=(
+            Turn("user", "The checkout API is failing."),
+            Turn("assistant", "", tool_calls=calls),
+            Turn("tool", '{"output": "pool exhausted"}', tool_call_id="t1"),
+            Turn("tool", '{"paged": true}', tool_call_id="t2"),
+        ),
+    )
+
+    await provider(settings(fake_aws)).complete(call)
+
+    roles = [m["role"] for m in fake_aws.bedrock.requests[0]["messages"]]
+    assert roles == ["user", "assistant", "user"]
+    results = fake_aws.bedrock.requests[0]["messages"][2]["content"]
+    assert [b["toolResult"]["toolUseId"] for b in results] == ["t1", "t2"]

@@ -203,6 +203,17 @@ async def test_message_config_with_secret_reference_is_refused() -> None:
     assert "provider.api_key" in caught.value.message
 
 
+async def test_message_config_assuming_a_role_with_the_workers_own_identity_is_refused() -> None:
+    settings = BedrockSettings.model_validate(
+        {"kind": "bedrock", "region": "eu-central-1", "model_id": "m", "role_arn": "arn:aws:iam::1:role/r"}
+    )
+
+    with pytest.raises(ConfigRefused) as caught:
+        await check_draft_from_message(settings)
+
+    assert "worker's own AWS identity" in caught.value.message
+
+
 @pytest.mark.parametrize(
     "settings",
     [
