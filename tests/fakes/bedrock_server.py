@@ -278,6 +278,7 @@ class FakeSTS:
     roles: dict[str, str | None] = field(default_factory=dict)  # role ARN -> required external id
     lifetime: timedelta = timedelta(hours=1)
     assumed: list[dict[str, str]] = field(default_factory=list)
+    faults: FaultQueue = field(default_factory=FaultQueue)
     server: LocalServer = field(default_factory=LocalServer)
     _counter: "itertools.count[int]" = field(default_factory=itertools.count)
 
@@ -300,6 +301,13 @@ class FakeSTS:
         form = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
         if form.get("Action") != "AssumeRole" or form.get("Version") != "2011-06-15":
             return self._error(400, "Sender", "InvalidAction", f"Could not find operation {form.get('Action')}")
+        fault = self.faults.next()
+        if fault is not None and fault.kind == "rate_limit":
+            return self._error(400, "Sender", "Throttling", "Rate exceeded")
+        if fault is not None and fault.kind == "server_error":
+            return self._error(503, "Receiver", "ServiceUnavailable", "Service is unavailable")
+        if fault is not None:
+            raise AssertionError(f"the STS fake has no fault {fault.kind!r}")
         role = form.get("RoleArn", "")
         if role not in self.roles or self.roles[role] != form.get("ExternalId"):
             return self._error(

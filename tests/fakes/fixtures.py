@@ -135,6 +135,7 @@ def provider_toml(kind: str, url: str, *, key_file: Path | None = None, **extra:
             f'base_url = "{url}"',
         ],
         "ollama": [f'base_url = "{url}"', 'model = "llama3.1:8b"', "context_window = 131072"],
+        "openai_compatible": [f'base_url = "{url}"', 'model = "fake-model"', 'api_key = "env:TEST_FAKE_OPENAI_KEY"'],
     }[kind]
     overridden = {line.split(" = ")[0]: line for line in lines} | {k: f"{k} = {v}" for k, v in extra.items()}
     return "[provider]\n" + f'kind = "{kind}"\n' + "\n".join(overridden.values()) + "\n"

@@ -125,7 +125,7 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
         return ProviderError(
             ErrorClass.QUOTA, f"{who}: service quota exceeded ({text})", code="quota_exceeded", status=status
         )
-    if code in ("ThrottlingException", "ModelNotReadyException", "TooManyRequestsException"):
+    if code in ("ThrottlingException", "ModelNotReadyException", "TooManyRequestsException", "Throttling"):
         return ProviderError(
             ErrorClass.RATE_LIMITED,
             f"{who}: throttled ({text})",

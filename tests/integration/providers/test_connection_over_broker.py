@@ -12,6 +12,7 @@ from tests.conftest import RunningWorker
 from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.fixtures import AWS_KEY_ID, AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, write_provider_tenant
 from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.openai_server import FakeOpenAI
 
 pytestmark = pytest.mark.broker
 
@@ -49,9 +50,19 @@ async def test_stored_config_is_tested_and_reported_on_the_reply_queue(
 
 
 def drafts(
-    fake_azure: FakeAzureOpenAI, fake_aws: AwsFakes, fake_vertex: VertexFake, fake_ollama: FakeOllama
+    fake_azure: FakeAzureOpenAI,
+    fake_aws: AwsFakes,
+    fake_vertex: VertexFake,
+    fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
 ) -> dict[str, dict[str, Any]]:
     return {
+        "openai_compatible": {
+            "kind": "openai_compatible",
+            "base_url": fake_openai.base_url,
+            "model": "fake-model",
+            "api_key": "sk-test-fake",
+        },
         "azure_openai": {
             "kind": "azure_openai",
             "endpoint": fake_azure.endpoint,
@@ -78,7 +89,7 @@ def drafts(
     }
 
 
-@pytest.mark.parametrize("kind", ["azure_openai", "bedrock", "vertex", "ollama"])
+@pytest.mark.parametrize("kind", ["azure_openai", "bedrock", "vertex", "ollama", "openai_compatible"])
 async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rerouting(
     kind: str,
     client: BrokerClient,
@@ -87,9 +98,10 @@ async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rero
     fake_aws: AwsFakes,
     fake_vertex: VertexFake,
     fake_ollama: FakeOllama,
+    fake_openai: FakeOpenAI,
 ) -> None:
     cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    draft = drafts(fake_azure, fake_aws, fake_vertex, fake_ollama)[kind]
+    draft = drafts(fake_azure, fake_aws, fake_vertex, fake_ollama, fake_openai)[kind]
 
     reply, raw = await ask(client, connection_request("newco", draft))  # newco has no stored config yet
 
@@ -99,7 +111,7 @@ async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rero
     assert reply.result.connection.authenticated is True
     assert reply.result.connection.tool_calling == "yes"
     assert reply.result.connection.structured_output == "schema"
-    for secret in (AZURE_KEY, AWS_SECRET, "PRIVATE KEY"):
+    for secret in (AZURE_KEY, AWS_SECRET, "PRIVATE KEY", "sk-test-fake"):
         assert secret.encode() not in raw
     await asyncio.sleep(0.2)
     assert await drain_now(cloud) == []

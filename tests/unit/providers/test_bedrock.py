@@ -218,3 +218,19 @@ async def test_tool_results_of_parallel_calls_share_one_user_turn(fake_aws: AwsF
     assert roles == ["user", "assistant", "user"]
     results = fake_aws.bedrock.requests[0]["messages"][2]["content"]
     assert [b["toolResult"]["toolUseId"] for b in results] == ["t1", "t2"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class"),
+    [(Fault("rate_limit"), ErrorClass.RATE_LIMITED), (Fault("server_error"), ErrorClass.TRANSIENT)],
+)
+async def test_sts_failures_while_assuming_the_role_are_classified(
+    fake_aws: AwsFakes, fault: Fault, error_class: ErrorClass
+) -> None:
+    fake_aws.sts.faults.push(fault)
+
+    with pytest.raises(ProviderError) as caught:
+        await provider(role_settings(fake_aws)).complete(call_for("summary", role_settings(fake_aws)))
+
+    assert caught.value.error_class is error_class
+    assert fake_aws.bedrock.requests == []
