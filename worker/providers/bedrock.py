@@ -110,6 +110,13 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
                 code="tools_unsupported",
                 status=status,
             )
+        if "model identifier is invalid" in message.lower():
+            return ProviderError(
+                ErrorClass.NOT_FOUND,
+                f"{who}: no such model; check model_id and that the model is offered in the region ({text})",
+                code="model_not_found",
+                status=status,
+            )
         if "inference profile" in message.lower():
             return ProviderError(
                 ErrorClass.BAD_REQUEST,
@@ -227,6 +234,9 @@ def _alternating(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str, Any]:
     """The Converse parameters for a neutral call. Structured output travels as a forced tool."""
     system = call.system
+    if call.output_schema is not None and family.tools and family.tool_choice == "auto" and not call.tools:
+        # The tool cannot be forced for this family, so the prompt has to ask for it.
+        system += f"\n\nGive your whole answer by calling the {call.output_schema.name} tool, and nothing else."
     if call.output_schema is not None and not family.tools:
         # No tools, so no forced tool: the schema has to travel in the prompt and the answer is plain text.
         system += (

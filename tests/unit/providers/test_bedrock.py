@@ -234,3 +234,12 @@ async def test_sts_failures_while_assuming_the_role_are_classified(
 
     assert caught.value.error_class is error_class
     assert fake_aws.bedrock.requests == []
+
+
+async def test_unknown_model_id_is_not_found(fake_aws: AwsFakes) -> None:
+    config = settings(fake_aws, model_id="anthropic.claude-9-opus")
+
+    with pytest.raises(ProviderError) as caught:
+        await provider(config).complete(call_for("summary", config))
+
+    assert (caught.value.error_class, caught.value.code) == (ErrorClass.NOT_FOUND, "model_not_found")
