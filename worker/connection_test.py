@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+import structlog
 
 from contracts import (
     ConnectionReport,
@@ -75,6 +76,8 @@ from worker.tenants import TenantConfigError, load_tenant_file, parse_tenant_con
 
 if TYPE_CHECKING:
     from worker.handler import DeliveryContext, TenantLookup
+
+log = structlog.get_logger("worker.connection_test")
 
 DEFAULT_TIMEOUT_S = 30.0
 # Context windows of well-known models, for providers whose APIs do not report one.
@@ -180,6 +183,14 @@ async def _call(provider: Provider, call: ModelCall) -> tuple[ModelResult, float
         raise ProviderError(
             ErrorClass.TRANSIENT, f"{provider.kind} did not answer within {call.timeout_s:g}s", code="timeout"
         ) from None
+    except ProviderError:
+        raise
+    except Exception as exc:
+        # A configuration the provider's SDK chokes on (a malformed URL, say) is a finding, not a crash.
+        log.warning("connection_probe_crashed", provider=provider.kind, error=type(exc).__name__)
+        raise ProviderError(
+            ErrorClass.BAD_REQUEST, f"{provider.kind} call failed: {type(exc).__name__}: {exc}", code="config_invalid"
+        ) from None
     return result, (time.monotonic() - started) * 1000
 
 
@@ -222,8 +233,8 @@ async def _describe(provider: Provider, timeout_s: float) -> ModelInfo:
         return ModelInfo()
     try:
         return await provider.describe(timeout_s)
-    except ProviderError:
-        return ModelInfo()  # discovery is a bonus; the model calls already said what matters
+    except Exception:  # discovery is a bonus; the model calls already said what matters
+        return ModelInfo()
 
 
 def _context_window(

@@ -15,7 +15,8 @@ from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 from tests.unit.providers.calls import run_test_connection
 from worker.connection_guard import ConfigRefused, GuardedResolver, blocked_address, refuse_unsafe_endpoints
-from worker.connection_test import check_draft_from_message
+from worker.connection_test import check_connection, check_draft_from_message
+from worker.providers.bedrock import BedrockProvider
 
 
 @pytest.fixture
@@ -275,3 +276,22 @@ async def test_guarded_resolver_never_hands_out_a_metadata_address() -> None:
         assert [r["host"] for r in await resolver.resolve("127.0.0.1", 80)] == ["127.0.0.1"]
     finally:
         await resolver.close()
+
+
+async def test_configuration_the_sdk_refuses_is_reported_not_crashed() -> None:
+    settings = BedrockSettings.model_validate(
+        {
+            "kind": "bedrock",
+            "region": "eu-central-1",
+            "model_id": "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "access_key_id": "AKIAEXAMPLE",
+            "secret_access_key": "example-secret",
+            "endpoint_url": "not a url",
+        }
+    )
+
+    report = await check_connection(settings, lambda _: BedrockProvider(settings))
+
+    assert report.verdict == "not_ready"
+    assert report.reachable is False
+    assert "example-secret" not in report.model_dump_json()
