@@ -7,6 +7,7 @@ from worker.errors import ErrorClass, ProviderError
 CONTEXT_REQUIRED = 32_000
 CONTEXT_RECOMMENDED = 128_000
 RCA_LATENCY_TARGET_S = 30.0
+SOURCES = {"config": "from the tenant config", "provider": "reported by the provider", "model_table": "known model"}
 
 
 def fix_for(kind: str, error: ProviderError) -> str:
@@ -79,7 +80,9 @@ def structured_check(kind: str, structured: StructuredOutputSupport, detail: str
         "bedrock": "use a model family with tool use, so the answer can be a forced tool call",
     }.get(kind, "use a model or server version that supports JSON-schema output")
     if structured == "json_mode":
-        message = "JSON mode only: answers are JSON but the schema is not enforced (recommended for RCA)"
+        message = (
+            "JSON mode only: answers are JSON but the schema is not enforced (schema output is recommended for RCA)"
+        )
     elif structured == "none":
         message = detail or "no structured output: RCA answers are validated after the fact and may fail"
     else:
@@ -120,7 +123,8 @@ def context_check(kind: str, context: int | None, source: str | None) -> Require
         return RequirementCheck(
             requirement="context_window",
             status="fail",
-            message=f"context window {context:,} tokens ({source}) is below the required {CONTEXT_REQUIRED:,}",
+            message=f"context window {context:,} tokens ({SOURCES.get(source or '', source)}) is below the required "
+            f"{CONTEXT_REQUIRED:,}",
             fix="use a model with a larger context window" + (" or raise num_ctx" if kind == "ollama" else ""),
         )
     if kind == "ollama" and source != "config":
@@ -135,10 +139,13 @@ def context_check(kind: str, context: int | None, source: str | None) -> Require
         return RequirementCheck(
             requirement="context_window",
             status="warn",
-            message=f"context window {context:,} tokens ({source}); {CONTEXT_RECOMMENDED:,} is recommended",
+            message=f"context window {context:,} tokens ({SOURCES.get(source or '', source)}); "
+            f"{CONTEXT_RECOMMENDED:,} is recommended",
             fix="large incidents will be trimmed; a model with a 128K window avoids that",
         )
-    return RequirementCheck(requirement="context_window", status="pass", message=f"{context:,} tokens ({source})")
+    return RequirementCheck(
+        requirement="context_window", status="pass", message=f"{context:,} tokens ({SOURCES.get(source or '', source)})"
+    )
 
 
 def verdict(checks: list[RequirementCheck]) -> Verdict:
@@ -163,7 +170,9 @@ def render(report: ConnectionReport) -> str:
         f"  structured output  {report.structured_output.replace('_', ' ')}",
         "  context window     "
         + (
-            f"{report.context_window:,} tokens ({report.context_window_source})" if report.context_window else "unknown"
+            f"{report.context_window:,} tokens ({SOURCES.get(report.context_window_source or '')})"
+            if report.context_window
+            else "unknown"
         ),
         "  sample RCA         "
         + (f"{report.rca_latency_ms / 1000:.1f} s" if report.rca_latency_ms is not None else "-"),

@@ -94,7 +94,7 @@ async def test_stored_tenant_is_reported_for_humans(
     assert code == 0
     assert "Verdict: READY" in out
     assert "tool calling       yes" in out
-    assert "context window     131,072 tokens (config)" in out
+    assert "context window     131,072 tokens (from the tenant config)" in out
 
 
 async def test_openai_compatible_without_a_known_window_is_ready_with_a_warning(
