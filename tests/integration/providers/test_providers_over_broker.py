@@ -6,7 +6,7 @@ import pytest
 
 from contracts import InferenceReply, Status
 from tests import samples
-from tests.broker import BrokerClient, collect
+from tests.broker import BrokerClient, collect, drain_now
 from tests.conftest import RunningWorker
 from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.common import Fault
@@ -130,3 +130,42 @@ async def test_throttled_bedrock_tenant_with_fail_closed_gets_unavailable_with_t
     assert reply.error.error_class == "rate_limited"
     assert reply.error.retry_after_s == 3
     assert "ThrottlingException" in reply.error.message
+
+
+async def test_vertex_tenant_on_a_palm_model_is_told_to_move_to_gemini(
+    urls: dict[str, str], client: BrokerClient, worker: RunningWorker, tenants_dir: Path, tmp_path: Path
+) -> None:
+    write_provider_tenant(
+        tenants_dir, "acme", "vertex", urls["vertex"], tmp_path / "vertex-key.json", model='"chat-bison@002"'
+    )
+    worker.app.registry.refresh()
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert reply.status is Status.FAILED
+    assert reply.error is not None
+    assert reply.error.code == "model_retired"
+    assert "Gemini" in reply.error.message
+
+
+async def test_azure_tenant_on_a_retired_api_version_is_quarantined_not_rerouted(
+    urls: dict[str, str], client: BrokerClient, worker: RunningWorker, tenants_dir: Path, tmp_path: Path
+) -> None:
+    write_provider_tenant(
+        tenants_dir, "acme", "azure_openai", urls["azure_openai"], tmp_path / "k", api_version='"2023-05-15"'
+    )
+    worker.app.registry.refresh()
+    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert reply.status is Status.FAILED
+    assert reply.error is not None
+    assert reply.error.code == "tenant_config_invalid"
+    assert await drain_now(cloud) == []
