@@ -53,6 +53,17 @@ def service_account_json(key: rsa.RSAPrivateKey, token_uri: str, project: str = 
     ).decode()
 
 
+def _ref_with_siblings(schema: Any) -> str | None:
+    """Vertex: "If $ref is set on a sub-schema, no other properties, except those starting with $, may be set"."""
+    if isinstance(schema, list):
+        return next((p for p in map(_ref_with_siblings, schema) if p), None)
+    if not isinstance(schema, dict):
+        return None
+    if "$ref" in schema and any(not k.startswith("$") for k in schema):
+        return f"responseJsonSchema: $ref {schema['$ref']} has sibling keywords"
+    return next((p for p in map(_ref_with_siblings, schema.values()) if p), None)
+
+
 def _status(code: int, status: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(
         {"error": {"code": code, "message": message, "status": status}}, status=code, headers=headers
@@ -276,6 +287,8 @@ class FakeVertex:
             for declaration in group.get("functionDeclarations", []):
                 if "parameters" in declaration and "parametersJsonSchema" in declaration:
                     return "parameters and parametersJsonSchema are mutually exclusive"
+        if (problem := _ref_with_siblings(generation.get("responseJsonSchema"))) is not None:
+            return problem
         mode = body.get("toolConfig", {}).get("functionCallingConfig", {}).get("mode")
         if mode is not None and mode not in MODES:
             return f"Invalid value at 'tool_config.function_calling_config.mode' ({mode})"

@@ -73,6 +73,35 @@ def classify_vertex(status: int, payload: bytes, headers: Mapping[str, str], who
     return classify_status(status, text, headers, who)
 
 
+# The JSON Schema keywords Vertex documents for responseJsonSchema / parametersJsonSchema.
+SCHEMA_KEYWORDS = frozenset(
+    {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum", "items", "prefixItems"}
+    | {"minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf", "properties", "additionalProperties"}
+    | {"required", "propertyOrdering"}
+)
+
+
+def gemini_schema(schema: Any) -> Any:
+    """The schema cut to what Vertex supports; the answer is validated against the full schema afterwards."""
+    if isinstance(schema, list):
+        return [gemini_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:  # a $ref may have only $-keywords beside it
+        return {k: v for k, v in schema.items() if k.startswith("$")}
+    kept: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key not in SCHEMA_KEYWORDS:
+            continue
+        if key in ("properties", "$defs") and isinstance(value, dict):
+            kept[key] = {name: gemini_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties"):
+            kept[key] = gemini_schema(value)
+        else:
+            kept[key] = value
+    return kept
+
+
 def _contents(call: ModelCall) -> list[dict[str, Any]]:
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # Gemini answers a function call by name, not by id
@@ -109,7 +138,7 @@ def generate_body(call: ModelCall) -> dict[str, Any]:
         generation["temperature"] = call.temperature
     if call.output_schema is not None:
         generation["responseMimeType"] = "application/json"
-        generation["responseJsonSchema"] = call.output_schema.schema
+        generation["responseJsonSchema"] = gemini_schema(call.output_schema.schema)
     body: dict[str, Any] = {
         "systemInstruction": {"parts": [{"text": call.system}]},
         "contents": _contents(call),
@@ -119,7 +148,7 @@ def generate_body(call: ModelCall) -> dict[str, Any]:
         body["tools"] = [
             {
                 "functionDeclarations": [
-                    {"name": t.name, "description": t.description, "parametersJsonSchema": t.parameters}
+                    {"name": t.name, "description": t.description, "parametersJsonSchema": gemini_schema(t.parameters)}
                     for t in call.tools
                 ]
             }

@@ -14,7 +14,7 @@ from tests.fakes.vertex_server import service_account_json
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish
-from worker.providers.vertex import VertexProvider
+from worker.providers.vertex import VertexProvider, gemini_schema
 
 
 def settings(vertex: VertexFake, key_file: Path, **overrides: object) -> dict[str, object]:
@@ -193,3 +193,22 @@ async def test_rotated_key_file_is_used_at_the_next_refresh_without_a_restart(
 
     assert result.text
     assert len(fake_vertex.fake.tokens_issued) == 2
+
+
+def test_schemas_are_cut_to_the_keywords_vertex_supports() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 500, "minLength": 1},
+            "cause": {"$ref": "#/$defs/Cause", "description": "the likeliest"},
+        },
+        "$defs": {"Cause": {"type": "object", "properties": {"pattern": {"type": "string", "pattern": "^a"}}}},
+        "required": ["title"],
+    }
+
+    assert gemini_schema(schema) == {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "cause": {"$ref": "#/$defs/Cause"}},
+        "$defs": {"Cause": {"type": "object", "properties": {"pattern": {"type": "string"}}}},
+        "required": ["title"],
+    }
