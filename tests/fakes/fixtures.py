@@ -1,6 +1,6 @@
 """Pytest fixtures that start each provider fake, and tenant files that point at them."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +139,6 @@ def provider_toml(kind: str, url: str, *, key_file: Path | None = None, **extra:
     }[kind]
     overridden = {line.split(" = ")[0]: line for line in lines} | {k: f"{k} = {v}" for k, v in extra.items()}
     return "[provider]\n" + f'kind = "{kind}"\n' + "\n".join(overridden.values()) + "\n"
-
-
-def iter_kinds() -> Iterator[str]:
-    yield from ("azure_openai", "bedrock", "vertex", "ollama")
 
 
 def write_provider_tenant(directory: Path, tenant_id: str, kind: str, url: str, key_file: Path, **extra: str) -> Path:

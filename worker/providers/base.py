@@ -109,6 +109,8 @@ StructuredOutputMode = Literal["schema", "json_mode", "none"]
 def structured_output_mode(provider: object) -> StructuredOutputMode:
     """A provider may expose `structured_output` to say it cannot enforce a schema; the default is that it can."""
     mode = getattr(provider, "structured_output", "schema")
-    if mode == "json_mode" or mode == "none":
-        return "json_mode" if mode == "json_mode" else "none"
+    if mode == "json_mode":
+        return "json_mode"
+    if mode == "none":
+        return "none"
     return "schema"
