@@ -76,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.set_defaults(func=_run)
 
+    test = commands.add_parser(
+        "test-connection", help="probe a tenant's provider and check it against the model requirements"
+    )
+    source = test.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tenant", help="test the stored configuration of this tenant id")
+    source.add_argument("--config", type=Path, help="test a tenant file that is not saved yet (a draft)")
+    test.add_argument(
+        "--tenants",
+        type=Path,
+        default=env_tenants_dir(),
+        help="directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default ./tenants)",
+    )
+    test.add_argument("--json", action="store_true", help="print the report as JSON")
+    test.add_argument("--timeout", type=float, default=None, help="seconds per probe (default: limits.timeout_s)")
+    test.set_defaults(func=_test_connection)
+
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
     validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
@@ -110,6 +126,21 @@ def _run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 0
+
+
+def _test_connection(args: argparse.Namespace) -> int:
+    """Exit 0 when the provider is usable (maybe with warnings), 1 when it is not, 2 when the file is invalid."""
+    from worker.connection_test import DraftError, check_tenant, load_draft, load_stored
+    from worker.model_requirements import render
+
+    try:
+        tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)
+    except DraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(check_tenant(tenant, args.timeout))
+    print(report.model_dump_json(indent=2) if args.json else render(report))
+    return 1 if report.verdict == "not_ready" else 0
 
 
 def _validate_tenants(args: argparse.Namespace) -> int:

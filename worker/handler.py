@@ -21,6 +21,7 @@ from contracts import (
     Usage,
 )
 from worker import budget
+from worker.connection_test import answer_test_connection
 from worker.cost import priced_usage
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
@@ -104,6 +105,8 @@ class Handler:
         self._slots = slots or TenantSlots()
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        if request.task is Task.TEST_CONNECTION:
+            return await answer_test_connection(request, ctx, self._tenants, self._providers)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)
