@@ -9,11 +9,12 @@ import aio_pika
 import aiohttp
 import structlog
 
+from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
 from worker.ops.health import serve_health
 from worker.ops.metrics import Metrics
-from worker.providers import ProviderPool
+from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
 from worker.tenants import TenantRegistry
@@ -25,16 +26,28 @@ log = structlog.get_logger("worker.app")
 class WorkerApp:
     """One worker process. `run()` returns after `stop()` once in-flight work is drained."""
 
-    def __init__(self, settings: WorkerSettings, *, on_settled: Callable[[Settled], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        on_settled: Callable[[Settled], None] | None = None,
+        provider_factories: dict[str, ProviderFactory] | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = TenantRegistry(settings.tenants_dir)
         self.ready = asyncio.Event()
         self.draining = False
         self._stop = asyncio.Event()
         self._on_settled = on_settled
+        self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
+        self.breakers = BreakerBoard(
+            settings.breaker_failures,
+            settings.breaker_cooldown_s,
+            on_change=lambda b: self.metrics.breaker_state(b.tenant_id, b.endpoint, b.state.value),
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -82,7 +95,8 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            handler = Handler(self.registry, ProviderPool(session), settings.ladder)
+            providers = ProviderPool(session, self._provider_factories, self.breakers)
+            handler = Handler(self.registry, providers, settings.ladder)
             settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
             self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
             await self.consumer.start()

@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
+    run.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=5,
+        help="consecutive provider failures that open a tenant's circuit (default: 5)",
+    )
+    run.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=30.0,
+        help="seconds an open circuit waits before one probe call (default: 30)",
+    )
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.set_defaults(func=_run)
 
@@ -130,6 +142,8 @@ def _run(args: argparse.Namespace) -> int:
         delivery_limit=args.delivery_limit,
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown_s=args.breaker_cooldown,
     )
 
     async def main() -> None:

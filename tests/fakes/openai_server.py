@@ -5,6 +5,7 @@ tool and response_format shapes. Answers come from the demo stand-in model's det
 """
 
 import asyncio
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +38,7 @@ class FakeOpenAI:
     faults: deque[Fault] = field(default_factory=deque)  # consumed one per request, before answering
     always: Fault | None = None  # applied to every request while set
     requests: list[dict[str, Any]] = field(default_factory=list)
+    request_times: list[float] = field(default_factory=list)  # monotonic clock, one per accepted request
     override: dict[str, Any] | None = None  # a full response body to return instead of the generated one
     _runner: web.AppRunner | None = None
     base_url: str = ""
@@ -85,6 +87,7 @@ class FakeOpenAI:
                 404, f"The model `{body['model']}` does not exist", "invalid_request_error", "model_not_found"
             )
         self.requests.append(body)
+        self.request_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else self.always
         if fault is not None:
             return await self._fault(fault)

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pytest
 
-from worker.cli import build_parser, main
+from worker.cli import build_parser
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 
 
 def test_deploy_definitions_are_current(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["topology", "definitions"]) == 0
+    args = build_parser().parse_args(["topology", "definitions"])
+    assert args.func(args) == 0
     printed = capsys.readouterr().out
     shipped = (DEPLOY / "rabbitmq" / "definitions.json").read_text()
     assert shipped == printed, "regenerate: atlas-worker topology definitions > deploy/rabbitmq/definitions.json"

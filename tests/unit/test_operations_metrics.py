@@ -9,7 +9,7 @@ from contracts import ErrorInfo, InferenceReply, Provenance, Status, Timings, Us
 from tests.ops.scrape import Samples
 from worker.consumer import Settled
 from worker.ops.metrics import Metrics, endpoint_label
-from worker.outcome import DeadLetter, Reply, Reroute
+from worker.outcome import DeadLetter, Reply, RequestIds, Reroute
 
 CONFIGURED = {"acme"}
 
@@ -34,7 +34,7 @@ def reply(tenant: str, status: Status = Status.OK) -> InferenceReply:
 def test_only_tenants_with_a_config_file_become_label_values() -> None:
     metrics = Metrics(CONFIGURED.__contains__)
     for tenant in ("acme", "random-1", "random-2"):
-        metrics.observe(Settled("r", tenant, "rca", Reply(reply(tenant)), "replied", 10.0))
+        metrics.observe(Settled(RequestIds("r", tenant, "rca"), Reply(reply(tenant)), "replied", 10.0))
 
     samples = scrape(metrics)
 
@@ -47,10 +47,12 @@ def test_only_tenants_with_a_config_file_become_label_values() -> None:
 def test_unroutable_reply_and_reroute_are_counted_as_dead_letters_with_their_reason() -> None:
     metrics = Metrics(CONFIGURED.__contains__)
     lost = Reply(reply("acme", Status.OK))
-    metrics.observe(Settled("r", "acme", "rca", lost, "dead_lettered", 10.0))
-    metrics.observe(Settled("r", "acme", "rca", Reroute("transient"), "dead_lettered", 10.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), lost, "dead_lettered", 10.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reroute("transient"), "dead_lettered", 10.0))
     dead = DeadLetter("exhausted", ErrorInfo(code="timeout", message="slow"), "azure_openai", 5)
-    metrics.observe(Settled("r", "acme", "rca", Reply(reply("acme", Status.FAILED), dead), "dead_lettered", 1.0))
+    metrics.observe(
+        Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme", Status.FAILED), dead), "dead_lettered", 1.0)
+    )
 
     samples = scrape(metrics)
 
@@ -82,7 +84,7 @@ def test_breaker_state_is_one_hot_per_tenant_endpoint() -> None:
 
 def test_two_workers_in_one_process_keep_separate_counts() -> None:
     first, second = Metrics(CONFIGURED.__contains__), Metrics(CONFIGURED.__contains__)
-    first.observe(Settled("r", "acme", "rca", Reply(reply("acme")), "replied", 1.0))
+    first.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 1.0))
     assert scrape(first).value("atlas_worker_settled_total") == 1
     assert scrape(second).value("atlas_worker_settled_total") == 0
 

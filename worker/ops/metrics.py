@@ -82,9 +82,9 @@ class Metrics:
 
     def observe(self, settled: Settled) -> None:
         """Count one settled delivery. Called on the hot path: label lookups and increments only."""
-        tenant = self.tenant(settled.tenant_id)
+        tenant = self.tenant(settled.ids.tenant_id)
         outcome = settled.outcome
-        task = settled.task or NONE
+        task = settled.ids.task or NONE
         status = NONE
         provider_kind = NONE
         match outcome:

@@ -6,8 +6,10 @@ import aiohttp
 
 from contracts import TenantConfig
 from contracts.tenant import ProviderSettings
+from worker.breaker import BreakerBoard
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Provider
+from worker.providers.guard import GuardedProvider
 from worker.providers.openai_compatible import OpenAICompatibleProvider
 
 ProviderFactory = Callable[[ProviderSettings, aiohttp.ClientSession], Provider]
@@ -26,12 +28,19 @@ FACTORIES: dict[str, ProviderFactory] = {
 class ProviderPool:
     """One provider object per tenant settings; all share one HTTP session (connection reuse)."""
 
-    def __init__(self, session: aiohttp.ClientSession, factories: dict[str, ProviderFactory] | None = None) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        factories: dict[str, ProviderFactory] | None = None,
+        breakers: BreakerBoard | None = None,
+    ) -> None:
         self._session = session
         self._factories = factories if factories is not None else FACTORIES
-        self._built: dict[str, tuple[ProviderSettings, Provider]] = {}
+        self.breakers = breakers or BreakerBoard()
+        self._built: dict[str, tuple[ProviderSettings, GuardedProvider]] = {}
 
-    def get(self, tenant: TenantConfig) -> Provider:
+    def get(self, tenant: TenantConfig) -> GuardedProvider:
+        """The tenant's provider, bounded by its timeout and guarded by its endpoint's circuit breaker."""
         cached = self._built.get(tenant.tenant_id)
         if cached is not None and cached[0] == tenant.provider:
             return cached[1]
@@ -42,6 +51,7 @@ class ProviderPool:
                 f"provider kind {tenant.provider.kind!r} is not available in this worker",
                 code="provider_unsupported",
             )
-        provider = factory(tenant.provider, self._session)
+        inner = factory(tenant.provider, self._session)
+        provider = GuardedProvider(inner, self.breakers.get(tenant.tenant_id, inner.endpoint))
         self._built[tenant.tenant_id] = (tenant.provider, provider)
         return provider
