@@ -109,3 +109,21 @@ async def test_readyz_turns_false_while_draining_and_healthz_stays_up(
     assert draining.value("atlas_worker_consuming") == 0
 
     await asyncio.wait_for(running.task, 30)
+
+
+async def test_breaker_opening_shows_on_the_breaker_gauge(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path, broken_openai: FakeOpenAI
+) -> None:
+    write_tenant(tenants_dir, "acme", broken_openai.base_url, policy="fail_closed")
+    port = free_port()
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker_failures=1)
+    )
+    try:
+        await client.publish_request(samples.request("acme", "summary"))
+        after = await scrape_until(port, lambda s: s.value("atlas_worker_breaker_state", state="open") == 1)
+    finally:
+        await running.stop()
+
+    assert after.value("atlas_worker_breaker_state", tenant="acme", state="closed") == 0
+    assert after.value("atlas_worker_breaker_state", tenant="acme", state="half_open") == 0
