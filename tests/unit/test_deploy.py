@@ -65,6 +65,7 @@ def k8s() -> dict[tuple[str, str], dict[str, Any]]:
 @pytest.fixture(scope="module")
 def worker_container(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
     [container] = k8s[("Deployment", "atlas-inference-worker")]["spec"]["template"]["spec"]["containers"]
+    assert isinstance(container, dict)
     return container
 
 
