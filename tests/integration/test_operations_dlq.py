@@ -217,3 +217,21 @@ async def test_purge_asks_first_deletes_by_filter_and_empties_the_queue(
     assert await dead_count(client) == 0
     empty = await dlq(amqp_url, topology, "list")
     assert f"no dead letters in {topology.dead}" in empty.stdout
+
+
+async def test_replay_that_cannot_be_routed_removes_nothing(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    assert (await atlas_worker("topology", "declare", "--namespace", topology.namespace, amqp_url=amqp_url)).code == 0
+    dead = await client.channel.get_exchange(topology.dead, ensure=False)
+    await dead.publish(
+        aio_pika.Message(orjson.dumps(samples.request("acme")), headers={Header.REASON: "exhausted"}), ""
+    )
+    await wait_for_dead_letters(client, 1)
+    await client.channel.queue_delete(topology.requests)  # the requests exchange now routes nowhere
+
+    replayed = await dlq(amqp_url, topology, "replay", "--all")
+
+    assert replayed.code == 1
+    assert "the rest are still dead letters" in replayed.stderr
+    assert await dead_count(client) == 1

@@ -46,8 +46,8 @@ async def _dlq(args: argparse.Namespace) -> int:
         dlq = DeadLetterQueue(connection, topology)
         try:
             return await _DLQ_COMMANDS[args.dlq_command](dlq, args)
-        except aio_pika.exceptions.ChannelNotFoundEntity:
-            print(f"no queue {topology.dead!r}: run `atlas-worker topology declare` first", file=sys.stderr)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            print(f"{exc}: declare the topology first (`atlas-worker topology declare`)", file=sys.stderr)
             return 2
     finally:
         await connection.close()
@@ -91,7 +91,16 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         print("say which dead letters to replay: IDs, --tenant/--task/--reason, or --all", file=sys.stderr)
         return 2
     total = await dlq.count()
-    replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=Progress("replayed", total))
+    progress = Progress("replayed", total)
+    try:
+        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress)
+    except aio_pika.exceptions.PublishError:
+        print(
+            f"stopped after {progress.done}: {dlq.topology.requests} did not route a copy to any queue; "
+            "the rest are still dead letters",
+            file=sys.stderr,
+        )
+        return 1
     print(f"replayed {replayed} dead letter(s) to {dlq.topology.requests}")
     if selection.ids and not replayed:
         print(f"no dead letter with id {', '.join(sorted(selection.ids))} in {dlq.topology.dead}", file=sys.stderr)
