@@ -33,6 +33,8 @@ class WorkerProcess:
             "2",
             "--retry-levels",
             "4",
+            "--breaker-failures",  # tests about the breaker pass their own
+            "1000",
             *extra,
         ]
         self.log_path = log_path
