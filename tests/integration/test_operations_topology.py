@@ -39,13 +39,26 @@ async def exported_from_broker(amqp_url: str, namespace: str) -> dict[str, list[
     """What the broker holds for a namespace, per `rabbitmqctl export_definitions` (None if unavailable)."""
     if urlparse(amqp_url).hostname not in ("127.0.0.1", "localhost") or shutil.which("rabbitmqctl") is None:
         return None
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "export_definitions", "-", "-q", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, _ = await process.communicate()
-    if process.returncode != 0:
-        return None
-    exported = json.loads(out)
+    for _ in range(5):
+        process = await asyncio.create_subprocess_exec(
+            "rabbitmqctl",
+            "export_definitions",
+            "-",
+            "-q",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await process.communicate()
+        if process.returncode != 0:
+            return None
+        try:
+            exported = json.loads(out)
+            break
+        except json.JSONDecodeError:
+            # Seen when other tests on the same broker delete entities mid-export; a second look is consistent.
+            await asyncio.sleep(0.2)
+    else:
+        raise AssertionError(f"rabbitmqctl export_definitions printed no JSON: {out[:500]!r} {err[:500]!r}")
 
     def ours(name: str) -> bool:
         return name.startswith(f"{namespace}.")
