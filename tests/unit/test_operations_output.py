@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 import pytest
 
 from contracts import Header
-from worker.ops.dlq import format_age, replay_headers
+from worker.ops.dlq import DeadLetterView, detail, format_age, replay_headers
 from worker.ops.redact import MASK, redact, redact_text
 
 
@@ -55,3 +55,13 @@ def test_replayed_request_keeps_publisher_headers_and_drops_failure_history() ->
     assert set(fresh) == {"traceparent", "atlas-replays", "atlas-replayed-at"}
     assert fresh["atlas-replays"] == 2
     assert replay_headers(headers, keep_attempts=True)[Header.ATTEMPTS] == 4
+
+
+def view_of(body: bytes) -> DeadLetterView:
+    return DeadLetterView("id-1", None, None, None, "malformed", None, 0, None, {}, {}, body)
+
+
+def test_show_escapes_bytes_that_are_not_text_and_masks_text_bodies() -> None:
+    assert detail(view_of(b"\x1b[2J\x00oops"))["body"] == "(10 bytes, not text) b'\\x1b[2J\\x00oops'"
+    assert detail(view_of(b"{not json, password=hunter2"))["body"] == "{not json, password=***"
+    assert detail(view_of(b'{"api_key": "k-1", "n": 1}'))["body"] == {"api_key": MASK, "n": 1}

@@ -114,7 +114,8 @@ async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         selection = Selection(everything=True)
     total = await dlq.count()
     what = "every dead letter" if selection.everything else "the matching dead letters"
-    if not args.yes and not _confirm(f"Delete {what} ({total} in {dlq.topology.dead}); this cannot be undone?"):
+    question = f"Delete {what} from {dlq.topology.dead} (it holds {total}); this cannot be undone?"
+    if not args.yes and not _confirm(question):
         print("nothing deleted")
         return 1
     purged = await dlq.purge(selection, progress=Progress("deleted", total))

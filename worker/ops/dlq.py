@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -179,7 +179,6 @@ class DeadLetterQueue:
 
     connection: AbstractConnection
     topology: Topology
-    _channels: list[AbstractChannel] = field(default_factory=list)
 
     async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
         return await channel.declare_queue(self.topology.dead, passive=True)
@@ -361,12 +360,23 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _printable(body: bytes, limit: int = 4000) -> str:
+    """Text as it is; anything else escaped, so control bytes never reach the operator's terminal."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\n\t" for c in text):
+        return text[:limit] + (f"… ({len(text) - limit} more characters)" if len(text) > limit else "")
+    return f"({len(body)} bytes, not text) {body[:limit]!r}"
+
+
 def detail(view: DeadLetterView) -> dict[str, Any]:
     """Everything about one dead letter, masked: properties, headers and the body (parsed when JSON)."""
     try:
         body: Any = orjson.loads(view.body)
     except orjson.JSONDecodeError:
-        body = view.body.decode("utf-8", "replace")
+        body = _printable(view.body)
     shown: dict[str, Any] = redact(
         _plain({"id": view.id, "reason": view.reason, "properties": view.properties, "headers": view.headers})
     )
