@@ -62,6 +62,6 @@ def view_of(body: bytes) -> DeadLetterView:
 
 
 def test_show_escapes_bytes_that_are_not_text_and_masks_text_bodies() -> None:
-    assert detail(view_of(b"\x1b[2J\x00oops"))["body"] == "(10 bytes, not text) b'\\x1b[2J\\x00oops'"
+    assert detail(view_of(b"\x1b[2J\x00oops"))["body"] == "(9 bytes, not text) b'\\x1b[2J\\x00oops'"
     assert detail(view_of(b"{not json, password=hunter2"))["body"] == "{not json, password=***"
     assert detail(view_of(b'{"api_key": "k-1", "n": 1}'))["body"] == {"api_key": MASK, "n": 1}
