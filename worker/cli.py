@@ -97,6 +97,51 @@ def build_parser() -> argparse.ArgumentParser:
     validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
     validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
     validate.set_defaults(func=_validate_tenants)
+
+    dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    dlq_list = dlq_commands.add_parser("list", help="a table of dead letters: id, tenant, task, reason, attempts, age")
+    dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dlq_show = dlq_commands.add_parser("show", help="one dead letter's properties, headers and body (secrets masked)")
+    dlq_show.add_argument("id", help="the ID column of `dlq list`")
+    dlq_show.add_argument("--json", action="store_true", help="print JSON")
+    dlq_replay = dlq_commands.add_parser(
+        "replay", help="publish dead letters back to {namespace}.requests; each is removed once the copy is confirmed"
+    )
+    dlq_replay.add_argument("ids", nargs="*", metavar="ID", help="dead letters to replay (see `dlq list`)")
+    dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq_replay.add_argument(
+        "--keep-attempts", action="store_true", help="keep the attempt count instead of starting from zero"
+    )
+    dlq_purge = dlq_commands.add_parser("purge", help="delete dead letters (all, unless IDs or filters are given)")
+    dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these")
+    dlq_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for sub in (dlq_list, dlq_show, dlq_replay, dlq_purge):
+        _add_broker_flags(sub)
+        sub.set_defaults(func=_dlq)
+    for sub in (dlq_list, dlq_replay, dlq_purge):
+        sub.add_argument("--tenant", help="only this tenant's dead letters")
+        sub.add_argument("--task", help="only this task (rca, runbook, summary, chat, test_connection)")
+        sub.add_argument("--reason", help="only this reason (e.g. exhausted, malformed, delivery_limit)")
+    dlq_show.set_defaults(tenant=None, task=None, reason=None)
+
+    topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
+    topology_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
+    topology_definitions = topology_commands.add_parser(
+        "definitions", help="print RabbitMQ definitions JSON (for rabbitmqctl import_definitions)"
+    )
+    topology_definitions.add_argument("--vhost", default="/", help="virtual host to write (default: %(default)s)")
+    for sub in (topology_declare, topology_definitions):
+        _add_broker_flags(sub)
+        # The same flags and defaults as `run`, which shape the same topology.
+        sub.add_argument("--atlas-cloud-exchange", default=DEFAULT_ATLAS_CLOUD_EXCHANGE)
+        sub.add_argument("--delivery-limit", type=int, default=WorkerSettings.delivery_limit)
+        sub.add_argument("--retry-base", type=float, default=RetryLadder.base_s)
+        sub.add_argument("--retry-factor", type=float, default=RetryLadder.factor)
+        sub.add_argument("--retry-levels", type=int, default=RetryLadder.levels)
+        sub.set_defaults(func=_topology)
     return parser
 
 
@@ -154,6 +199,18 @@ def _validate_tenants(args: argparse.Namespace) -> int:
         print(f"error {problem}")
     print(f"{len(configs)} valid, {len({p.path for p in problems})} invalid")
     return 1 if problems else 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from worker.ops.commands import dlq_command
+
+    return dlq_command(args)
+
+
+def _topology(args: argparse.Namespace) -> int:
+    from worker.ops.commands import topology_command
+
+    return topology_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:
