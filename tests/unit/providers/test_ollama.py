@@ -29,7 +29,7 @@ async def test_rca_sends_the_schema_as_format_without_streaming(
 
     body = fake_ollama.requests[0]
     assert body["stream"] is False
-    assert body["format"]["title"] == "RcaResult"
+    assert "probable_causes" in body["format"]["properties"]
     assert body["options"] == {"num_predict": 2048, "num_ctx": 32768}
     assert body["messages"][0]["role"] == "system"
     assert "tool_choice" not in body

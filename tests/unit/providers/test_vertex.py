@@ -46,7 +46,7 @@ async def test_rca_gets_a_token_then_asks_for_json_with_the_schema(
     assert fake_vertex.fake.tokens_issued == ["ya29.fake-0"]
     body = fake_vertex.fake.requests[0]
     assert body["generationConfig"]["responseMimeType"] == "application/json"
-    assert body["generationConfig"]["responseJsonSchema"]["title"] == "RcaResult"
+    assert "probable_causes" in body["generationConfig"]["responseJsonSchema"]["properties"]
     assert body["systemInstruction"]["parts"][0]["text"].startswith("You are a senior site reliability engineer")
     assert result.model == "gemini-2.5-flash-001"
     assert result.input_tokens > 0
