@@ -308,6 +308,8 @@ def _reply(
             model=model or (_configured_model(tenant) if tenant else None),
             attempts=attempts if attempts is not None else ctx.attempts,
             policy=tenant.fallback.policy.value if tenant else None,
+            # The policy changed this request's course: it came back from the ladder, or fail_closed answered.
+            fallback_used=ctx.attempts > 0 or status is Status.UNAVAILABLE,
             prompt_version=prompt_version,
             trimmed=prepared.trimmed if prepared else {},
             model_calls=call.model_calls if call else 0,

@@ -54,6 +54,7 @@ async def test_fail_closed_provider_down_replies_unavailable_and_nothing_else(
     reply = json_body((await collect(replies, 1))[0])
     assert reply["status"] == "unavailable"
     assert reply["provenance"]["policy"] == "fail_closed"
+    assert reply["provenance"]["fallback_used"] is True
     assert reply["provenance"]["data_left_network"] is False
     await settle_quietly()
     assert (await drain_now(observers.retry), await drain_now(observers.cloud), await drain_now(observers.dead)) == (
@@ -94,6 +95,8 @@ async def test_queue_and_retry_recovers_on_the_ladder(
     reply = json_body((await collect(replies, 1))[0])
     assert reply["status"] == "ok"
     assert reply["provenance"]["attempts"] == 3
+    assert reply["provenance"]["fallback_used"] is True
+    assert reply["provenance"]["policy"] == "queue_and_retry"
     parked = await drain_now(observers.retry)
     assert [m.routing_key for m in parked] == ["0", "1"]
     assert [m.headers[Header.ATTEMPTS] for m in parked] == [1, 2]
