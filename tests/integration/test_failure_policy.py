@@ -242,3 +242,46 @@ async def test_a_parked_retry_returns_after_its_level_ttl_not_before(
     first, second, third = fake_openai.request_times
     assert second - first >= 1.0  # level 0 holds a message for 1 s
     assert third - second >= 2.0  # level 1 for 2 s
+
+
+@pytest.mark.parametrize(
+    ("policy", "fault", "api_key", "expected"),
+    [
+        ("fail_closed", Fault("quota"), "env:TEST_FAKE_OPENAI_KEY", "unavailable"),
+        ("fail_closed", None, "env:NOT_THE_KEY", "unavailable"),
+        ("queue_and_retry", Fault("quota"), "env:TEST_FAKE_OPENAI_KEY", "failed"),
+        ("atlas_cloud", Fault("quota"), "env:TEST_FAKE_OPENAI_KEY", "rerouted"),
+        ("atlas_cloud", None, "env:NOT_THE_KEY", "rerouted"),
+        ("atlas_cloud", Fault("bad_request"), "env:TEST_FAKE_OPENAI_KEY", "failed"),
+    ],
+)
+async def test_misconfigured_provider_rows(
+    client: BrokerClient,
+    worker: RunningWorker,
+    fake_openai: FakeOpenAI,
+    tenants_dir: Path,
+    observers: Observers,
+    monkeypatch: pytest.MonkeyPatch,
+    policy: str,
+    fault: Fault | None,
+    api_key: str,
+    expected: str,
+) -> None:
+    monkeypatch.setenv("NOT_THE_KEY", "sk-wrong-key")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy=policy, api_key=api_key)
+    worker.app.registry.refresh()
+    fake_openai.always = fault
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("acme"), reply_to=replies.name)
+
+    if expected == "rerouted":
+        [rerouted] = await collect(observers.cloud, 1)
+        assert rerouted.headers[Header.REROUTED_FROM_TENANT] == "acme"
+        await settle_quietly()
+        assert await drain_now(replies) == []
+    else:
+        assert json_body((await collect(replies, 1))[0])["status"] == expected
+        await settle_quietly()
+        assert await drain_now(observers.cloud) == []
+    assert await drain_now(observers.retry) == []

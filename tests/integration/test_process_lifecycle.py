@@ -71,6 +71,7 @@ async def test_sigterm_lets_in_flight_calls_finish_then_exits(
     answered = {json_body(m)["request_id"] for m in await collect(replies, 5)}
     assert answered == {f"drain-{n}" for n in range(5)}
     assert '"worker_stopped"' in worker_process.log()
+    assert "sk-test-fake" not in worker_process.log()  # the tenant's resolved API key is never logged
 
 
 async def test_sigterm_returns_unfinished_work_to_the_queue_after_the_grace_period(
