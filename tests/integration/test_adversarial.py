@@ -179,7 +179,9 @@ def test_no_request_of_a_sovereign_tenant_ever_reaches_atlas_cloud(
                 timeout_s=0.5,
                 api_key="env:NOT_THE_KEY" if wrong_key else "env:TEST_FAKE_OPENAI_KEY",
             )
-        running = await start_worker(worker_settings(amqp_url, topology, directory, breaker_failures=3))
+        running = await start_worker(
+            worker_settings(amqp_url, topology, directory, breaker_failures=3, breaker_cooldown_s=0.5)
+        )
         try:
             async with broker_client(amqp_url, topology) as client:
                 cloud = await client.bind_observer(running.app.settings.atlas_cloud_exchange)

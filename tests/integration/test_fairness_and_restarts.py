@@ -91,6 +91,9 @@ async def test_parked_retries_survive_a_kill_9_and_finish(
                 break
             await asyncio.sleep(0.05)
         assert await all_parked()
+        # Let the acks of the original deliveries reach the broker: a kill before that would have them
+        # delivered again (at-least-once), and this test is about the parked copies.
+        await asyncio.sleep(0.5)
 
         process.kill()
         await asyncio.to_thread(process.start)
