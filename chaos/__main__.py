@@ -62,7 +62,7 @@ def report(result: soak.SoakResult) -> bool:
         ),
         (
             "duplicates from kills/cuts are identical",
-            not accounting.inconsistent,
+            accounting.duplicates_differing == 0,
             f"{accounting.duplicate_requests} requests had {accounting.duplicate_deliveries} duplicate deliveries",
         ),
         ("nothing left in requests/retry queues", left == 0, f"{left} left"),
@@ -77,6 +77,16 @@ def report(result: soak.SoakResult) -> bool:
             "0 canary secrets in logs, replies, headers, metrics",
             leaked == 0,
             f"{leaked} hits in {len(result.blobs)} blobs ({result.metrics_scraped} metrics scrapes)",
+        ),
+        (
+            "both workers consumed again after the last cut, without a restart",
+            len(result.settled_after_last_cut) == 2 and all(result.settled_after_last_cut),
+            "requests settled after it: " + " / ".join(map(str, result.settled_after_last_cut)),
+        ),
+        (
+            "each tenant's key reached its provider (the canaries were in use)",
+            all(result.keys_used.values()),
+            ", ".join(t for t, ok in result.keys_used.items() if not ok) or "all tenants",
         ),
         (
             "≥ 3 kills and ≥ 2 connection cuts happened",

@@ -54,6 +54,7 @@ class Accounting:
     inconsistent: list[str] = field(default_factory=list)  # more than one distinct terminal outcome
     duplicate_requests: int = 0
     duplicate_deliveries: int = 0
+    duplicates_differing: int = 0  # requests delivered more than once whose copies do not all agree
     cloud_leaks: list[str] = field(default_factory=list)  # BYOC-only tenants seen on the Atlas Cloud exchange
     bad_correlation: int = 0
     unknown: int = 0  # observations for request ids that were never published
@@ -93,6 +94,8 @@ def account(
         if extra:
             result.duplicate_requests += 1
             result.duplicate_deliveries += extra
+            if len(outcomes) > 1:
+                result.duplicates_differing += 1
         if policies.get(tenant_id) in BYOC_ONLY and any(o.sink == "cloud" for o in found):
             result.cloud_leaks.append(request_id)
         label = " ".join(terminal[0].outcome[:2]) if terminal[0].sink != "reply" else terminal[0].outcome[1]
