@@ -26,7 +26,7 @@ class Sizes:
     latency_rate: float
     latency_seconds: float
     latency_rounds: int
-    in_flight: int
+    in_flight: tuple[int, ...]
     provider_s: float
     waves: int
     ladder: RetryLadder
@@ -35,8 +35,8 @@ class Sizes:
     memory_total: int
 
 
-FULL = Sizes(5000, 5, 300, 10, 3, 2000, 2.0, 3, RetryLadder(0.5, 2.0, 5), 20, 5000, 50000)
-QUICK = Sizes(600, 1, 100, 2, 1, 200, 1.0, 2, RetryLadder(0.2, 2.0, 3), 4, 300, 3000)
+FULL = Sizes(5000, 5, 100, 10, 3, (2000, 400), 2.0, 3, RetryLadder(0.5, 2.0, 5), 20, 5000, 50000)
+QUICK = Sizes(600, 1, 100, 2, 1, (200,), 1.0, 2, RetryLadder(0.2, 2.0, 3), 4, 300, 3000)
 
 
 def machine() -> str:
@@ -120,26 +120,42 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[
         print(f"target p99 ≤ 2 ms: {verdict(ok)} (worker p99 {p99:.2f} ms end to end)\n")
 
     if "concurrency" in only:
-        print(
-            f"## 3. {sizes.in_flight} in flight against a {sizes.provider_s:g} s provider, {sizes.waves} waves",
-            flush=True,
-        )
-        c = await concurrency.run(sizes.in_flight, sizes.provider_s, sizes.waves, logs)
-        ok_rate, ok_rss = c.efficiency >= 0.9, c.peak_rss_mib <= 300
-        met += [ok_rate, ok_rss]
+        print(f"## 3. Requests in flight against a {sizes.provider_s:g} s provider, {sizes.waves} waves", flush=True)
+        rows = []
+        for n, in_flight in enumerate(sizes.in_flight):
+            c = await concurrency.run(in_flight, sizes.provider_s, sizes.waves, logs)
+            if n == 0:  # the target is for the first (largest) size
+                ok_rate, ok_rss = c.efficiency >= 0.9, c.peak_rss_mib <= 300
+                met += [ok_rate, ok_rss]
+            rows.append(
+                [
+                    str(c.in_flight),
+                    str(c.requests),
+                    f"{c.rate:.0f} req/s",
+                    f"{c.ideal:.0f} req/s",
+                    f"{100 * c.efficiency:.0f} %",
+                    f"{c.peak_rss_mib:.0f} MiB",
+                    f"{100 * c.worker_cpu:.0f} %",
+                ]
+            )
         print(
             table(
-                ["", "value", "target"],
                 [
-                    ["requests", str(c.requests), ""],
-                    ["throughput", f"{c.rate:.0f} req/s", ""],
-                    ["ideal (in flight ÷ latency)", f"{c.ideal:.0f} req/s", ""],
-                    ["share of ideal", f"{100 * c.efficiency:.0f} %", f"≥ 90 %: {verdict(ok_rate)}"],
-                    ["worker peak RSS", f"{c.peak_rss_mib:.0f} MiB", f"≤ 300 MB: {verdict(ok_rss)}"],
+                    "in flight",
+                    "requests",
+                    "throughput",
+                    "ideal (in flight ÷ latency)",
+                    "share of ideal",
+                    "worker peak RSS",
+                    "worker CPU (one core = 100 %)",
                 ],
+                rows,
             )
         )
-        print()
+        print(
+            f"targets at {sizes.in_flight[0]} in flight: ≥ 90 % of ideal: {verdict(ok_rate)}; "
+            f"peak RSS ≤ 300 MB: {verdict(ok_rss)}\n"
+        )
 
     if "ladder" in only:
         print(

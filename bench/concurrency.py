@@ -16,6 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from bench.common import (
     Process,
     amqp_url,
+    cpu_seconds,
     incident_body,
     namespace,
     preload,
@@ -37,6 +38,7 @@ class ConcurrencyResult:
     rate: float
     peak_rss_mib: float
     rss_after_mib: float
+    worker_cpu: float  # CPU seconds the worker used per second of the run (1.0 = one core busy)
 
     @property
     def ideal(self) -> float:
@@ -81,8 +83,10 @@ async def run(in_flight: int, provider_s: float, waves: int, logs: Path) -> Conc
                 await worker.start()
                 try:
                     await worker.ready(b"worker_started")
+                    cpu_before, clock_before = cpu_seconds(worker.pid), time.perf_counter()
                     await asyncio.wait_for(finished.wait(), timeout=waves * provider_s * 20 + 60)
                     rss, peak = rss_kib(worker.pid)
+                    cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - clock_before)
                 finally:
                     await replies.cancel(tag)
                     await worker.stop()
@@ -90,4 +94,6 @@ async def run(in_flight: int, provider_s: float, waves: int, logs: Path) -> Conc
         await fake.stop()
     # The first reply cannot come before one provider latency has passed: count that wave in full.
     elapsed = arrivals[-1] - arrivals[0] + provider_s
-    return ConcurrencyResult(tenants_count * per_tenant, provider_s, count, count / elapsed, peak / 1024, rss / 1024)
+    return ConcurrencyResult(
+        tenants_count * per_tenant, provider_s, count, count / elapsed, peak / 1024, rss / 1024, cpu
+    )

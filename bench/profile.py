@@ -7,14 +7,17 @@ from pathlib import Path
 
 FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
-# Inclusive buckets: a sample counts for every bucket whose marker appears anywhere in its stack.
-BUCKETS: dict[str, tuple[str, ...]] = {
-    "decode + validate request (pydantic)": ("decode (worker/consumer.py",),
-    "handler (prompt, provider call, reply model)": ("handle (worker/handler.py",),
-    "settle: publish + confirm + ack": ("settle (worker/settle.py",),
-    "reply serialisation (model_dump + orjson)": ("_publish_reply (worker/settle.py",),
-    "logging (structlog)": ("structlog/",),
-    "AMQP frame reading (aiormq reader)": ("_reader (", "__reader ("),
+# Inclusive buckets: a sample counts for a bucket when every marker of one of its alternatives is in its stack.
+BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "decode + validate request (pydantic)": (("decode (worker/consumer.py",),),
+    "prompt rendering (render_incident)": (("render_incident (",),),
+    "build the reply model (InferenceReply)": (("_reply (worker/handler.py",),),
+    "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/settle.py", "model_dump ("),),
+    "settle: publish + confirm + ack calls": (("settle (worker/settle.py",),),
+    "AMQP socket writes (aiormq writer task)": (("__writer (",),),
+    "AMQP frame reading (aiormq reader task)": (("__reader (",), ("_reader (",)),
+    "incoming message objects (aio-pika)": (("IncomingMessage.__init__ (",),),
+    "logging (structlog)": (("structlog/",),),
 }
 
 
@@ -54,8 +57,8 @@ def summarise(path: Path, top: int = 12) -> Profile:
         if leaf:
             by_package[_package(leaf["file"])] += count
             by_function[f"{leaf['function']} ({_package(leaf['file'])})"] += count
-        for name, markers in BUCKETS.items():
-            if any(marker in stack for marker in markers):
+        for name, alternatives in BUCKETS.items():
+            if any(all(marker in stack for marker in markers) for markers in alternatives):
                 buckets[name] += count
     if not total:
         return Profile(0, [], [], [])

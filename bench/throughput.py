@@ -10,7 +10,17 @@ from pathlib import Path
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from bench.common import Namespace, Process, amqp_url, incident_body, namespace, preload, python, write_tenant
+from bench.common import (
+    Namespace,
+    Process,
+    amqp_url,
+    cpu_seconds,
+    incident_body,
+    namespace,
+    preload,
+    python,
+    write_tenant,
+)
 from bench.profile import Profile, summarise
 from bench.stats import Spread, alternate, pairwise_ratios, spread
 from worker.ladder import RetryLadder
@@ -28,6 +38,7 @@ class ThroughputResult:
     messages: int
     prefetch: int
     rates: dict[str, list[float]] = field(default_factory=dict)
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # CPU time of the process per message
     profile: Profile | None = None
 
     @property
@@ -36,6 +47,9 @@ class ThroughputResult:
 
     def rate(self, mode: str) -> Spread:
         return spread(self.rates[mode])
+
+    def cpu(self, mode: str) -> Spread:
+        return spread(self.cpu_ms[mode])
 
 
 async def _one_run(
@@ -47,7 +61,7 @@ async def _one_run(
     logs: Path,
     run: int,
     profile_to: Path | None = None,
-) -> float:
+) -> tuple[float, float]:
     replies = await ns.reply_queue()
     await replies.purge()
     bodies = [(f"{run}-{i}", incident_body("acme", f"tp-{run}-{i}")) for i in range(count)]
@@ -82,6 +96,7 @@ async def _one_run(
     spy = None
     try:
         await target.ready(b"ready")
+        cpu_before = cpu_seconds(target.pid)
         if profile_to is not None and (py_spy := _py_spy()):
             spy = await asyncio.create_subprocess_exec(
                 py_spy,
@@ -99,17 +114,18 @@ async def _one_run(
                 stderr=asyncio.subprocess.DEVNULL,
             )
         await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
+        cpu = cpu_seconds(target.pid) - cpu_before
     finally:
         await target.stop()
         await replies.cancel(tag)
         if spy is not None:
             await asyncio.wait_for(spy.wait(), 30)
     warm = count // 10  # the first tenth includes process start-up and connection set-up
-    return (count - warm) / (arrivals[-1] - arrivals[warm - 1])
+    return (count - warm) / (arrivals[-1] - arrivals[warm - 1]), cpu * 1000 / count
 
 
 async def run(count: int, rounds: int, prefetch: int, logs: Path, profile: bool) -> ThroughputResult:
-    result = ThroughputResult(count, prefetch, {mode: [] for mode in MODES})
+    result = ThroughputResult(count, prefetch, {mode: [] for mode in MODES}, {mode: [] for mode in MODES})
     ladder = RetryLadder()
     with tempfile.TemporaryDirectory(prefix="bench-tenants-") as directory:
         tenants = Path(directory)
@@ -117,9 +133,10 @@ async def run(count: int, rounds: int, prefetch: int, logs: Path, profile: bool)
         write_tenant(tenants, "acme", "http://127.0.0.1:9/v1", max_concurrency=max(prefetch, 16))
         async with namespace("bench-tp", ladder) as ns:
             for n, mode in enumerate(alternate(MODES, rounds)):
-                rate = await _one_run(ns, mode, count, prefetch, tenants, logs, n)
+                rate, cpu_ms = await _one_run(ns, mode, count, prefetch, tenants, logs, n)
                 result.rates[mode].append(rate)
-                print(f"  throughput run {n + 1}: {mode:8} {rate:7.0f} msg/s", flush=True)
+                result.cpu_ms[mode].append(cpu_ms)
+                print(f"  throughput run {n + 1}: {mode:8} {rate:7.0f} msg/s  {cpu_ms:.2f} ms CPU/msg", flush=True)
             if profile:
                 out = logs / "worker-profile.txt"
                 await _one_run(ns, "worker", count, prefetch, tenants, logs, 99, profile_to=out)
