@@ -63,6 +63,35 @@ def machine() -> str:
     )
 
 
+def print_profiles(t: throughput.ThroughputResult) -> None:
+    """Where each process's CPU goes, as shares and as milliseconds per message (share × CPU per message)."""
+    worker, baseline = t.profiles["worker"], t.profiles.get("baseline")
+    cpu_w, cpu_b = t.cpu("worker").median, t.cpu("baseline").median
+    base = dict(baseline.buckets) if baseline else {}
+    print(f"Profiles (py-spy, {worker.samples} worker samples over a {t.messages}-message drain; inclusive time):")
+    print(
+        table(
+            ["stage", "worker share", "worker ms/msg", "plain loop share", "plain loop ms/msg"],
+            [
+                [
+                    name,
+                    f"{share:.1f} %",
+                    f"{share * cpu_w / 100:.3f}",
+                    f"{base.get(name, 0.0):.1f} %",
+                    f"{base.get(name, 0.0) * cpu_b / 100:.3f}",
+                ]
+                for name, share in worker.buckets
+                if share or base.get(name)
+            ],
+        )
+    )
+    print()
+    print(table(["worker self time, by module", "share"], [[n, f"{s:.1f} %"] for n, s in worker.by_package]))
+    print()
+    print(table(["worker self time, by function", "share"], [[n, f"{s:.1f} %"] for n, s in worker.by_function]))
+    print()
+
+
 async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[bool]:
     met: list[bool] = []
     print(f"machine: {machine()}\nlogs: {logs}\n", flush=True)
@@ -87,14 +116,8 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[
             )
         )
         print(f"target ≥ 1.00× (aim 1.3×): {verdict(ok)}\n")
-        if t.profile is not None and t.profile.samples:
-            print(f"Worker profile (py-spy, {t.profile.samples} samples of a {t.messages}-message drain):")
-            print(table(["inclusive", "share"], [[n, f"{s:.1f} %"] for n, s in t.profile.buckets]))
-            print()
-            print(table(["self time, by module", "share"], [[n, f"{s:.1f} %"] for n, s in t.profile.by_package]))
-            print()
-            print(table(["self time, by function", "share"], [[n, f"{s:.1f} %"] for n, s in t.profile.by_function]))
-            print()
+        if t.profiles.get("worker") and t.profiles["worker"].samples:
+            print_profiles(t)
 
     if "latency" in only:
         print(

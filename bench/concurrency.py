@@ -39,6 +39,7 @@ class ConcurrencyResult:
     peak_rss_mib: float
     rss_after_mib: float
     worker_cpu: float  # CPU seconds the worker used per second of the run (1.0 = one core busy)
+    cpu_ms_per_request: float
 
     @property
     def ideal(self) -> float:
@@ -49,8 +50,11 @@ class ConcurrencyResult:
         return self.rate / self.ideal
 
 
-async def run(in_flight: int, provider_s: float, waves: int, logs: Path) -> ConcurrencyResult:
-    tenants_count = max(1, -(-in_flight // PER_HOST_CONNECTIONS))
+async def run(
+    in_flight: int, provider_s: float, waves: int, logs: Path, per_host: int = PER_HOST_CONNECTIONS
+) -> ConcurrencyResult:
+    """`per_host`: requests in flight per tenant endpoint (more than 256 queue inside the worker's connector)."""
+    tenants_count = max(1, -(-in_flight // per_host))
     hosts = [f"127.0.0.{n + 1}" for n in range(tenants_count)]
     count = in_flight * waves
     ladder = RetryLadder()
@@ -86,7 +90,8 @@ async def run(in_flight: int, provider_s: float, waves: int, logs: Path) -> Conc
                     cpu_before, clock_before = cpu_seconds(worker.pid), time.perf_counter()
                     await asyncio.wait_for(finished.wait(), timeout=waves * provider_s * 20 + 60)
                     rss, peak = rss_kib(worker.pid)
-                    cpu = (cpu_seconds(worker.pid) - cpu_before) / (time.perf_counter() - clock_before)
+                    cpu_used = cpu_seconds(worker.pid) - cpu_before
+                    cpu = cpu_used / (time.perf_counter() - clock_before)
                 finally:
                     await replies.cancel(tag)
                     await worker.stop()
@@ -95,5 +100,12 @@ async def run(in_flight: int, provider_s: float, waves: int, logs: Path) -> Conc
     # The first reply cannot come before one provider latency has passed: count that wave in full.
     elapsed = arrivals[-1] - arrivals[0] + provider_s
     return ConcurrencyResult(
-        tenants_count * per_tenant, provider_s, count, count / elapsed, peak / 1024, rss / 1024, cpu
+        tenants_count * per_tenant,
+        provider_s,
+        count,
+        count / elapsed,
+        peak / 1024,
+        rss / 1024,
+        cpu,
+        cpu_used * 1000 / count,
     )

@@ -10,10 +10,15 @@ FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 # Inclusive buckets: a sample counts for a bucket when every marker of one of its alternatives is in its stack.
 BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
     "decode + validate request (pydantic)": (("decode (worker/consumer.py",),),
+    "decode request (plain loop: orjson)": (("on_message (bench/target.py", "loads"),),
     "prompt rendering (render_incident)": (("render_incident (",),),
     "build the reply model (InferenceReply)": (("_reply (worker/handler.py",),),
     "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/settle.py", "model_dump ("),),
     "settle: publish + confirm + ack calls": (("settle (worker/settle.py",),),
+    "publish + ack calls (plain loop)": (
+        ("on_message (bench/target.py", "publish ("),
+        ("on_message (bench/target.py", "ack ("),
+    ),
     "AMQP socket writes (aiormq writer task)": (("__writer (",),),
     "AMQP frame reading (aiormq reader task)": (("__reader (",), ("_reader (",)),
     "incoming message objects (aio-pika)": (("IncomingMessage.__init__ (",),),
@@ -66,4 +71,4 @@ def summarise(path: Path, top: int = 12) -> Profile:
     def share(counter: Counter[str]) -> list[tuple[str, float]]:
         return [(name, 100 * n / total) for name, n in counter.most_common(top)]
 
-    return Profile(total, share(by_package), share(by_function), share(buckets))
+    return Profile(total, share(by_package), share(by_function), [(n, 100 * buckets[n] / total) for n in BUCKETS])

@@ -39,7 +39,7 @@ class ThroughputResult:
     prefetch: int
     rates: dict[str, list[float]] = field(default_factory=dict)
     cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # CPU time of the process per message
-    profile: Profile | None = None
+    profiles: dict[str, Profile] = field(default_factory=dict)
 
     @property
     def ratios(self) -> Spread:
@@ -138,8 +138,9 @@ async def run(count: int, rounds: int, prefetch: int, logs: Path, profile: bool)
                 result.cpu_ms[mode].append(cpu_ms)
                 print(f"  throughput run {n + 1}: {mode:8} {rate:7.0f} msg/s  {cpu_ms:.2f} ms CPU/msg", flush=True)
             if profile:
-                out = logs / "worker-profile.txt"
-                await _one_run(ns, "worker", count, prefetch, tenants, logs, 99, profile_to=out)
-                if out.exists():
-                    result.profile = summarise(out)
+                for mode in MODES:
+                    out = logs / f"{mode}-profile.txt"
+                    await _one_run(ns, mode, count, prefetch, tenants, logs, 99, profile_to=out)
+                    if out.exists():
+                        result.profiles[mode] = summarise(out)
     return result
