@@ -159,6 +159,7 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[
                     f"{100 * c.efficiency:.0f} %",
                     f"{c.peak_rss_mib:.0f} MiB",
                     f"{100 * c.worker_cpu:.0f} %",
+                    f"{c.cpu_ms_per_request:.2f} ms",
                 ]
             )
         print(
@@ -171,6 +172,7 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[
                     "share of ideal",
                     "worker peak RSS",
                     "worker CPU (one core = 100 %)",
+                    "worker CPU per request",
                 ],
                 rows,
             )
