@@ -155,8 +155,10 @@ async def run(requests: int, rate: float, logs: Path, settle_timeout_s: float = 
                 # Kills alternate between the two workers; cuts fall between kills.
                 # The last step is a cut with no restart after it: both workers must reconnect on their own.
                 steps = ["kill 1", "cut", "kill 2", "kill 1", "kill 2", "cut"]
-                for step in steps:
-                    await asyncio.sleep(duration_s / (len(steps) + 1))
+                begin = time.monotonic()
+                for n, step in enumerate(steps):
+                    # Fixed times while requests are still being published (restarts must not push them later).
+                    await asyncio.sleep(max(0.0, begin + (n + 1) * duration_s / (len(steps) + 1) - time.monotonic()))
                     if step == "cut":
                         cut_offsets[:] = [worker.log_size() for worker in workers]
                         proxy.cut()
