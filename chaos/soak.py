@@ -9,6 +9,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import orjson
@@ -99,9 +100,11 @@ async def run(requests: int, rate: float, logs: Path, settle_timeout_s: float = 
         providers[tenant] = provider
         _write_tenant(tenants_dir, tenant, policy, await provider.start(), env_name)
 
-    proxy = TcpProxy("127.0.0.1", 5672)
+    broker = urlsplit(amqp_url())
+    proxy = TcpProxy(broker.hostname or "127.0.0.1", broker.port or 5672)
     await proxy.start()
-    via_proxy = amqp_url().replace("127.0.0.1:5672", f"127.0.0.1:{proxy.port}")
+    credentials, at, _ = broker.netloc.rpartition("@")
+    via_proxy = urlunsplit(broker._replace(netloc=f"{credentials}{at}127.0.0.1:{proxy.port}"))
     metrics_ports = [_free_port(), _free_port()]
     workers: list[Process] = []
     cut_offsets: list[int] = []
