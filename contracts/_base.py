@@ -2,6 +2,9 @@
 
 from pydantic import BaseModel, ConfigDict
 
+# Shared by messages and tenant configs; kept here so `messages` can refer to tenant types without a cycle.
+TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
 
 class Contract(BaseModel):
     """A message shape shared with publishers and consumers."""

@@ -6,12 +6,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from ._base import TENANT_ID_PATTERN as TENANT_ID_PATTERN
 from ._base import Contract
 from .incident import IncidentContext
 from .rca import RcaResult
+from .tenant import ProviderSettings
 
 SCHEMA_VERSION = 1
-TENANT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
@@ -74,6 +75,13 @@ class InferenceRequest(Contract):
     max_output_tokens: int | None = Field(default=None, ge=1, le=65_536)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     messages: list[ChatMessage] | None = Field(default=None, max_length=500)
+    provider: ProviderSettings | None = Field(
+        default=None,
+        description=(
+            "`test_connection` only: a provider configuration not yet saved, tested instead of the tenant's "
+            "stored one. Secrets must be literal values here; `env:`/`file:` references are refused."
+        ),
+    )
 
     @model_validator(mode="after")
     def _task_has_its_input(self) -> "InferenceRequest":
@@ -108,6 +116,14 @@ class Provenance(Contract):
     trimmed: dict[str, int] = Field(
         default_factory=dict, description="Items of the incident context left out to fit the model."
     )
+    model_calls: int = Field(
+        default=0, description="Provider calls behind this reply: 1, or 2 after a repair or a context-overflow retry."
+    )
+    repaired: bool = Field(default=False, description="The result came from the one repair attempt.")
+    context_window: int | None = Field(default=None, description="The model's context window the prompt was fit to.")
+    prompt_budget_tokens: int | None = Field(
+        default=None, description="Estimated tokens the prompt was allowed, after reserving room for the answer."
+    )
 
 
 class Timings(Contract):
@@ -128,6 +144,44 @@ class ErrorInfo(Contract):
     retry_after_s: float | None = None
 
 
+ToolCallingSupport = Literal["yes", "no", "forced_only", "unknown"]
+StructuredOutputSupport = Literal["schema", "json_mode", "none", "unknown"]
+ContextWindowSource = Literal["config", "provider", "model_table"]
+CheckStatus = Literal["pass", "warn", "fail"]
+Verdict = Literal["ready", "ready_with_warnings", "not_ready"]
+
+
+class RequirementCheck(Contract):
+    """One of the product's model requirements, judged against what the probes observed."""
+
+    requirement: Literal["connection", "tool_calling", "context_window", "structured_output", "rca_latency"]
+    status: CheckStatus
+    message: str
+    fix: str | None = Field(default=None, description="What the tenant admin should change, when not `pass`.")
+
+
+class ConnectionReport(Contract):
+    """What Test Connection found out about a provider configuration. Never holds secrets."""
+
+    provider_kind: str
+    endpoint: str
+    model: str
+    reachable: bool
+    authenticated: bool | None = None
+    model_found: bool | None = None
+    latency_ms: float | None = Field(default=None, description="Round trip of the smallest possible call.")
+    served_model: str | None = Field(default=None, description="The model name the provider reported, if any.")
+    tool_calling: ToolCallingSupport = "unknown"
+    structured_output: StructuredOutputSupport = "unknown"
+    context_window: int | None = None
+    context_window_source: ContextWindowSource | None = None
+    rca_latency_ms: float | None = Field(default=None, description="A typical RCA call on a small sample incident.")
+    input_tokens: int = 0
+    output_tokens: int = 0
+    verdict: Verdict
+    checks: list[RequirementCheck] = Field(default_factory=list)
+
+
 class ReplyResult(Contract):
     """The answer, in the shape of its task."""
 
@@ -137,6 +191,7 @@ class ReplyResult(Contract):
     raw_output: str | None = Field(
         default=None, description="The model's unusable output, kept for diagnosis on `invalid_output`."
     )
+    connection: ConnectionReport | None = Field(default=None, description="The `test_connection` report.")
 
 
 class InferenceReply(Contract):

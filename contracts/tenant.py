@@ -3,11 +3,20 @@
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from .messages import TENANT_ID_PATTERN
+from ._base import TENANT_ID_PATTERN
 
 SECRET_DESCRIPTION = "A reference: `env:NAME` or `file:/path`. Never logged."
+OLDEST_AZURE_API_VERSION = "2024-02-15-preview"
+
+
+def azure_api_version_key(version: str) -> tuple[str, int] | None:
+    """Sort key of a dated Azure OpenAI api-version (a preview sorts before the GA of the same date)."""
+    date, _, suffix = version.partition("-preview")
+    if len(date) != 10 or date[4] != "-" or date[7] != "-" or not date.replace("-", "").isdigit() or suffix:
+        return None
+    return date, 0 if version.endswith("-preview") else 1
 
 
 class _Section(BaseModel):
@@ -36,8 +45,21 @@ class AzureOpenAISettings(_ProviderBase):
     kind: Literal["azure_openai"]
     endpoint: str = Field(description="https://<resource>.openai.azure.com/")
     deployment: str
-    api_version: str = "2024-10-21"
+    api_version: str = Field(default="2024-10-21", description=f"A dated version, {OLDEST_AZURE_API_VERSION} or newer.")
     api_key: SecretStr = Field(description=SECRET_DESCRIPTION)
+
+    @field_validator("api_version")
+    @classmethod
+    def _supported_api_version(cls, value: str) -> str:
+        key = azure_api_version_key(value)
+        if key is None:
+            raise ValueError(f"{value!r} is not a dated api-version such as 2024-10-21")
+        if key < (azure_api_version_key(OLDEST_AZURE_API_VERSION) or key):
+            raise ValueError(
+                f"api-version {value} is older than {OLDEST_AZURE_API_VERSION}, the oldest this worker supports; "
+                "use a newer one, e.g. 2024-10-21"
+            )
+        return value
 
 
 class BedrockSettings(_ProviderBase):

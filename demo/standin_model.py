@@ -93,7 +93,7 @@ def _value_for(schema: dict[str, Any], name: str, service: str) -> Any:
         return []
     if kind == "object":
         return {}
-    return service if name in ("service", "team") else f"{STANDIN_NOTICE} {name} for {service}"
+    return service if name in ("service", "team") else f"(stand-in) {name} for {service}"
 
 
 def tool_calls(body: dict[str, Any], text: str) -> list[dict[str, Any]]:

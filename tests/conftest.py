@@ -17,7 +17,7 @@ from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings
 
-configure_logging("warning")
+configure_logging("warning", cache=False)
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +106,7 @@ def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **over
         grace_s=5.0,
         tenants_poll_s=0.2,
         ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
+        breaker_failures=1000,  # tests that are about the breaker lower this
     )
     return WorkerSettings(**(base | overrides))
 

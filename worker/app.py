@@ -9,8 +9,11 @@ import aio_pika
 import aiohttp
 import structlog
 
+from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
+from worker.ops.health import serve_health
+from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
@@ -38,13 +41,31 @@ class WorkerApp:
         self._on_settled = on_settled
         self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self.metrics = Metrics(self._has_config_file)
+        self.breakers = BreakerBoard(
+            settings.breaker_failures,
+            settings.breaker_cooldown_s,
+            on_change=lambda b: self.metrics.breaker_state(b.tenant_id, b.endpoint, b.state.value),
+        )
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _has_config_file(self, tenant_id: str) -> bool:
+        return self.registry.get(tenant_id) is not None or self.registry.problems(tenant_id) is not None
+
+    def _settled(self, settled: Settled) -> None:
+        self.metrics.observe(settled)
+        if self._on_settled is not None:
+            self._on_settled(settled)
+
     async def run(self) -> None:
         settings = self.settings
         async with AsyncExitStack() as stack:
+            if settings.metrics_port is not None:
+                # First, so liveness answers while the broker connection is still being made.
+                await stack.enter_async_context(serve_health(self, settings.metrics_port))
             self.registry.refresh()
             log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
             watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))
@@ -54,6 +75,7 @@ class WorkerApp:
                 settings.amqp_url, client_properties={"connection_name": f"atlas-worker:{settings.namespace}"}
             )
             stack.push_async_callback(connection.close)
+            self.connection = connection
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300),
                 raise_for_status=False,
@@ -73,9 +95,10 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            handler = Handler(self.registry, ProviderPool(session, self._provider_factories), settings.ladder)
+            providers = ProviderPool(session, self._provider_factories, self.breakers)
+            handler = Handler(self.registry, providers, settings.ladder)
             settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
-            self.consumer = Consumer(requests, handler, settler, on_settled=self._on_settled)
+            self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
             await self.consumer.start()
             self.ready.set()
             log.info(

@@ -61,14 +61,87 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
+    run.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=5,
+        help="consecutive provider failures that open a tenant's circuit (default: 5)",
+    )
+    run.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=30.0,
+        help="seconds an open circuit waits before one probe call (default: 30)",
+    )
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.set_defaults(func=_run)
+
+    test = commands.add_parser(
+        "test-connection", help="probe a tenant's provider and check it against the model requirements"
+    )
+    source = test.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tenant", help="test the stored configuration of this tenant id")
+    source.add_argument("--config", type=Path, help="test a tenant file that is not saved yet (a draft)")
+    test.add_argument(
+        "--tenants",
+        type=Path,
+        default=env_tenants_dir(),
+        help="directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default ./tenants)",
+    )
+    test.add_argument("--json", action="store_true", help="print the report as JSON")
+    test.add_argument("--timeout", type=float, default=None, help="seconds per probe (default: limits.timeout_s)")
+    test.set_defaults(func=_test_connection)
 
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
     tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
     validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
     validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
     validate.set_defaults(func=_validate_tenants)
+
+    dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    dlq_list = dlq_commands.add_parser("list", help="a table of dead letters: id, tenant, task, reason, attempts, age")
+    dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
+    dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    dlq_show = dlq_commands.add_parser("show", help="one dead letter's properties, headers and body (secrets masked)")
+    dlq_show.add_argument("id", help="the ID column of `dlq list`")
+    dlq_show.add_argument("--json", action="store_true", help="print JSON")
+    dlq_replay = dlq_commands.add_parser(
+        "replay", help="publish dead letters back to {namespace}.requests; each is removed once the copy is confirmed"
+    )
+    dlq_replay.add_argument("ids", nargs="*", metavar="ID", help="dead letters to replay (see `dlq list`)")
+    dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
+    dlq_replay.add_argument(
+        "--keep-attempts", action="store_true", help="keep the attempt count instead of starting from zero"
+    )
+    dlq_purge = dlq_commands.add_parser("purge", help="delete dead letters (all, unless IDs or filters are given)")
+    dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these")
+    dlq_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    for sub in (dlq_list, dlq_show, dlq_replay, dlq_purge):
+        _add_broker_flags(sub)
+        sub.set_defaults(func=_dlq)
+    for sub in (dlq_list, dlq_replay, dlq_purge):
+        sub.add_argument("--tenant", help="only this tenant's dead letters")
+        sub.add_argument("--task", help="only this task (rca, runbook, summary, chat, test_connection)")
+        sub.add_argument("--reason", help="only this reason (e.g. exhausted, malformed, delivery_limit)")
+    dlq_show.set_defaults(tenant=None, task=None, reason=None)
+
+    topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
+    topology_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
+    topology_definitions = topology_commands.add_parser(
+        "definitions", help="print RabbitMQ definitions JSON (for rabbitmqctl import_definitions)"
+    )
+    topology_definitions.add_argument("--vhost", default="/", help="virtual host to write (default: %(default)s)")
+    for sub in (topology_declare, topology_definitions):
+        _add_broker_flags(sub)
+        # The same flags and defaults as `run`, which shape the same topology.
+        sub.add_argument("--atlas-cloud-exchange", default=DEFAULT_ATLAS_CLOUD_EXCHANGE)
+        sub.add_argument("--delivery-limit", type=int, default=WorkerSettings.delivery_limit)
+        sub.add_argument("--retry-base", type=float, default=RetryLadder.base_s)
+        sub.add_argument("--retry-factor", type=float, default=RetryLadder.factor)
+        sub.add_argument("--retry-levels", type=int, default=RetryLadder.levels)
+        sub.set_defaults(func=_topology)
     return parser
 
 
@@ -85,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         delivery_limit=args.delivery_limit,
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown_s=args.breaker_cooldown,
     )
 
     async def main() -> None:
@@ -98,6 +173,21 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test_connection(args: argparse.Namespace) -> int:
+    """Exit 0 when the provider is usable (maybe with warnings), 1 when it is not, 2 when the file is invalid."""
+    from worker.connection_test import DraftError, check_tenant, load_draft, load_stored
+    from worker.model_requirements import render
+
+    try:
+        tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)
+    except DraftError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(check_tenant(tenant, args.timeout))
+    print(report.model_dump_json(indent=2) if args.json else render(report))
+    return 1 if report.verdict == "not_ready" else 0
+
+
 def _validate_tenants(args: argparse.Namespace) -> int:
     configs, problems = validate_directory(args.directory)
     for config in configs:
@@ -109,6 +199,18 @@ def _validate_tenants(args: argparse.Namespace) -> int:
         print(f"error {problem}")
     print(f"{len(configs)} valid, {len({p.path for p in problems})} invalid")
     return 1 if problems else 0
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    from worker.ops.commands import dlq_command
+
+    return dlq_command(args)
+
+
+def _topology(args: argparse.Namespace) -> int:
+    from worker.ops.commands import topology_command
+
+    return topology_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
 from worker.handler import DeliveryContext, Handler
-from worker.outcome import DeadLetter, Outcome, Reply
+from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
 from worker.settle import Settler
 
 log = structlog.get_logger("worker.consumer")
@@ -39,9 +39,7 @@ class Malformed:
 class Settled:
     """One delivery's end, for metrics and tests."""
 
-    request_id: str | None
-    tenant_id: str | None
-    task: str | None
+    ids: RequestIds
     outcome: Outcome
     done: str
     duration_ms: float
@@ -77,6 +75,12 @@ def _readable_ids(body: bytes) -> tuple[str | None, str | None, str | None]:
         return value[:200] if isinstance(value, str) else None
 
     return text("request_id"), text("tenant_id"), text("task")
+
+
+def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
+    if isinstance(decoded, InferenceRequest):
+        return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task.value)
+    return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task)
 
 
 def _attempts(message: AbstractIncomingMessage) -> int:
@@ -124,15 +128,9 @@ class Consumer:
         ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started)
         decoded = decode(message.body)
         request = decoded if isinstance(decoded, InferenceRequest) else None
-        ids = (
-            (request.request_id, request.tenant_id, request.task.value)
-            if request
-            else (decoded.request_id, decoded.tenant_id, decoded.task)
-            if isinstance(decoded, Malformed)
-            else (None,) * 3
-        )
+        ids = _ids(decoded)
         structlog.contextvars.bind_contextvars(
-            request_id=ids[0], tenant_id=ids[1], task=ids[2], attempt=ctx.attempts + 1
+            request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
         )
         try:
             if request is not None:
@@ -143,7 +141,7 @@ class Consumer:
         except asyncio.CancelledError:
             await _return_to_queue(message)
             raise
-        settling = asyncio.create_task(self._settler.settle(message, outcome, request))
+        settling = asyncio.create_task(self._settler.settle(message, outcome, ids))
         self._settling.add(settling)
         settling.add_done_callback(self._settling.discard)
         try:
@@ -159,7 +157,7 @@ class Consumer:
             log.exception("settle_failed")
             await _return_to_queue(message)
             return
-        self._report(Settled(ids[0], ids[1], ids[2], outcome, done, (time.monotonic() - started) * 1000))
+        self._report(Settled(ids, outcome, done, (time.monotonic() - started) * 1000))
 
     async def _handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         try:

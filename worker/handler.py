@@ -15,18 +15,22 @@ from contracts import (
     Provenance,
     ReplyResult,
     Status,
+    Task,
     TenantConfig,
     Timings,
     Usage,
 )
+from worker import budget
+from worker.connection_test import answer_test_connection
+from worker.cost import priced_usage
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
 from worker.policy import Action, decide
-from worker.prompts import build_call
+from worker.prompts import REPAIR_VERSION, PreparedCall, build_call, repair_call
 from worker.providers import ProviderPool
-from worker.providers.base import ModelResult
-from worker.tasks import TaskFailure, interpret
+from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.tasks import TaskFailure, explain_provider_error, interpret
 
 log = structlog.get_logger("worker.handler")
 
@@ -55,6 +59,16 @@ class _Call:
     ctx: DeliveryContext
     prompt_version: str | None = None
     provider_ms: float = 0.0
+    # Summed over the provider calls behind one reply (a repair or a context-overflow retry adds one).
+    input_tokens: int = 0
+    output_tokens: int = 0
+    model_calls: int = 0
+    model: str | None = None
+    repaired: bool = False
+    prepared: PreparedCall | None = None
+
+    def usage(self) -> Usage:
+        return priced_usage(self.input_tokens, self.output_tokens, self.tenant.pricing)
 
 
 class TenantSlots:
@@ -91,6 +105,8 @@ class Handler:
         self._slots = slots or TenantSlots()
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        if request.task is Task.TEST_CONNECTION:
+            return await answer_test_connection(request, ctx, self._tenants, self._providers)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)
@@ -116,64 +132,94 @@ class Handler:
 
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request
-        started = time.monotonic()
         try:
-            prepared = build_call(request, tenant)
-            call.prompt_version = prepared.prompt_version
-            provider = self._providers.get(tenant)
-            async with asyncio.timeout(tenant.limits.timeout_s):
-                result = await provider.complete(prepared.call)
-            call.provider_ms = (time.monotonic() - started) * 1000
-            return self._answer(call, result)
-        except TimeoutError:
-            call.provider_ms = (time.monotonic() - started) * 1000
-            return self._failed(
-                call,
-                ProviderError(
-                    ErrorClass.TRANSIENT,
-                    f"the provider did not answer within {tenant.limits.timeout_s:g}s",
-                    code="timeout",
-                ),
-            )
-        except ProviderError as exc:
-            call.provider_ms = (time.monotonic() - started) * 1000
-            return self._failed(call, exc)
-
-    def _answer(self, call: _Call, result: ModelResult) -> Outcome:
-        usage = Usage(input_tokens=result.input_tokens, output_tokens=result.output_tokens)
-        try:
-            reply_result = interpret(call.request, result)
+            # Off the event loop: fitting a very large incident takes a noticeable slice of CPU.
+            call.prepared = await asyncio.to_thread(build_call, request, tenant)
+            call.prompt_version = call.prepared.prompt_version
+            provider = self._providers.get(tenant)  # bounded by the tenant's timeout, behind its breaker
+            result = await self._complete_fitted(provider, call)
+            return await self._answer(provider, call, result)
         except TaskFailure as failure:
-            error = ErrorInfo(code=failure.code, message=failure.message)
-            return Reply(
-                _reply(
-                    call.request,
-                    call.ctx,
-                    Status.FAILED,
-                    error=error,
-                    tenant=call.tenant,
-                    result=ReplyResult(raw_output=failure.raw_output),
-                    usage=usage,
-                    model=result.model,
-                    prompt_version=call.prompt_version,
-                    attempts=call.ctx.attempts + 1,
-                    provider_ms=call.provider_ms,
-                )
-            )
-        return Reply(
-            _reply(
-                call.request,
-                call.ctx,
-                Status.OK,
-                result=reply_result,
-                usage=usage,
-                tenant=call.tenant,
-                model=result.model,
-                prompt_version=call.prompt_version,
-                attempts=call.ctx.attempts + 1,
-                provider_ms=call.provider_ms,
-            )
+            return self._task_failed(call, failure)
+        except ProviderError as exc:
+            return self._failed(call, explain_provider_error(request, exc))
+
+    async def _complete(self, provider: Provider, call: _Call, model_call: ModelCall) -> ModelResult:
+        started = time.monotonic()
+        call.model_calls += 1
+        try:
+            result = await provider.complete(model_call)
+        finally:
+            call.provider_ms += (time.monotonic() - started) * 1000
+        call.input_tokens += result.input_tokens
+        call.output_tokens += result.output_tokens
+        call.model = result.model or call.model
+        return result
+
+    async def _complete_fitted(self, provider: Provider, call: _Call) -> ModelResult:
+        """The call; after a context overflow, exactly one more with a tighter budget, if that changes the call."""
+        assert call.prepared is not None
+        first = call.prepared
+        try:
+            return await self._complete(provider, call, first.call)
+        except ProviderError as exc:
+            if exc.error_class is not ErrorClass.CONTEXT_OVERFLOW:
+                raise
+            tighter = budget.tighter(first.budget, exc.message)
+            smaller = await asyncio.to_thread(build_call, call.request, call.tenant, tighter)
+            if smaller.call == first.call:
+                raise  # nothing left to trim: the overflow stands
+            log.info("context_overflow_retry", prompt_budget_tokens=smaller.budget.prompt_tokens)
+            call.prepared = smaller
+            return await self._complete(provider, call, smaller.call)
+
+    async def _answer(self, provider: Provider, call: _Call, result: ModelResult) -> Outcome:
+        """Validate the answer; an RCA with invalid or truncated JSON gets exactly one repair attempt."""
+        assert call.prepared is not None
+        prepared = call.prepared
+        try:
+            return self._ok(call, interpret(call.request, result, prepared.citable))
+        except TaskFailure as failure:
+            if not (failure.repairable and call.request.task is Task.RCA):
+                raise
+            first = failure
+        log.info("repair_attempt", code=first.code)
+        truncated = first.code == "truncated_output"
+        repair = repair_call(prepared, first.raw_output, first.message, truncated=truncated)
+        call.repaired = True
+        call.prompt_version = f"{prepared.prompt_version}+{REPAIR_VERSION}"
+        result = await self._complete(provider, call, repair)
+        return self._ok(call, interpret(call.request, result, prepared.citable))
+
+    def _ok(self, call: _Call, result: ReplyResult) -> Outcome:
+        reply = _reply(
+            call.request,
+            call.ctx,
+            Status.OK,
+            result=result,
+            tenant=call.tenant,
+            attempts=call.ctx.attempts + 1,
+            call=call,
         )
+        return Reply(reply)
+
+    def _task_failed(self, call: _Call, failure: TaskFailure) -> Outcome:
+        """The model's answer is unusable (failed, raw output kept), or the request is (rejected, dead-lettered)."""
+        error = ErrorInfo(code=failure.code, message=failure.message)
+        log.info("task_failed", code=failure.code, repaired=call.repaired)
+        attempts = call.ctx.attempts + (1 if call.model_calls else 0)
+        reply = _reply(
+            call.request,
+            call.ctx,
+            Status.REJECTED if failure.rejected else Status.FAILED,
+            error=error,
+            tenant=call.tenant,
+            result=ReplyResult(raw_output=failure.raw_output) if failure.raw_output is not None else None,
+            attempts=attempts,
+            call=call,
+        )
+        dead = DeadLetter("malformed", error, call.tenant.provider.kind, attempts) if failure.rejected else None
+        return Reply(reply, dead)
 
     def _failed(self, call: _Call, exc: ProviderError) -> Outcome:
         tenant, ctx = call.tenant, call.ctx
@@ -215,8 +261,7 @@ class Handler:
             error=error,
             tenant=tenant,
             attempts=attempts,
-            prompt_version=call.prompt_version,
-            provider_ms=call.provider_ms,
+            call=call,
         )
         dead = None
         if decision.dead_letter:
@@ -240,9 +285,17 @@ def _reply(
     attempts: int | None = None,
     prompt_version: str | None = None,
     provider_ms: float = 0.0,
+    call: _Call | None = None,
 ) -> InferenceReply:
+    """The reply; `call` supplies what the provider calls did (usage, model, prompt, budget, trimming)."""
     now = datetime.now(UTC)
     provider = tenant.provider if tenant else None
+    prepared = call.prepared if call else None
+    if call is not None:
+        usage = usage or call.usage()
+        model = model or call.model
+        prompt_version = prompt_version or call.prompt_version
+        provider_ms = provider_ms or call.provider_ms
     return InferenceReply(
         request_id=request.request_id,
         tenant_id=request.tenant_id,
@@ -255,7 +308,14 @@ def _reply(
             model=model or (_configured_model(tenant) if tenant else None),
             attempts=attempts if attempts is not None else ctx.attempts,
             policy=tenant.fallback.policy.value if tenant else None,
+            # The policy changed this request's course: it came back from the ladder, or fail_closed answered.
+            fallback_used=ctx.attempts > 0 or status is Status.UNAVAILABLE,
             prompt_version=prompt_version,
+            trimmed=prepared.trimmed if prepared else {},
+            model_calls=call.model_calls if call else 0,
+            repaired=call.repaired if call else False,
+            context_window=prepared.budget.context_window if prepared else None,
+            prompt_budget_tokens=prepared.budget.prompt_tokens if prepared else None,
         ),
         timings=Timings(
             received_at=ctx.received_at,

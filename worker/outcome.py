@@ -6,6 +6,15 @@ from contracts import ErrorInfo, InferenceReply
 
 
 @dataclass(frozen=True, slots=True)
+class RequestIds:
+    """Who a delivery is about, as far as it could be read (a malformed body may lack any of these)."""
+
+    request_id: str | None
+    tenant_id: str | None
+    task: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Park the original message on `{ns}.dead` for an operator, with the reason in headers."""
 

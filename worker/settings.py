@@ -29,6 +29,8 @@ class WorkerSettings:
     delivery_limit: int = 20
     ladder: RetryLadder = field(default_factory=RetryLadder)
     tenants_poll_s: float = 2.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
 
     @property

@@ -11,8 +11,8 @@ from aio_pika import Exchange
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
 from aio_pika.exceptions import PublishError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Topology
-from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
+from contracts import ErrorInfo, Header, InferenceReply, Topology
+from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
@@ -34,17 +34,16 @@ class Settler:
         self._atlas_cloud = atlas_cloud_exchange
         self._exchanges: dict[str, AbstractExchange] = {}
 
-    async def settle(
-        self, delivery: AbstractIncomingMessage, outcome: Outcome, request: InferenceRequest | None
-    ) -> str:
+    async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
         match outcome:
             case Reply(reply=reply, dead_letter=dead):
-                done = await self._reply_and_dead_letter(delivery, reply, dead)
+                done = await self._reply_and_dead_letter(delivery, reply, dead, ids)
             case Retry():
                 await self._publish_copy(
                     delivery,
+                    ids,
                     self._topology.retry,
                     str(outcome.level),
                     {
@@ -56,21 +55,25 @@ class Settler:
                 done = "retried"
             case Defer():
                 deferrals = _int_header(delivery, Header.DEFERRALS) + 1
-                await self._publish_copy(delivery, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
+                await self._publish_copy(delivery, ids, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
                 done = "deferred"
             case Reroute():
-                done = await self._reroute(delivery, outcome, request)
+                done = await self._reroute(delivery, outcome, ids)
         await delivery.ack()
         return done
 
     async def _reply_and_dead_letter(
-        self, delivery: AbstractIncomingMessage, reply: InferenceReply | None, dead: DeadLetter | None
+        self,
+        delivery: AbstractIncomingMessage,
+        reply: InferenceReply | None,
+        dead: DeadLetter | None,
+        ids: RequestIds,
     ) -> str:
         publishes = []
         if reply is not None:
             publishes.append(self._publish_reply(delivery, reply))
         if dead is not None:
-            publishes.append(self._dead_letter(delivery, dead))
+            publishes.append(self._dead_letter(delivery, dead, ids))
         results = await asyncio.gather(*publishes, return_exceptions=True)
         reply_lost = reply is not None and isinstance(results[0], PublishError)
         for result in results:
@@ -86,6 +89,7 @@ class Settler:
                         ErrorInfo(code="reply_unroutable", message=f"no queue named {delivery.reply_to!r} to reply to"),
                         attempts=reply.provenance.attempts if reply else 0,
                     ),
+                    ids,
                 )
             return "dead_lettered"
         return "replied+dead_lettered" if dead else "replied"
@@ -116,22 +120,19 @@ class Settler:
                 timeout=PUBLISH_TIMEOUT_S,
             )
 
-    async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter) -> None:
+    async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter, ids: RequestIds) -> None:
         headers = {
             Header.REASON: dead.reason,
             Header.ATTEMPTS: dead.attempts,
             Header.DEAD_LETTERED_AT: _now(),
             **self._failure_headers(delivery, dead.error, dead.provider_kind),
         }
-        await self._publish_copy(delivery, self._topology.dead, "", headers)
+        await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
 
-    async def _reroute(
-        self, delivery: AbstractIncomingMessage, outcome: Reroute, request: InferenceRequest | None
-    ) -> str:
-        assert request is not None
+    async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
         headers: dict[str, Any] = {
             Header.REASON: outcome.reason,
-            Header.REROUTED_FROM_TENANT: request.tenant_id,
+            Header.REROUTED_FROM_TENANT: ids.tenant_id,
             Header.REROUTED_AT: _now(),
         }
         if outcome.error is not None:
@@ -139,7 +140,7 @@ class Settler:
             headers[Header.ATTEMPTS] = outcome.attempts
         try:
             await self._publish_copy(
-                delivery, self._atlas_cloud, Topology.reply_routing_key(request.tenant_id, request.task), headers
+                delivery, ids, self._atlas_cloud, Topology.reply_routing_key(ids.tenant_id, ids.task), headers
             )
         except PublishError:
             log.error("reroute_unroutable", exchange=self._atlas_cloud)
@@ -153,12 +154,13 @@ class Settler:
                     provider_kind=outcome.provider_kind,
                     attempts=outcome.attempts,
                 ),
+                ids,
             )
             return "dead_lettered"
         audit.warning(
             "data_left_network",
-            tenant_id=request.tenant_id,
-            request_id=request.request_id,
+            tenant_id=ids.tenant_id,
+            request_id=ids.request_id,
             reason=outcome.reason,
             exchange=self._atlas_cloud,
             at=headers[Header.REROUTED_AT],
@@ -186,10 +188,16 @@ class Settler:
         return result
 
     async def _publish_copy(
-        self, delivery: AbstractIncomingMessage, exchange_name: str, routing_key: str, extra: dict[str, Any]
+        self,
+        delivery: AbstractIncomingMessage,
+        ids: RequestIds,
+        exchange_name: str,
+        routing_key: str,
+        extra: dict[str, Any],
     ) -> None:
         """Republish the original body and properties with extra headers (the body is never changed)."""
-        headers = {**_passable_headers(delivery), **extra}
+        identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
+        headers = {**_passable_headers(delivery), **{k: v for k, v in identity.items() if v is not None}, **extra}
         message = aio_pika.Message(
             delivery.body,
             headers=headers,

@@ -1,33 +1,55 @@
 """Turns a model's raw result into the task's validated result, or says exactly why it cannot."""
 
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import jsonschema
 import orjson
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
 from pydantic import ValidationError
 
-from contracts import InferenceRequest, RcaResult, ReplyResult, Task, ToolCall, ToolDeclaration
+from contracts import IncidentContext, InferenceRequest, RcaResult, ReplyResult, Task, ToolCall, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
+from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelResult
+
+REPAIRABLE = frozenset({"invalid_output", "truncated_output"})
+# What providers say when a model cannot call tools (Ollama, Bedrock, Gemini, vLLM without a tool parser).
+TOOLS_UNSUPPORTED = re.compile(
+    r"(does not|doesn't|do not) support (tools|tool use|tool calling|function calling)"
+    r"|tool(s| use| calling)? (is |are )?not supported|function calling is not (enabled|supported)"
+    r"|enable-auto-tool-choice",
+    re.IGNORECASE,
+)
 
 
 @dataclass
 class TaskFailure(Exception):
     """The provider answered, but not with something we can pass on as a valid result."""
 
-    code: str  # invalid_output | truncated_output | content_filtered | tools_unsupported | empty_output
+    code: str  # invalid_output | truncated_output | content_filtered | tools_unsupported | empty_output | invalid_tools
     message: str
     raw_output: str | None = None
+    rejected: bool = False  # the request itself is wrong (reply `rejected`), not the model's answer
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    @property
+    def repairable(self) -> bool:
+        return self.code in REPAIRABLE
 
-def interpret(request: InferenceRequest, result: ModelResult) -> ReplyResult:
+
+def interpret(
+    request: InferenceRequest, result: ModelResult, citable: Mapping[str, frozenset[int]] | None = None
+) -> ReplyResult:
+    """The reply's result for a model answer; `citable` are the incident positions the model was shown."""
     if result.finish is Finish.CONTENT_FILTER:
-        raise TaskFailure("content_filtered", "the provider's content filter withheld the answer")
+        raise TaskFailure("content_filtered", "the provider's content filter withheld the answer", result.text)
     if request.task is Task.RCA:
-        return ReplyResult(rca=_rca(result))
+        assert request.incident is not None
+        return ReplyResult(rca=_rca(result, request.incident, citable))
     if request.task is Task.RUNBOOK:
         return ReplyResult(tool_calls=_tool_calls(request.tools or DEFAULT_RUNBOOK_TOOLS, result))
     if result.finish is Finish.LENGTH and not result.text:
@@ -37,46 +59,97 @@ def interpret(request: InferenceRequest, result: ModelResult) -> ReplyResult:
     return ReplyResult(text=result.text)
 
 
-def _rca(result: ModelResult) -> RcaResult:
-    raw = result.text or ""
+def explain_provider_error(request: InferenceRequest, exc: ProviderError) -> ProviderError:
+    """A provider's refusal of tool calling, said plainly for a runbook; any other error unchanged."""
+    refused = exc.code == "tools_unsupported" or TOOLS_UNSUPPORTED.search(exc.message)
+    if request.task is Task.RUNBOOK and exc.error_class is ErrorClass.BAD_REQUEST and refused:
+        return ProviderError(
+            ErrorClass.BAD_REQUEST,
+            f"runbooks need a model with tool calling, and this one has none ({exc.message})",
+            code="tools_unsupported",
+            status=exc.status,
+        )
+    return exc
+
+
+def _rca(result: ModelResult, incident: IncidentContext, citable: Mapping[str, frozenset[int]] | None) -> RcaResult:
+    raw = _structured_text(result)
     if result.finish is Finish.LENGTH:
-        raise TaskFailure("truncated_output", "the structured answer was cut at max_output_tokens", raw)
+        raise TaskFailure("truncated_output", "the JSON answer was cut off at max_output_tokens", raw)
+    if not raw.strip():
+        raise TaskFailure("invalid_output", "the model returned no JSON", raw)
     try:
-        return RcaResult.model_validate_json(_strip_fences(raw))
+        rca = RcaResult.model_validate_json(_json_part(raw))
     except ValidationError as exc:
         raise TaskFailure("invalid_output", f"the answer does not match the RCA schema: {_first(exc)}", raw) from None
+    if (problem := _evidence_problem(rca, incident, citable)) is not None:
+        raise TaskFailure("invalid_output", problem, raw)
+    return rca
 
 
-def _tool_calls(
-    declarations: tuple[ToolDeclaration, ...] | list[ToolDeclaration], result: ModelResult
-) -> list[ToolCall]:
+def _structured_text(result: ModelResult) -> str:
+    # Providers that request structured output as a forced tool may hand the object back as that tool's call.
+    if not result.text and len(result.tool_calls) == 1:
+        return orjson.dumps(result.tool_calls[0].arguments).decode()
+    return result.text or ""
+
+
+def _json_part(text: str) -> str:
+    # Some self-hosted models wrap JSON in a markdown fence or a sentence even when asked not to.
+    start, end = text.find("{"), text.rfind("}")
+    return text[start : end + 1] if 0 <= start < end else text
+
+
+def _evidence_problem(
+    rca: RcaResult, incident: IncidentContext, citable: Mapping[str, frozenset[int]] | None
+) -> str | None:
+    sizes = {
+        "timeline": len(incident.timeline),
+        "alert": len(incident.alerts),
+        "log": len(incident.logs),
+        "metric": len(incident.metrics),
+        "deploy": len(incident.deploys),
+    }
+    for c, cause in enumerate(rca.probable_causes):
+        for e, ref in enumerate(cause.evidence):
+            where = f"probable_causes.{c}.evidence.{e} cites [{ref.kind} {ref.index}]"
+            if ref.index >= sizes[ref.kind]:
+                return f"{where}, but the incident has {sizes[ref.kind]} {ref.kind} item(s)"
+            if citable is not None and ref.index not in citable[ref.kind]:
+                return f"{where}, which was left out to fit the context window and was not shown"
+    return None
+
+
+def _tool_calls(declarations: Sequence[ToolDeclaration], result: ModelResult) -> list[ToolCall]:
     if not result.tool_calls:
-        raise TaskFailure(
-            "tools_unsupported" if result.text else "empty_output",
-            "the model answered in text instead of calling tools; runbooks need a model with tool calling",
-            result.text,
-        )
+        if result.finish is Finish.LENGTH:
+            raise TaskFailure(
+                "truncated_output", "the model hit max_output_tokens before calling any tool", result.text
+            )
+        if result.text:
+            raise TaskFailure(
+                "tools_unsupported",
+                "the model answered in text instead of calling tools; runbooks need a model with tool calling",
+                result.text,
+            )
+        raise TaskFailure("empty_output", "the model returned neither tool calls nor text")
     schemas = {d.name: d.parameters for d in declarations}
-    for call in result.tool_calls:
+    for position, call in enumerate(result.tool_calls):
         if call.name not in schemas:
             raise TaskFailure(
-                "invalid_output", f"the model called an undeclared tool {call.name!r}", _dump(result.tool_calls)
+                "invalid_output", f"tool call {position} is to undeclared tool {call.name!r}", _dump(result.tool_calls)
             )
-        try:
-            jsonschema.validate(call.arguments, schemas[call.name])
-        except jsonschema.ValidationError as exc:
+        error = best_match(Draft202012Validator(schemas[call.name]).iter_errors(call.arguments))
+        if error is not None:
+            where = "/".join(map(str, error.absolute_path)) or "(arguments)"
             raise TaskFailure(
-                "invalid_output", f"arguments of {call.name!r} are invalid: {exc.message}", _dump(result.tool_calls)
-            ) from None
+                "invalid_output",
+                f"tool call {position} to {call.name!r} has invalid arguments at {where}: {error.message}",
+                _dump(result.tool_calls),
+            )
+    if result.finish is Finish.LENGTH:
+        raise TaskFailure("truncated_output", "the runbook was cut off at max_output_tokens", _dump(result.tool_calls))
     return list(result.tool_calls)
-
-
-def _strip_fences(text: str) -> str:
-    # Some self-hosted models wrap JSON in a markdown fence even when asked not to.
-    stripped = text.strip()
-    if stripped.startswith("```"):
-        stripped = stripped.split("\n", 1)[-1].rsplit("```", 1)[0]
-    return stripped
 
 
 def _first(exc: ValidationError) -> str:

@@ -172,14 +172,14 @@ class TenantRegistry:
         self._broken.pop(tenant_id, None)
         is_new = tenant_id not in self._configs
         self._configs[tenant_id] = config
-        extra = unknown_keys(config)
         log.info(
             "tenant_loaded" if is_new else "tenant_reloaded",
             tenant_id=tenant_id,
             provider=config.provider.kind,
             policy=config.fallback.policy.value,
-            **({"unknown_keys": extra} if extra else {}),
         )
+        if extra := unknown_keys(config):
+            log.warning("tenant_config_unknown_keys", tenant_id=tenant_id, file=str(path), unknown_keys=extra)
 
     async def watch(self, interval_s: float = 2.0) -> None:
         """Poll the directory until cancelled (portable, and cheap for a handful of files)."""

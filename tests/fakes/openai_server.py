@@ -1,11 +1,14 @@
 """A strict fake of the OpenAI Chat Completions API, with faults on command.
 
 Checks what the real API checks: method and path, the bearer key, JSON body, a known model, message roles,
-tool and response_format shapes. Answers come from the demo stand-in model's deterministic generator.
+tool and response_format shapes, and (when `context_window` is set) that the prompt plus `max_tokens` fits.
+Answers come from the demo stand-in model's deterministic generator, or from scripted `replies`.
 """
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +17,7 @@ from aiohttp import web
 
 from demo.standin_model import completion
 
+ToolSupport = Literal["native", "rejected", "ignored"]  # rejected: 400 like Ollama; ignored: answers in text
 FaultKind = Literal["rate_limit", "server_error", "hang", "malformed", "context_overflow", "quota", "bad_request"]
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 
@@ -22,6 +26,46 @@ ROLES = {"system", "developer", "user", "assistant", "tool"}
 class Fault:
     kind: FaultKind
     retry_after_s: float | None = None
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """What this fake counts as the prompt: the JSON bytes of messages, tools and response format, / 4."""
+    sent = [body.get("messages"), body.get("tools"), body.get("response_format")]
+    return len(orjson.dumps(sent)) // 4
+
+
+def chat_completion(
+    content: str | None = None,
+    *,
+    tool_calls: Sequence[tuple[str, Mapping[str, Any] | str]] | None = None,
+    finish_reason: str | None = None,
+    usage: tuple[int, int] = (100, 50),
+    model: str = "fake-model",
+) -> dict[str, Any]:
+    """A scripted Chat Completions response body; tool arguments given as a dict are JSON-encoded."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["tool_calls"] = [
+            {
+                "id": f"call_{n}",
+                "type": "function",
+                "function": {
+                    "name": name,
+                    "arguments": args if isinstance(args, str) else orjson.dumps(dict(args)).decode(),
+                },
+            }
+            for n, (name, args) in enumerate(tool_calls)
+        ]
+    return {
+        "id": "chatcmpl-scripted",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish_reason or ("tool_calls" if tool_calls else "stop")}
+        ],
+        "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)},
+    }
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None, **headers: str) -> web.Response:
@@ -37,7 +81,11 @@ class FakeOpenAI:
     faults: deque[Fault] = field(default_factory=deque)  # consumed one per request, before answering
     always: Fault | None = None  # applied to every request while set
     requests: list[dict[str, Any]] = field(default_factory=list)
+    request_times: list[float] = field(default_factory=list)  # monotonic clock, one per accepted request
     override: dict[str, Any] | None = None  # a full response body to return instead of the generated one
+    replies: deque[dict[str, Any]] = field(default_factory=deque)  # scripted bodies, one per request, first
+    context_window: int | None = None  # tokens, counted as the JSON bytes of the prompt / 4
+    tools: ToolSupport = "native"
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -45,7 +93,8 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
-        self._runner = web.AppRunner(app, handle_signals=False)
+        # Hung handlers must not hold up shutdown.
+        self._runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
@@ -85,12 +134,35 @@ class FakeOpenAI:
                 404, f"The model `{body['model']}` does not exist", "invalid_request_error", "model_not_found"
             )
         self.requests.append(body)
+        self.request_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else self.always
         if fault is not None:
             return await self._fault(fault)
+        if (refused := self._beyond_model(body)) is not None:
+            return refused
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        if self.replies:
+            return web.json_response(self.replies.popleft())
+        if self.tools == "ignored":
+            body = {k: v for k, v in body.items() if k not in ("tools", "tool_choice")}
         return web.json_response(self.override or completion(body))
+
+    def _beyond_model(self, body: dict[str, Any]) -> web.Response | None:
+        if body.get("tools") and self.tools == "rejected":
+            return _error(400, f"registry.ollama.ai/library/{self.model} does not support tools", "api_error")
+        if self.context_window is None:
+            return None
+        prompt = prompt_tokens(body)
+        requested = prompt + int(body.get("max_tokens") or 0)
+        if requested <= self.context_window:
+            return None
+        message = (
+            f"This model's maximum context length is {self.context_window} tokens. However, you requested "
+            f"{requested} tokens ({prompt} in the messages, {body.get('max_tokens')} in the completion). "
+            "Please reduce the length of the messages or completion."
+        )
+        return _error(400, message, "invalid_request_error", "context_length_exceeded")
 
     async def _fault(self, fault: Fault) -> web.StreamResponse:
         retry_after = {"retry-after": f"{fault.retry_after_s:g}"} if fault.retry_after_s is not None else {}

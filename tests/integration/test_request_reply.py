@@ -36,6 +36,7 @@ async def test_summary_request_gets_one_reply_with_same_correlation_id(
     assert reply.result.text
     assert reply.provenance.provider_kind == "openai_compatible"
     assert reply.provenance.attempts == 1
+    assert reply.provenance.fallback_used is False
     assert reply.usage.input_tokens > 0
     # The fake saw the tenant's key and model, resolved from env: and never echoed anywhere.
     assert fake_openai.requests[0]["model"] == "fake-model"

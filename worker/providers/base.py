@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from contracts import ToolCall
 
@@ -83,3 +83,34 @@ class Provider(Protocol):
     def model(self) -> str: ...
 
     async def complete(self, call: ModelCall) -> ModelResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a provider can tell about its model without a model call (Test Connection's discovery)."""
+
+    found: bool | None = None  # None: this provider has no cheap way to list models
+    context_window: int | None = None
+    context_source: str | None = None  # how context_window was learned, e.g. "/api/show model_info"
+    tools: bool | None = None  # the server's own capability list, where it has one
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """Optional: a provider that can describe its model (context window, capabilities) cheaply."""
+
+    async def describe(self, timeout_s: float) -> ModelInfo: ...
+
+
+# How a provider delivers `ModelCall.output_schema`: a constrained schema, plain JSON mode, or only the prompt.
+StructuredOutputMode = Literal["schema", "json_mode", "none"]
+
+
+def structured_output_mode(provider: object) -> StructuredOutputMode:
+    """A provider may expose `structured_output` to say it cannot enforce a schema; the default is that it can."""
+    mode = getattr(provider, "structured_output", "schema")
+    if mode == "json_mode":
+        return "json_mode"
+    if mode == "none":
+        return "none"
+    return "schema"

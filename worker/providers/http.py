@@ -2,7 +2,7 @@
 
 import asyncio
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -18,6 +18,7 @@ CONTEXT_OVERFLOW_PATTERNS = re.compile(
     r"|exceeds the context window|context window",
     re.IGNORECASE,
 )
+CONNECT_TIMEOUT_S = 5.0
 QUOTA_PATTERNS = re.compile(r"insufficient_quota|quota exceeded|billing", re.IGNORECASE)
 
 
@@ -132,3 +133,53 @@ def transport_error(exc: BaseException, who: str, timeout_s: float) -> ProviderE
 def malformed(who: str, detail: str) -> ProviderError:
     """A 200 whose body we cannot read is the server misbehaving: retryable."""
     return ProviderError(ErrorClass.TRANSIENT, f"{who} returned a malformed body: {detail}", code="malformed_response")
+
+
+Classifier = Callable[[int, bytes, Mapping[str, str], str], ProviderError]
+
+
+def classify_body(status: int, payload: bytes, headers: Mapping[str, str], who: str) -> ProviderError:
+    """The default classifier: status code plus the error text, whatever the body's shape."""
+    return classify_status(status, error_text(payload), headers, who)
+
+
+def json_object(payload: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or {} when it is not one (error bodies are often HTML from a proxy)."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+async def send_json(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    who: str,
+    timeout_s: float,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    classify: Classifier = classify_body,
+) -> Any:
+    """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError."""
+    send_headers = {"Accept": "application/json", **(headers or {})}
+    data = None
+    if body is not None:
+        data = orjson.dumps(body)
+        send_headers["Content-Type"] = "application/json"
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s))
+    try:
+        async with session.request(method, url, data=data, headers=send_headers, timeout=timeout) as response:
+            payload = await response.read()
+            if response.status >= 400:
+                raise classify(response.status, payload, response.headers, who)
+    except ProviderError:
+        raise
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise transport_error(exc, who, timeout_s) from exc
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise malformed(who, "not JSON") from exc

@@ -7,8 +7,8 @@ import orjson
 
 from contracts import OpenAICompatibleSettings, ToolCall
 from worker.errors import ErrorClass, ProviderError
-from worker.providers.base import Finish, ModelCall, ModelResult
-from worker.providers.http import classify_status, error_text, malformed, transport_error
+from worker.providers.base import Finish, ModelCall, ModelInfo, ModelResult
+from worker.providers.http import classify_status, error_text, malformed, send_json, transport_error
 from worker.secrets import resolve_secret
 
 FINISH = {
@@ -138,6 +138,17 @@ async def post_json(
         raise malformed(who, "not JSON") from exc
 
 
+def tgi_response_format(body: dict[str, Any]) -> dict[str, Any]:
+    """TGI's own grammar shape (`type` + `value`) for the schema OpenAI's shape carries."""
+    schema = body["response_format"]["json_schema"]["schema"]
+    return body | {"response_format": {"type": "json", "value": schema}}
+
+
+def rejects_openai_response_format(error: ProviderError) -> bool:
+    # TGI cannot deserialize OpenAI's `json_schema` shape: 422 "... response_format: missing field `value`".
+    return error.status == 422 and "response_format" in error.message
+
+
 class OpenAICompatibleProvider:
     """Calls `{base_url}/chat/completions` with an optional bearer key."""
 
@@ -147,6 +158,7 @@ class OpenAICompatibleProvider:
         self._settings = settings
         self._session = session
         self._url = settings.base_url.rstrip("/") + "/chat/completions"
+        self._tgi_grammar = False  # learned from the server's first refusal of OpenAI's response_format
 
     @property
     def endpoint(self) -> str:
@@ -156,11 +168,49 @@ class OpenAICompatibleProvider:
     def model(self) -> str:
         return self._settings.model
 
+    @property
+    def _who(self) -> str:
+        return f"the OpenAI-compatible server at {self._settings.base_url}"
+
+    def _headers(self) -> dict[str, str]:
+        if self._settings.api_key is None:
+            return {}
+        return {"Authorization": f"Bearer {resolve_secret(self._settings.api_key)}"}
+
     async def complete(self, call: ModelCall) -> ModelResult:
-        headers = {}
-        if self._settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {resolve_secret(self._settings.api_key)}"
+        headers = self._headers()
         body = chat_body(call) | {"model": self._settings.model}
-        who = f"the OpenAI-compatible server at {self._settings.base_url}"
-        data = await post_json(self._session, self._url, body, headers, call.timeout_s, who)
-        return parse_chat_response(data, who)
+        if call.output_schema is not None and self._tgi_grammar:
+            body = tgi_response_format(body)
+        try:
+            data = await post_json(self._session, self._url, body, headers, call.timeout_s, self._who)
+        except ProviderError as exc:
+            if call.output_schema is None or self._tgi_grammar or not rejects_openai_response_format(exc):
+                raise
+            self._tgi_grammar = True
+            data = await post_json(
+                self._session, self._url, tgi_response_format(body), headers, call.timeout_s, self._who
+            )
+        return parse_chat_response(data, self._who)
+
+    async def describe(self, timeout_s: float) -> ModelInfo:
+        """vLLM lists `max_model_len` under /v1/models; TGI reports `max_total_tokens` under /info."""
+        base = self._settings.base_url.rstrip("/")
+        listing = await send_json(
+            self._session, "GET", f"{base}/models", headers=self._headers(), timeout_s=timeout_s, who=self._who
+        )
+        entries = [m for m in listing.get("data") or [] if isinstance(m, dict)]
+        entry = next((m for m in entries if m.get("id") == self._settings.model), None)
+        if entry is not None and isinstance(entry.get("max_model_len"), int):
+            return ModelInfo(
+                found=True, context_window=entry["max_model_len"], context_source="/v1/models max_model_len"
+            )
+        root = base.removesuffix("/v1")
+        try:
+            info = await send_json(self._session, "GET", f"{root}/info", timeout_s=timeout_s, who=self._who)
+        except ProviderError:
+            return ModelInfo(found=entry is not None or None)
+        total = info.get("max_total_tokens") if isinstance(info, dict) else None
+        if isinstance(total, int):
+            return ModelInfo(found=True, context_window=total, context_source="/info max_total_tokens")
+        return ModelInfo(found=entry is not None or None)

@@ -1,0 +1,129 @@
+"""A tenant whose provider hangs cannot starve others; parked retries survive a kill -9; breakers open."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from contracts import Topology
+from tests import samples
+from tests.broker import BrokerClient, collect, drain_now, json_body
+from tests.conftest import start_worker, worker_settings, write_tenant
+from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.integration.test_process_lifecycle import wait_until
+from tests.process import WorkerProcess
+
+pytestmark = pytest.mark.broker
+
+
+async def queue_depth(client: BrokerClient, name: str) -> int:
+    queue = await client.channel.declare_queue(name, passive=True)
+    count = queue.declaration_result.message_count
+    assert count is not None
+    return count
+
+
+async def test_hanging_tenant_does_not_starve_a_healthy_one(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    hanging, healthy = FakeOpenAI(), FakeOpenAI()
+    await hanging.start()
+    await healthy.start()
+    hanging.always = Fault("hang")
+    write_tenant(tenants_dir, "flood", hanging.base_url, policy="fail_closed", timeout_s=2, max_concurrency=4)
+    write_tenant(tenants_dir, "calm", healthy.base_url, policy="fail_closed")
+    settings = worker_settings(amqp_url, topology, tenants_dir)
+    running = await start_worker(settings)
+    replies = await client.reply_queue()
+    try:
+        for n in range(200):
+            await client.publish_request(samples.request("flood", request_id=f"flood-{n}"), reply_to=replies.name)
+        for n in range(10):
+            await client.publish_request(samples.request("calm", request_id=f"calm-{n}"), reply_to=replies.name)
+
+        received = [json_body(m) for m in await collect(replies, 10, timeout_s=60)]
+        while sum(r["tenant_id"] == "calm" for r in received) < 10:
+            received += [json_body(m) for m in await collect(replies, 1, timeout_s=60)]
+
+        flood_done = [r for r in received if r["tenant_id"] == "flood"]
+        assert len(flood_done) <= 20, "the healthy tenant waited behind the hanging one"
+        assert all(r["provenance"]["attempts"] == 1 for r in flood_done)  # deferrals are not attempts
+        assert len(hanging.requests) <= 4 + len(flood_done)  # never more than max_concurrency at once
+    finally:
+        await running.stop()
+        await hanging.close()
+        await healthy.close()
+
+    # Nothing of the flood was lost: what was not answered is back on the broker.
+    await asyncio.sleep(1.0)  # let deferred copies come back from the 0.2 s delay level
+    remaining = await queue_depth(client, topology.requests)
+    for level in range(settings.ladder.levels):
+        remaining += await queue_depth(client, topology.retry_queue(level))
+    late = [json_body(m) for m in await drain_now(replies)]
+    flood_replied = {r["request_id"] for r in received + late if r["tenant_id"] == "flood"}
+    assert len(flood_replied) + remaining == 200
+
+
+async def test_parked_retries_survive_a_kill_9_and_finish(
+    amqp_url: str,
+    client: BrokerClient,
+    fake_openai: FakeOpenAI,
+    topology: Topology,
+    tenants_dir: Path,
+    tmp_path: Path,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=5)
+    fake_openai.faults.extend(Fault("server_error") for _ in range(10))
+    process = WorkerProcess(amqp_url, topology, tenants_dir, tmp_path / "w.log", "--retry-base", "3")
+    await asyncio.to_thread(process.start)
+    try:
+        replies = await client.reply_queue()
+        for n in range(10):
+            await client.publish_request(samples.request("acme", request_id=f"parked-{n}"), reply_to=replies.name)
+        await wait_until(lambda: len(fake_openai.requests) == 10)
+        parked_queue = topology.retry_queue(0)
+
+        async def all_parked() -> bool:
+            return await queue_depth(client, parked_queue) == 10
+
+        for _ in range(100):
+            if await all_parked():
+                break
+            await asyncio.sleep(0.05)
+        assert await all_parked()
+
+        process.kill()
+        await asyncio.to_thread(process.start)
+
+        answered = [json_body(m) for m in await collect(replies, 10, timeout_s=60)]
+        assert {r["request_id"] for r in answered} == {f"parked-{n}" for n in range(10)}
+        assert {r["status"] for r in answered} == {"ok"}
+        assert {r["provenance"]["attempts"] for r in answered} == {2}
+    finally:
+        process.stop()
+
+
+async def test_open_breaker_applies_the_policy_without_calling_the_provider(
+    amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed", max_concurrency=1)
+    fake_openai.always = Fault("server_error")
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=3, breaker_cooldown_s=60)
+    )
+    try:
+        replies = await client.reply_queue()
+        for n in range(8):
+            await client.publish_request(samples.request("acme", request_id=f"b-{n}"), reply_to=replies.name)
+        answered = [json_body(m) for m in await collect(replies, 8, timeout_s=30)]
+    finally:
+        await running.stop()
+
+    assert {r["status"] for r in answered} == {"unavailable"}
+    codes = [r["error"]["code"] for r in answered]
+    assert codes.count("provider_unavailable") == 3
+    assert codes.count("circuit_open") == 5
+    assert len(fake_openai.requests) == 3
+    [(key, state)] = running.app.breakers.states().items()
+    assert key == ("acme", fake_openai.base_url)
+    assert state == "open"

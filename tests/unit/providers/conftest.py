@@ -1,0 +1,14 @@
+"""Fixtures for provider tests: the fakes, an HTTP session, and model calls built the way the handler builds them."""
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from tests.fakes.fixtures import _isolated_cloud_sdks, fake_aws, fake_azure, fake_ollama, fake_vertex  # noqa: F401
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s

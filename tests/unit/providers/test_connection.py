@@ -1,0 +1,297 @@
+"""Test Connection from the command line against every provider's fake, and what a message may not ask for."""
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from contracts import AzureOpenAISettings, BedrockSettings, ConnectionReport, OpenAICompatibleSettings, VertexSettings
+from tests.fakes.azure_openai_server import FakeAzureOpenAI
+from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, provider_toml
+from tests.fakes.ollama_server import FakeOllama
+from tests.fakes.openai_server import FakeOpenAI
+from tests.unit.providers.calls import run_test_connection
+from worker.connection_guard import ConfigRefused, GuardedResolver, blocked_address, refuse_unsafe_endpoints
+from worker.connection_test import check_connection, check_draft_from_message
+from worker.providers.bedrock import BedrockProvider
+
+
+@pytest.fixture
+async def fake_openai() -> Any:
+    fake = FakeOpenAI()
+    await fake.start()
+    yield fake
+    await fake.close()
+
+
+async def run_cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = await run_test_connection(*argv)
+    return code, capsys.readouterr().out
+
+
+def draft(tmp_path: Path, kind: str, url: str, **extra: str) -> Path:
+    key_file = tmp_path / "vertex-key.json"
+    path = tmp_path / "draft.toml"
+    path.write_text(provider_toml(kind, url, key_file=key_file, **extra))
+    return path
+
+
+@pytest.fixture
+def urls(
+    fake_azure: FakeAzureOpenAI, fake_aws: AwsFakes, fake_vertex: VertexFake, fake_ollama: FakeOllama, tmp_path: Path
+) -> dict[str, str]:
+    (tmp_path / "vertex-key.json").write_text(fake_vertex.service_account)
+    return {
+        "azure_openai": fake_azure.endpoint,
+        "bedrock": fake_aws.bedrock.endpoint_url,
+        "vertex": fake_vertex.fake.base_url,
+        "ollama": fake_ollama.base_url,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "context_source"),
+    [("azure_openai", "model_table"), ("bedrock", "model_table"), ("vertex", "model_table"), ("ollama", "config")],
+)
+async def test_draft_that_works_is_ready_and_the_json_report_says_why(
+    kind: str,
+    context_source: str,
+    urls: dict[str, str],
+    fake_vertex: VertexFake,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out = await run_cli("--config", str(draft(tmp_path, kind, urls[kind])), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 0
+    assert (report.reachable, report.authenticated, report.model_found) == (True, True, True)
+    assert report.tool_calling == "yes"
+    assert report.structured_output == "schema"
+    assert report.context_window is not None
+    assert report.context_window >= 128_000
+    assert report.context_window_source == context_source
+    assert report.rca_latency_ms is not None
+    assert report.latency_ms is not None
+    assert report.verdict == "ready", report.checks
+    assert report.input_tokens > 0
+    for secret in (AZURE_KEY, AWS_SECRET, "PRIVATE KEY", orjson.loads(fake_vertex.service_account)["private_key_id"]):
+        assert secret not in out
+
+
+async def test_stored_tenant_is_reported_for_humans(
+    fake_ollama: FakeOllama, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenants = tmp_path / "tenants"
+    tenants.mkdir()
+    (tenants / "acme.toml").write_text('tenant_id = "acme"\n' + provider_toml("ollama", fake_ollama.base_url))
+
+    code, out = await run_cli("--tenant", "acme", "--tenants", str(tenants), capsys=capsys)
+
+    assert code == 0
+    assert "Verdict: READY" in out
+    assert "tool calling       yes" in out
+    assert "context window     131,072 tokens (from the tenant config)" in out
+
+
+async def test_openai_compatible_without_a_known_window_is_ready_with_a_warning(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TEST_FAKE_OPENAI_KEY", "sk-test-fake")
+    path = tmp_path / "draft.toml"
+    path.write_text(
+        f'[provider]\nkind = "openai_compatible"\nbase_url = "{fake_openai.base_url}"\nmodel = "fake-model"\n'
+        'api_key = "env:TEST_FAKE_OPENAI_KEY"\n'
+    )
+
+    code, out = await run_cli("--config", str(path), capsys=capsys)
+
+    assert code == 0
+    assert "Verdict: READY WITH WARNINGS" in out
+    assert "warn  context_window" in out
+    assert "fix: set provider.context_window" in out
+    assert "sk-test-fake" not in out
+
+
+async def test_wrong_azure_key_is_not_ready_and_says_what_to_fix_without_echoing_it(
+    urls: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TEST_AZURE_KEY", "wrong-key-1234")
+
+    code, out = await run_cli("--config", str(draft(tmp_path, "azure_openai", urls["azure_openai"])), capsys=capsys)
+
+    assert code == 1
+    assert "Verdict: NOT READY" in out
+    assert "authenticated      NO" in out
+    assert "401 from Azure OpenAI" in out
+    assert "fix: check api_key" in out
+    assert "wrong-key-1234" not in out
+
+
+async def test_titan_cannot_serve_runbooks_and_its_window_is_too_small(
+    urls: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = draft(tmp_path, "bedrock", urls["bedrock"], model_id='"amazon.titan-text-express-v1"')
+
+    code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert report.tool_calling == "no"
+    assert report.structured_output == "none"
+    assert report.context_window == 8192
+    failed = {c.requirement: c for c in report.checks if c.status == "fail"}
+    assert set(failed) == {"tool_calling", "context_window"}
+    assert "Claude 3+" in (failed["tool_calling"].fix or "")
+
+
+async def test_ollama_model_without_tools_capability_is_reported(
+    urls: dict[str, str], fake_ollama: FakeOllama, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_ollama.capabilities = ["completion"]
+
+    code, out = await run_cli("--config", str(draft(tmp_path, "ollama", urls["ollama"])), "--json", capsys=capsys)
+
+    assert code == 1
+    assert ConnectionReport.model_validate_json(out).tool_calling == "no"
+
+
+async def test_unreachable_endpoint_says_check_the_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 9 (discard) on loopback: nothing listens there.
+    code, out = await run_cli("--config", str(draft(tmp_path, "ollama", "http://127.0.0.1:9")), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert report.reachable is False
+    assert "check the endpoint URL" in (report.checks[0].fix or "")
+
+
+def test_invalid_draft_exits_2_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "draft.toml"
+    path.write_text(
+        '[provider]\nkind = "azure_openai"\nendpoint = "https://x/"\ndeployment = "d"\napi_key = "k"\n'
+        'api_version = "2023-05-15"\n'
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "test-connection", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 2
+    assert "provider.azure_openai.api_version" in done.stderr
+    assert "older than 2024-02-15-preview" in done.stderr
+
+
+# --- what a configuration carried in a message may not do ----------------------------------------------------
+
+
+async def test_message_config_with_secret_reference_is_refused() -> None:
+    settings = AzureOpenAISettings.model_validate(
+        {"kind": "azure_openai", "endpoint": "http://127.0.0.1:1/", "deployment": "d", "api_key": "env:HOME"}
+    )
+
+    with pytest.raises(ConfigRefused) as caught:
+        await check_draft_from_message(settings)
+
+    assert caught.value.code == "secret_reference_refused"
+    assert "provider.api_key" in caught.value.message
+
+
+async def test_message_config_assuming_a_role_with_the_workers_own_identity_is_refused() -> None:
+    settings = BedrockSettings.model_validate(
+        {"kind": "bedrock", "region": "eu-central-1", "model_id": "m", "role_arn": "arn:aws:iam::1:role/r"}
+    )
+
+    with pytest.raises(ConfigRefused) as caught:
+        await check_draft_from_message(settings)
+
+    assert "worker's own AWS identity" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        OpenAICompatibleSettings(kind="openai_compatible", base_url="http://169.254.169.254/latest/v1", model="m"),
+        OpenAICompatibleSettings(kind="openai_compatible", base_url="http://[fe80::1]:8000/v1", model="m"),
+        OpenAICompatibleSettings(kind="openai_compatible", base_url="http://2852039166/v1", model="m"),
+        OpenAICompatibleSettings(kind="openai_compatible", base_url="http://metadata.google.internal/v1", model="m"),
+        OpenAICompatibleSettings(kind="openai_compatible", base_url="file:///etc/passwd", model="m"),
+        BedrockSettings.model_validate(
+            {
+                "kind": "bedrock",
+                "region": "eu-central-1",
+                "model_id": "m",
+                "role_arn": "arn:aws:iam::1:role/r",
+                "endpoint_url": "http://127.0.0.1:1",
+                "sts_endpoint_url": "http://169.254.170.2/",
+            }
+        ),
+        VertexSettings.model_validate(
+            {
+                "kind": "vertex",
+                "project": "p",
+                "location": "l",
+                "model": "gemini-2.5-flash",
+                "base_url": "http://127.0.0.1:1",
+                "service_account": '{"token_uri": "http://169.254.169.254/token"}',
+            }
+        ),
+    ],
+    ids=["metadata-ip", "link-local-v6", "metadata-as-decimal", "metadata-name", "not-http", "sts", "token-uri"],
+)
+async def test_message_config_reaching_link_local_or_metadata_is_refused(settings: Any) -> None:
+    with pytest.raises(ConfigRefused) as caught:
+        await refuse_unsafe_endpoints(settings)
+
+    assert caught.value.code == "endpoint_refused"
+
+
+async def test_loopback_and_private_endpoints_stay_allowed() -> None:
+    for url in ("http://127.0.0.1:8000/v1", "http://localhost:11434", "http://10.1.2.3:8000/v1"):
+        await refuse_unsafe_endpoints(OpenAICompatibleSettings(kind="openai_compatible", base_url=url, model="m"))
+
+
+def test_blocked_addresses() -> None:
+    assert blocked_address("169.254.169.254")
+    assert blocked_address("::ffff:169.254.169.254")
+    assert blocked_address("fd00:ec2::254")
+    assert blocked_address("0.0.0.0")
+    assert not blocked_address("127.0.0.1")
+    assert not blocked_address("::1")
+    assert not blocked_address("192.168.1.10")
+
+
+async def test_guarded_resolver_never_hands_out_a_metadata_address() -> None:
+    resolver = GuardedResolver()
+    try:
+        with pytest.raises(OSError, match="refused"):
+            await resolver.resolve("169.254.169.254", 80)
+        assert [r["host"] for r in await resolver.resolve("127.0.0.1", 80)] == ["127.0.0.1"]
+    finally:
+        await resolver.close()
+
+
+async def test_configuration_the_sdk_refuses_is_reported_not_crashed() -> None:
+    settings = BedrockSettings.model_validate(
+        {
+            "kind": "bedrock",
+            "region": "eu-central-1",
+            "model_id": "anthropic.claude-3-5-sonnet-20240620-v1:0",
+            "access_key_id": "AKIAEXAMPLE",
+            "secret_access_key": "example-secret",
+            "endpoint_url": "not a url",
+        }
+    )
+
+    report = await check_connection(settings, lambda _: BedrockProvider(settings))
+
+    assert report.verdict == "not_ready"
+    assert report.reachable is False
+    assert "example-secret" not in report.model_dump_json()

@@ -1,0 +1,214 @@
+"""Vertex AI Gemini against its strict fake: service-account token flow, request shape, tools, every error class."""
+
+import asyncio
+import dataclasses
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from contracts import RcaResult, VertexSettings
+from tests.fakes.common import Fault
+from tests.fakes.fixtures import VertexFake, rsa_key
+from tests.fakes.vertex_server import service_account_json
+from tests.unit.providers.calls import call_for
+from worker.errors import ErrorClass, ProviderError
+from worker.providers.base import Finish
+from worker.providers.vertex import VertexProvider, gemini_schema
+
+
+def settings(vertex: VertexFake, key_file: Path, **overrides: object) -> dict[str, object]:
+    key_file.write_text(vertex.service_account)
+    return {
+        "kind": "vertex",
+        "project": "acme-prod",
+        "location": "europe-west4",
+        "model": "gemini-2.5-flash",
+        "service_account": f"file:{key_file}",
+        "base_url": vertex.fake.base_url,
+    } | overrides
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return tmp_path / "vertex-key.json"
+
+
+def provider(vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession, **overrides: object) -> VertexProvider:
+    return VertexProvider(VertexSettings.model_validate(settings(vertex, key_file, **overrides)), session)
+
+
+async def test_rca_gets_a_token_then_asks_for_json_with_the_schema(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    result = await provider(fake_vertex, key_file, session).complete(call_for("rca", settings(fake_vertex, key_file)))
+
+    assert fake_vertex.fake.tokens_issued == ["ya29.fake-0"]
+    body = fake_vertex.fake.requests[0]
+    assert body["generationConfig"]["responseMimeType"] == "application/json"
+    assert "probable_causes" in body["generationConfig"]["responseJsonSchema"]["properties"]
+    assert body["systemInstruction"]["parts"][0]["text"].startswith("You are a senior site reliability engineer")
+    assert result.model == "gemini-2.5-flash-001"
+    assert result.input_tokens > 0
+    assert result.output_tokens > 0
+    RcaResult.model_validate_json(result.text or "")
+
+
+async def test_runbook_forces_function_calling_and_returns_tool_calls(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    result = await provider(fake_vertex, key_file, session).complete(
+        call_for("runbook", settings(fake_vertex, key_file))
+    )
+
+    body = fake_vertex.fake.requests[0]
+    assert body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
+    assert "parametersJsonSchema" in body["tools"][0]["functionDeclarations"][0]
+    assert result.finish is Finish.TOOL_CALLS
+    assert result.tool_calls[0].name == "run_diagnostic"
+
+
+async def test_token_is_cached_and_shared_by_concurrent_calls(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    vertex = provider(fake_vertex, key_file, session)
+    call = call_for("summary", settings(fake_vertex, key_file))
+
+    await asyncio.gather(*(vertex.complete(call) for _ in range(5)))
+    await vertex.complete(call)
+
+    assert len(fake_vertex.fake.tokens_issued) == 1
+    assert len(fake_vertex.fake.requests) == 6
+
+
+async def test_revoked_token_is_refreshed_once_and_the_call_succeeds(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    vertex = provider(fake_vertex, key_file, session)
+    call = call_for("summary", settings(fake_vertex, key_file))
+    await vertex.complete(call)
+    fake_vertex.fake.revoke_all()
+
+    result = await vertex.complete(call)
+
+    assert result.text
+    assert len(fake_vertex.fake.tokens_issued) == 2
+
+
+async def test_key_not_matching_the_accounts_public_key_is_auth(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    impostor = dataclasses.replace(
+        fake_vertex, service_account=service_account_json(rsa_key(1), fake_vertex.fake.token_uri)
+    )
+
+    with pytest.raises(ProviderError) as caught:
+        await provider(impostor, key_file, session).complete(call_for("summary", settings(impostor, key_file)))
+
+    assert caught.value.error_class is ErrorClass.AUTH
+    assert "Invalid JWT Signature" in caught.value.message
+    assert fake_vertex.fake.tokens_issued == []
+
+
+def test_palm_model_is_refused_as_retired(fake_vertex: VertexFake, key_file: Path) -> None:
+    with pytest.raises(ProviderError, match=r"retired.*Gemini") as caught:
+        VertexProvider(VertexSettings.model_validate(settings(fake_vertex, key_file, model="text-bison@002")), None)  # type: ignore[arg-type]
+
+    assert caught.value.code == "model_retired"
+
+
+async def test_unknown_model_is_not_found(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    with pytest.raises(ProviderError) as caught:
+        await provider(fake_vertex, key_file, session, model="gemini-9").complete(
+            call_for("summary", settings(fake_vertex, key_file))
+        )
+
+    assert caught.value.error_class is ErrorClass.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class", "code"),
+    [
+        (Fault("rate_limit", 4), ErrorClass.RATE_LIMITED, "rate_limited"),
+        (Fault("server_error"), ErrorClass.TRANSIENT, "provider_unavailable"),
+        (Fault("forbidden"), ErrorClass.AUTH, "forbidden"),
+        (Fault("context_overflow"), ErrorClass.CONTEXT_OVERFLOW, "context_overflow"),
+        (Fault("malformed"), ErrorClass.TRANSIENT, "malformed_response"),
+        (Fault("hang"), ErrorClass.TRANSIENT, "timeout"),
+    ],
+)
+async def test_errors_are_classified(
+    fake_vertex: VertexFake,
+    key_file: Path,
+    session: aiohttp.ClientSession,
+    fault: Fault,
+    error_class: ErrorClass,
+    code: str,
+) -> None:
+    fake_vertex.fake.faults.push(fault)
+    call = dataclasses.replace(
+        call_for("summary", settings(fake_vertex, key_file)), timeout_s=0.5 if fault.kind == "hang" else 30
+    )
+
+    with pytest.raises(ProviderError) as caught:
+        await provider(fake_vertex, key_file, session).complete(call)
+
+    assert (caught.value.error_class, caught.value.code) == (error_class, code)
+    if fault.kind == "rate_limit":
+        assert caught.value.retry_after_s == 4
+
+
+@pytest.mark.parametrize(
+    ("fault", "finish"),
+    [
+        (Fault("truncated"), Finish.LENGTH),
+        (Fault("content_filter"), Finish.CONTENT_FILTER),
+        (Fault("content_filter_prompt"), Finish.CONTENT_FILTER),
+    ],
+)
+async def test_http_200_endings_are_reported_as_finish(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession, fault: Fault, finish: Finish
+) -> None:
+    fake_vertex.fake.faults.push(fault)
+
+    result = await provider(fake_vertex, key_file, session).complete(call_for("rca", settings(fake_vertex, key_file)))
+
+    assert result.finish is finish
+
+
+async def test_rotated_key_file_is_used_at_the_next_refresh_without_a_restart(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    vertex = provider(fake_vertex, key_file, session)
+    call = call_for("summary", settings(fake_vertex, key_file))
+    await vertex.complete(call)
+    rotated = rsa_key(2)
+    await asyncio.to_thread(key_file.write_text, service_account_json(rotated, fake_vertex.fake.token_uri))
+    fake_vertex.fake.public_key = rotated.public_key()  # the old key is deleted in IAM
+    fake_vertex.fake.revoke_all()
+
+    result = await vertex.complete(call)
+
+    assert result.text
+    assert len(fake_vertex.fake.tokens_issued) == 2
+
+
+def test_schemas_are_cut_to_the_keywords_vertex_supports() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 500, "minLength": 1},
+            "cause": {"$ref": "#/$defs/Cause", "description": "the likeliest"},
+        },
+        "$defs": {"Cause": {"type": "object", "properties": {"pattern": {"type": "string", "pattern": "^a"}}}},
+        "required": ["title"],
+    }
+
+    assert gemini_schema(schema) == {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "cause": {"$ref": "#/$defs/Cause"}},
+        "$defs": {"Cause": {"type": "object", "properties": {"pattern": {"type": "string"}}}},
+        "required": ["title"],
+    }

@@ -1,0 +1,101 @@
+"""Metrics bookkeeping without a broker: tenant labels stay bounded, breaker state is one-hot, nothing leaks."""
+
+from datetime import UTC, datetime
+
+import pytest
+from prometheus_client import generate_latest
+
+from contracts import ErrorInfo, InferenceReply, Provenance, Status, Timings, Usage
+from tests.ops.scrape import Samples
+from worker.consumer import Settled
+from worker.ops.metrics import Metrics, endpoint_label
+from worker.outcome import DeadLetter, Reply, RequestIds, Reroute
+
+CONFIGURED = {"acme"}
+
+
+def scrape(metrics: Metrics) -> Samples:
+    return Samples(generate_latest(metrics.registry).decode())
+
+
+def reply(tenant: str, status: Status = Status.OK) -> InferenceReply:
+    now = datetime.now(UTC)
+    return InferenceReply(
+        request_id="r-1",
+        tenant_id=tenant,
+        task="rca",
+        status=status,
+        usage=Usage(input_tokens=1200, output_tokens=300),
+        provenance=Provenance(provider_kind="azure_openai", attempts=1),
+        timings=Timings(received_at=now, replied_at=now, provider_ms=1500.0),
+    )
+
+
+def test_only_tenants_with_a_config_file_become_label_values() -> None:
+    metrics = Metrics(CONFIGURED.__contains__)
+    for tenant in ("acme", "random-1", "random-2"):
+        metrics.observe(Settled(RequestIds("r", tenant, "rca"), Reply(reply(tenant)), "replied", 10.0))
+
+    samples = scrape(metrics)
+
+    assert samples.label_values("tenant") == {"acme", "other"}
+    assert samples.value("atlas_worker_settled_total", tenant="other") == 2
+    assert samples.value("atlas_worker_tokens_total", tenant="acme", direction="input") == 1200
+    assert samples.value("atlas_worker_provider_latency_seconds_sum", provider_kind="azure_openai") == 4.5
+
+
+def test_unroutable_reply_and_reroute_are_counted_as_dead_letters_with_their_reason() -> None:
+    metrics = Metrics(CONFIGURED.__contains__)
+    lost = Reply(reply("acme", Status.OK))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), lost, "dead_lettered", 10.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reroute("transient"), "dead_lettered", 10.0))
+    dead = DeadLetter("exhausted", ErrorInfo(code="timeout", message="slow"), "azure_openai", 5)
+    metrics.observe(
+        Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme", Status.FAILED), dead), "dead_lettered", 1.0)
+    )
+
+    samples = scrape(metrics)
+
+    assert samples.value("atlas_worker_unroutable_total", kind="reply") == 2
+    assert samples.value("atlas_worker_unroutable_total", kind="reroute") == 1
+    assert samples.value("atlas_worker_dead_letters_total", reason="reply_unroutable") == 1
+    assert samples.value("atlas_worker_dead_letters_total", reason="reroute_unroutable") == 1
+    assert samples.value("atlas_worker_dead_letters_total", reason="exhausted") == 1
+    assert samples.value("atlas_worker_reroutes_total") == 0
+
+
+def test_breaker_state_is_one_hot_per_tenant_endpoint() -> None:
+    metrics = Metrics(CONFIGURED.__contains__)
+    endpoint = "https://user:pw@acme-ai.openai.azure.com/openai?api-key=abc"
+
+    metrics.breaker_state("acme", endpoint, "open")
+    metrics.breaker_state("acme", endpoint, "half_open")
+
+    samples = scrape(metrics)
+    where = "https://acme-ai.openai.azure.com/openai"
+    assert samples.value("atlas_worker_breaker_state", tenant="acme", endpoint=where, state="half_open") == 1
+    assert samples.value("atlas_worker_breaker_state", tenant="acme", endpoint=where, state="open") == 0
+    assert samples.value("atlas_worker_breaker_state", tenant="acme", endpoint=where, state="closed") == 0
+    assert "pw@" not in samples.text
+    assert "api-key" not in samples.text
+    with pytest.raises(ValueError, match="unknown breaker state"):
+        metrics.breaker_state("acme", endpoint, "ajar")
+
+
+def test_two_workers_in_one_process_keep_separate_counts() -> None:
+    first, second = Metrics(CONFIGURED.__contains__), Metrics(CONFIGURED.__contains__)
+    first.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 1.0))
+    assert scrape(first).value("atlas_worker_settled_total") == 1
+    assert scrape(second).value("atlas_worker_settled_total") == 0
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "label"),
+    [
+        ("http://vllm:8000/v1", "http://vllm:8000/v1"),
+        ("https://bedrock-runtime.us-east-1.amazonaws.com", "https://bedrock-runtime.us-east-1.amazonaws.com"),
+        ("us-east-1", "us-east-1"),
+    ],
+)
+def test_endpoint_labels_keep_where_but_not_credentials(endpoint: str, label: str) -> None:
+    assert endpoint_label(endpoint) == label

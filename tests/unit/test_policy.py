@@ -1,0 +1,98 @@
+"""The fallback decision table, row by row, without a broker."""
+
+import itertools
+
+import pytest
+
+from contracts import FallbackPolicy, Status
+from worker.errors import ErrorClass
+from worker.ladder import RetryLadder
+from worker.policy import Action, Decision, decide
+
+LADDER = RetryLadder(base_s=1.0, factor=2.5, levels=8)
+FAIL_CLOSED, RETRY, CLOUD = FallbackPolicy.FAIL_CLOSED, FallbackPolicy.QUEUE_AND_RETRY, FallbackPolicy.ATLAS_CLOUD
+UNAVAILABLE = Decision(Action.REPLY, Status.UNAVAILABLE)
+FAILED_DLQ = Decision(Action.REPLY, Status.FAILED, dead_letter=True)
+REROUTE = Decision(Action.REROUTE)
+
+
+def outcome(
+    error: ErrorClass,
+    policy: FallbackPolicy,
+    attempts: int = 1,
+    time_left_s: float | None = None,
+    retry_after_s: float | None = None,
+) -> Decision:
+    decision = decide(
+        error,
+        policy,
+        attempts=attempts,
+        max_attempts=5,
+        time_left_s=time_left_s,
+        ladder=LADDER,
+        retry_after_s=retry_after_s,
+    )
+    # Compare the what, not the human-readable why.
+    return Decision(decision.action, decision.status, decision.dead_letter, decision.retry_level)
+
+
+@pytest.mark.parametrize(
+    ("error", "fail_closed", "atlas_cloud"),
+    [
+        (ErrorClass.TRANSIENT, UNAVAILABLE, REROUTE),
+        (ErrorClass.RATE_LIMITED, UNAVAILABLE, REROUTE),
+        (ErrorClass.QUOTA, UNAVAILABLE, REROUTE),
+        (ErrorClass.AUTH, UNAVAILABLE, REROUTE),
+        (ErrorClass.NOT_FOUND, UNAVAILABLE, REROUTE),
+        (ErrorClass.BAD_REQUEST, FAILED_DLQ, FAILED_DLQ),
+        (ErrorClass.CONTENT_FILTERED, FAILED_DLQ, FAILED_DLQ),
+        (ErrorClass.CONTEXT_OVERFLOW, FAILED_DLQ, FAILED_DLQ),
+    ],
+)
+def test_fail_closed_and_atlas_cloud_rows(error: ErrorClass, fail_closed: Decision, atlas_cloud: Decision) -> None:
+    assert outcome(error, FAIL_CLOSED) == fail_closed
+    assert outcome(error, CLOUD) == atlas_cloud
+
+
+@pytest.mark.parametrize("error", [ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED])
+def test_queue_and_retry_climbs_the_ladder_then_fails_and_dead_letters(error: ErrorClass) -> None:
+    assert [outcome(error, RETRY, attempts=n).retry_level for n in (1, 2, 3, 4)] == [0, 1, 2, 3]
+    assert outcome(error, RETRY, attempts=5) == FAILED_DLQ
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ErrorClass.QUOTA,
+        ErrorClass.AUTH,
+        ErrorClass.NOT_FOUND,
+        ErrorClass.BAD_REQUEST,
+        ErrorClass.CONTENT_FILTERED,
+        ErrorClass.CONTEXT_OVERFLOW,
+    ],
+)
+def test_queue_and_retry_does_not_retry_what_a_retry_cannot_fix(error: ErrorClass) -> None:
+    assert outcome(error, RETRY) == FAILED_DLQ
+
+
+def test_retry_that_would_come_back_after_the_deadline_expires_instead() -> None:
+    assert outcome(ErrorClass.TRANSIENT, RETRY, attempts=3, time_left_s=7.0).retry_level == 2  # 6.25 s fits
+    assert outcome(ErrorClass.TRANSIENT, RETRY, attempts=3, time_left_s=6.0) == Decision(
+        Action.REPLY, Status.EXPIRED, dead_letter=True
+    )
+
+
+def test_retry_after_picks_the_first_level_at_least_that_long() -> None:
+    assert outcome(ErrorClass.RATE_LIMITED, RETRY, attempts=1, retry_after_s=5.0).retry_level == 2  # 6.25 s
+    assert outcome(ErrorClass.RATE_LIMITED, RETRY, attempts=1, retry_after_s=1.0).retry_level == 0
+    # Never earlier than the backoff would have been.
+    assert outcome(ErrorClass.RATE_LIMITED, RETRY, attempts=4, retry_after_s=1.0).retry_level == 3
+    # Longer than the whole ladder: the last level.
+    assert outcome(ErrorClass.RATE_LIMITED, RETRY, attempts=1, retry_after_s=10_000).retry_level == 7
+
+
+def test_default_ladder_spans_about_a_second_to_about_ten_minutes() -> None:
+    delays = RetryLadder().delays_s
+    assert delays[0] == 1.0
+    assert 500 <= delays[-1] <= 700
+    assert all(later > earlier for earlier, later in itertools.pairwise(delays))

@@ -1,0 +1,1 @@
+"""Operating the worker: health and metrics server, dead-letter commands, topology export."""

@@ -1,0 +1,150 @@
+"""What `atlas-worker dlq …` and `atlas-worker topology …` do once their arguments are parsed."""
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+
+import aio_pika
+
+from contracts import Topology
+from worker.ladder import RetryLadder
+from worker.ops.definitions import declare_everything, definitions, render
+from worker.ops.dlq import DeadLetterQueue, Progress, Selection, detail, render_detail, row, table
+from worker.ops.redact import redact_text
+from worker.topology import topology_spec
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    return Selection(
+        ids=frozenset(getattr(args, "ids", None) or ()),
+        tenant=args.tenant,
+        task=args.task,
+        reason=args.reason,
+        everything=getattr(args, "all", False),
+    )
+
+
+def _confirm(question: str) -> bool:
+    print(f"{question} [y/N] ", end="", flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    topology = Topology(args.namespace)
+    try:
+        connection = await aio_pika.connect(args.amqp_url)
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        print(f"cannot reach the broker at {redact_text(args.amqp_url)}: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    try:
+        dlq = DeadLetterQueue(connection, topology)
+        try:
+            return await _DLQ_COMMANDS[args.dlq_command](dlq, args)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            print(f"{exc}: declare the topology first (`atlas-worker topology declare`)", file=sys.stderr)
+            return 2
+    finally:
+        await connection.close()
+
+
+async def _list(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
+    views, total = await dlq.browse(limit=args.limit)
+    selection = _selection(args)
+    shown = [v for v in views if selection.matches(v)]
+    now = datetime.now(UTC)
+    if args.json:
+        print(json.dumps([row(v, now) for v in shown], indent=2))
+        return 0
+    if not shown:
+        print(f"no dead letters{' matching' if not selection.is_empty else ''} in {dlq.topology.dead}")
+    else:
+        print(table(shown, now))
+    summary = f"{len(shown)} shown of {total} in {dlq.topology.dead}"
+    if total > len(views):
+        summary += f" (looked at the first {len(views)}; raise --limit to see more)"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+async def _show(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
+    views, _ = await dlq.browse()
+    found = [v for v in views if v.id == args.id]
+    if not found:
+        print(f"no dead letter with id {args.id!r} in {dlq.topology.dead}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([detail(v) for v in found], indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(render_detail(v) for v in found))
+    return 0
+
+
+async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
+    selection = _selection(args)
+    if selection.is_empty:
+        print("say which dead letters to replay: IDs, --tenant/--task/--reason, or --all", file=sys.stderr)
+        return 2
+    total = await dlq.count()
+    progress = Progress("replayed", total)
+    try:
+        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress)
+    except aio_pika.exceptions.PublishError:
+        print(
+            f"stopped after {progress.done}: {dlq.topology.requests} did not route a copy to any queue; "
+            "the rest are still dead letters",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"replayed {replayed} dead letter(s) to {dlq.topology.requests}")
+    if selection.ids and not replayed:
+        print(f"no dead letter with id {', '.join(sorted(selection.ids))} in {dlq.topology.dead}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
+    selection = _selection(args)
+    if selection.is_empty:
+        selection = Selection(everything=True)
+    total = await dlq.count()
+    what = "every dead letter" if selection.everything else "the matching dead letters"
+    question = f"Delete {what} from {dlq.topology.dead} (it holds {total}); this cannot be undone?"
+    if not args.yes and not _confirm(question):
+        print("nothing deleted")
+        return 1
+    purged = await dlq.purge(selection, progress=Progress("deleted", total))
+    print(f"deleted {purged} dead letter(s) from {dlq.topology.dead}")
+    return 0
+
+
+_DLQ_COMMANDS = {"list": _list, "show": _show, "replay": _replay, "purge": _purge}
+
+
+def dlq_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_dlq(args))
+
+
+def topology_command(args: argparse.Namespace) -> int:
+    topology = Topology(args.namespace)
+    ladder = RetryLadder(args.retry_base, args.retry_factor, args.retry_levels)
+    spec = topology_spec(topology, ladder, delivery_limit=args.delivery_limit)
+    if args.topology_command == "definitions":
+        document = definitions(spec, vhost=args.vhost, atlas_cloud_exchange=args.atlas_cloud_exchange)
+        print(render(document), end="")
+        return 0
+    try:
+        asyncio.run(declare_everything(args.amqp_url, spec, args.atlas_cloud_exchange))
+    except (OSError, aio_pika.exceptions.AMQPError) as exc:
+        print(f"cannot declare on {redact_text(args.amqp_url)}: {redact_text(str(exc))}", file=sys.stderr)
+        return 2
+    names = [name for name, _ in spec.exchanges] + [q.name for q in spec.queues]
+    print(f"declared {len(spec.exchanges)} exchanges and {len(spec.queues)} queues for {args.namespace!r}:")
+    for name in [*names, args.atlas_cloud_exchange]:
+        print(f"  {name}")
+    return 0

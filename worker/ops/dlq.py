@@ -1,0 +1,399 @@
+"""Dead-letter commands: list, show, replay and purge the messages parked on `{ns}.dead`.
+
+Browsing is non-destructive: messages are fetched with `basic.get` and left unacknowledged, and closing the
+channel returns them to the queue. Replay publishes a copy to `{ns}.requests` with publisher confirms and
+acks the dead letter only once the copy is confirmed, so a crash mid-replay can duplicate, never lose.
+"""
+
+import hashlib
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
+
+from contracts import REQUEST_ROUTING_KEY, Header, Topology
+from worker.ops.redact import redact, redact_text
+
+REPLAYED_AT = "atlas-replayed-at"
+REPLAYS = "atlas-replays"
+PUBLISH_TIMEOUT_S = 30.0
+# Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
+FAILURE_HEADERS = frozenset(
+    {
+        Header.REASON,
+        Header.ERROR_CODE,
+        Header.ERROR_CLASS,
+        Header.ERROR_MESSAGE,
+        Header.FIRST_FAILURE_AT,
+        Header.LAST_FAILURE_AT,
+        Header.DEAD_LETTERED_AT,
+        Header.ORIGINAL_EXCHANGE,
+        Header.ORIGINAL_ROUTING_KEY,
+        Header.RETRY_LEVEL,
+        Header.PROVIDER_KIND,
+        Header.DEFERRALS,
+    }
+)
+
+
+@dataclass(frozen=True)
+class DeadLetterView:
+    """One dead letter as an operator sees it."""
+
+    id: str
+    request_id: str | None
+    tenant: str | None
+    task: str | None
+    reason: str
+    error_code: str | None
+    attempts: int
+    dead_lettered_at: datetime | None
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    body: bytes
+
+    def age_s(self, now: datetime) -> float | None:
+        return (now - self.dead_lettered_at).total_seconds() if self.dead_lettered_at else None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters a command applies to: by id, and/or by tenant, task, reason."""
+
+    ids: frozenset[str] = frozenset()
+    tenant: str | None = None
+    task: str | None = None
+    reason: str | None = None
+    everything: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.ids or self.tenant or self.task or self.reason or self.everything)
+
+    def matches(self, view: DeadLetterView) -> bool:
+        return (
+            (not self.ids or view.id in self.ids)
+            and (self.tenant is None or view.tenant == self.tenant)
+            and (self.task is None or view.task == self.task)
+            and (self.reason is None or view.reason == self.reason)
+        )
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _time(value: Any) -> datetime | None:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _body_fields(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def describe(message: AbstractIncomingMessage) -> DeadLetterView:
+    """Reads why a message is here: our `atlas-*` headers when the worker parked it, else the broker's
+    `x-death` (e.g. `delivery_limit` when the worker crashed on it again and again)."""
+    headers = dict(message.headers or {})
+    body = message.body
+    fields = _body_fields(body)
+    request_id = _text(headers.get(Header.REQUEST_ID)) or _text(fields.get("request_id"))
+    message_id = _text(message.message_id)
+    ident = message_id or request_id or hashlib.sha256(body).hexdigest()[:16]
+    deaths = headers.get("x-death")
+    last_death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    if Header.DEAD_LETTERED_AT in headers:
+        reason = _text(headers.get(Header.REASON)) or "unknown"
+        at = _time(headers.get(Header.DEAD_LETTERED_AT))
+    else:
+        reason = _text(last_death.get("reason")) or _text(headers.get("x-first-death-reason")) or "unknown"
+        at = _time(last_death.get("time"))
+    attempts = headers.get(Header.ATTEMPTS)
+    properties = {
+        "message_id": message_id,
+        "correlation_id": _text(message.correlation_id),
+        "reply_to": _text(message.reply_to),
+        "content_type": _text(message.content_type),
+        "timestamp": message.timestamp,
+        "app_id": _text(message.app_id),
+    }
+    return DeadLetterView(
+        id=ident,
+        request_id=request_id,
+        tenant=_text(headers.get(Header.TENANT_ID)) or _text(fields.get("tenant_id")),
+        task=_text(headers.get(Header.TASK)) or _text(fields.get("task")),
+        reason=reason,
+        error_code=_text(headers.get(Header.ERROR_CODE)),
+        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
+        dead_lettered_at=at or _time(message.timestamp),
+        headers=headers,
+        properties={k: v for k, v in properties.items() if v is not None},
+        body=body,
+    )
+
+
+class Progress:
+    """Counts long operations on stderr: in place on a terminal, a line every `every` items otherwise."""
+
+    def __init__(self, verb: str, total: int, out: TextIO = sys.stderr, every: int = 100) -> None:
+        self._verb, self._total, self._out, self._every = verb, total, out, every
+        self._tty = out.isatty()
+        self.done = 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self._tty:
+            self._out.write(f"\r{self._verb} {self.done}/{self._total}")
+            self._out.flush()
+        elif self.done % self._every == 0:
+            self._out.write(f"{self._verb} {self.done}/{self._total}\n")
+
+    def finish(self) -> None:
+        if self._tty and self.done:
+            self._out.write("\n")
+
+
+@dataclass
+class DeadLetterQueue:
+    """The `{ns}.dead` queue of one namespace, over one broker connection."""
+
+    connection: AbstractConnection
+    topology: Topology
+
+    async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
+        return await channel.declare_queue(self.topology.dead, passive=True)
+
+    async def count(self) -> int:
+        channel = await self.connection.channel()
+        try:
+            queue = await self._queue(channel)
+            return queue.declaration_result.message_count or 0
+        finally:
+            await channel.close()
+
+    async def browse(self, limit: int | None = None) -> tuple[list[DeadLetterView], int]:
+        """Up to `limit` dead letters in queue order, and how many the queue holds. Nothing is removed."""
+        channel = await self.connection.channel()
+        try:
+            queue = await self._queue(channel)
+            total = queue.declaration_result.message_count or 0
+            views = []
+            # Bounded by the count at the start: messages that arrive meanwhile are not this snapshot's.
+            for _ in range(total if limit is None else min(total, limit)):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                views.append(describe(message))
+            return views, total
+        finally:
+            await channel.close()  # returns every fetched message to the queue
+
+    async def take(
+        self,
+        selection: Selection,
+        act: Callable[[AbstractIncomingMessage, DeadLetterView], Awaitable[None]],
+        progress: Progress | None = None,
+    ) -> int:
+        """Run `act` on each selected dead letter, then ack it. A message whose `act` raises is not acked,
+        and neither are the unselected ones: closing the channel returns them all to the queue."""
+        channel = await self.connection.channel()
+        done = 0
+        try:
+            queue = await self._queue(channel)
+            for _ in range(queue.declaration_result.message_count or 0):
+                message = await queue.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                view = describe(message)
+                if not selection.matches(view):
+                    continue
+                await act(message, view)
+                await message.ack()
+                done += 1
+                if progress is not None:
+                    progress.step()
+        finally:
+            if progress is not None:
+                progress.finish()
+            await channel.close()
+        return done
+
+    async def replay(self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None) -> int:
+        channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        try:
+            exchange = await channel.get_exchange(self.topology.requests, ensure=False)
+
+            async def republish(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
+                copy = aio_pika.Message(
+                    message.body,
+                    headers=replay_headers(view.headers, keep_attempts=keep_attempts),
+                    content_type=message.content_type,
+                    content_encoding=message.content_encoding,
+                    correlation_id=message.correlation_id,
+                    reply_to=message.reply_to,
+                    message_id=message.message_id,
+                    timestamp=message.timestamp,
+                    type=message.type,
+                    app_id=message.app_id,
+                    priority=message.priority,
+                    delivery_mode=DeliveryMode.PERSISTENT,
+                )
+                # Waits for the broker's confirm; raises if the copy was not routed to a queue.
+                await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+
+            return await self.take(selection, republish, progress)
+        finally:
+            await channel.close()
+
+    async def purge(self, selection: Selection, progress: Progress | None = None) -> int:
+        if selection.everything:
+            channel = await self.connection.channel()
+            try:
+                queue = await self._queue(channel)
+                result = await queue.purge()
+                return result.message_count or 0
+            finally:
+                await channel.close()
+
+        async def drop(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
+            return None
+
+        return await self.take(selection, drop, progress)
+
+
+def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
+    """The headers a replayed request carries: the publisher's own, none of the failure history (the
+    broker's `x-` headers included), attempts only if asked, and when it was replayed."""
+    kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
+    if not keep_attempts:
+        kept.pop(Header.ATTEMPTS, None)
+    replays = headers.get(REPLAYS)
+    kept[REPLAYS] = (replays if isinstance(replays, int) and not isinstance(replays, bool) else 0) + 1
+    kept[REPLAYED_AT] = datetime.now(UTC).isoformat()
+    return kept
+
+
+# --- output -------------------------------------------------------------------------------------------
+
+
+def format_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0, int(seconds))
+    for unit, size, smaller, smaller_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if seconds >= size:
+            rest = (seconds % size) // smaller_size
+            return f"{seconds // size}{unit}{rest}{smaller}" if rest else f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def row(view: DeadLetterView, now: datetime) -> dict[str, Any]:
+    """A view as JSON-ready data (`list --json`), masked."""
+    data = {
+        "id": view.id,
+        "request_id": view.request_id,
+        "tenant": view.tenant,
+        "task": view.task,
+        "reason": view.reason,
+        "error_code": view.error_code,
+        "error_message": _text(view.headers.get(Header.ERROR_MESSAGE)),
+        "attempts": view.attempts,
+        "dead_lettered_at": view.dead_lettered_at.isoformat() if view.dead_lettered_at else None,
+        "age_s": round(age, 3) if (age := view.age_s(now)) is not None else None,
+    }
+    masked: dict[str, Any] = redact(data)
+    return masked
+
+
+def table(views: Sequence[DeadLetterView], now: datetime) -> str:
+    columns = ("ID", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
+    lines = [
+        tuple(
+            redact_text(cell)
+            for cell in (
+                v.id,
+                v.tenant or "-",
+                v.task or "-",
+                v.reason,
+                v.error_code or "-",
+                str(v.attempts),
+                format_age(v.age_s(now)),
+            )
+        )
+        for v in views
+    ]
+    widths = [max(len(columns[i]), *(len(line[i]) for line in lines)) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in (columns, *lines)
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _printable(body: bytes, limit: int = 4000) -> str:
+    """Text as it is; anything else escaped, so control bytes never reach the operator's terminal."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\n\t" for c in text):
+        return text[:limit] + (f"… ({len(text) - limit} more characters)" if len(text) > limit else "")
+    return f"({len(body)} bytes, not text) {body[:limit]!r}"
+
+
+def detail(view: DeadLetterView) -> dict[str, Any]:
+    """Everything about one dead letter, masked: properties, headers and the body (parsed when JSON)."""
+    try:
+        body: Any = orjson.loads(view.body)
+    except orjson.JSONDecodeError:
+        body = _printable(view.body)
+    shown: dict[str, Any] = redact(
+        _plain({"id": view.id, "reason": view.reason, "properties": view.properties, "headers": view.headers})
+    )
+    shown["body"] = redact(body)
+    return shown
+
+
+def render_detail(view: DeadLetterView) -> str:
+    shown = detail(view)
+    out = [f"id:      {shown['id']}", f"reason:  {shown['reason']}", "properties:"]
+    out += [f"  {k}: {v}" for k, v in shown["properties"].items()]
+    out.append("headers:")
+    for key in sorted(shown["headers"]):
+        value = shown["headers"][key]
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out.append(f"  {key}: {text}")
+    out.append("body:")
+    body = shown["body"]
+    out.append(body if isinstance(body, str) else json.dumps(body, indent=2, ensure_ascii=False))
+    return "\n".join(out)

@@ -1,0 +1,141 @@
+"""Prometheus metrics for one worker, on a registry of its own, fed from each settled delivery."""
+
+from collections.abc import Callable
+from typing import Final
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from worker.consumer import Settled
+from worker.outcome import Defer, Reply, Reroute, Retry
+
+OTHER_TENANT: Final = "other"
+NONE: Final = "none"
+BREAKER_STATES: Final = ("closed", "open", "half_open")
+# Seconds; LLM calls run from well under a second (summaries on small models) to minutes (large RCAs).
+LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics:
+    """Every metric the worker exports. `tenant_known` decides which tenant ids may become label values:
+    ids with a configuration file are operator-controlled and few; any other id collapses to `other`."""
+
+    def __init__(self, tenant_known: Callable[[str], bool]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._tenant_known = tenant_known
+        r = self.registry
+        self.settled = Counter(
+            "atlas_worker_settled",
+            "Deliveries settled, by what was done, reply status, task, provider kind and tenant.",
+            ["result", "status", "task", "provider_kind", "tenant"],
+            registry=r,
+        )
+        self.provider_latency = Histogram(
+            "atlas_worker_provider_latency_seconds",
+            "Time the tenant's provider took to answer, for requests that got a reply.",
+            ["provider_kind", "task"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "atlas_worker_retries", "Requests parked on a retry level.", ["level", "tenant"], registry=r
+        )
+        self.reroutes = Counter(
+            "atlas_worker_reroutes",
+            "Requests republished to the Atlas Cloud exchange (their data left the tenant's network).",
+            ["reason", "tenant"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "atlas_worker_dead_letters",
+            "Requests the worker dead-lettered, by reason (broker delivery-limit dead letters are not counted here).",
+            ["reason", "tenant"],
+            registry=r,
+        )
+        self.unroutable = Counter(
+            "atlas_worker_unroutable",
+            "Replies or reroutes the broker returned because nothing was bound to receive them.",
+            ["kind"],
+            registry=r,
+        )
+        self.tokens = Counter(
+            "atlas_worker_tokens",
+            "Tokens counted by the tenant's provider.",
+            ["direction", "provider_kind", "tenant"],
+            registry=r,
+        )
+        self.breaker = Gauge(
+            "atlas_worker_breaker_state",
+            "Circuit breaker per tenant endpoint: 1 on the current state's series, 0 on the others.",
+            ["tenant", "endpoint", "state"],
+            registry=r,
+        )
+        self.in_flight = Gauge("atlas_worker_in_flight", "Deliveries being handled right now.", registry=r)
+        self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
+        self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
+        self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
+        for kind in ("reply", "reroute"):
+            self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
+
+    def tenant(self, tenant_id: str | None) -> str:
+        return tenant_id if tenant_id and self._tenant_known(tenant_id) else OTHER_TENANT
+
+    def observe(self, settled: Settled) -> None:
+        """Count one settled delivery. Called on the hot path: label lookups and increments only."""
+        tenant = self.tenant(settled.ids.tenant_id)
+        outcome = settled.outcome
+        task = settled.ids.task or NONE
+        status = NONE
+        provider_kind = NONE
+        match outcome:
+            case Reply(reply=reply, dead_letter=dead):
+                if reply is not None:
+                    status = reply.status.value
+                    provider_kind = reply.provenance.provider_kind or NONE
+                    if reply.timings.provider_ms > 0:
+                        self.provider_latency.labels(provider_kind, task).observe(reply.timings.provider_ms / 1000)
+                    usage = reply.usage
+                    if usage.input_tokens:
+                        self.tokens.labels("input", provider_kind, tenant).inc(usage.input_tokens)
+                    if usage.output_tokens:
+                        self.tokens.labels("output", provider_kind, tenant).inc(usage.output_tokens)
+                elif dead is not None:
+                    provider_kind = dead.provider_kind or NONE
+                if dead is not None:
+                    self.dead_letters.labels(dead.reason, tenant).inc()
+                if reply is not None and settled.done == "dead_lettered":
+                    # The reply came back unroutable; when the request had no dead letter of its own, the
+                    # settler parked it with reason reply_unroutable.
+                    self.unroutable.labels("reply").inc()
+                    if dead is None:
+                        self.dead_letters.labels("reply_unroutable", tenant).inc()
+            case Retry(level=level, provider_kind=kind):
+                provider_kind = kind or NONE
+                self.retries.labels(str(level), tenant).inc()
+            case Reroute(reason=reason, provider_kind=kind):
+                provider_kind = kind or NONE
+                if settled.done == "rerouted":
+                    self.reroutes.labels(reason, tenant).inc()
+                else:
+                    self.unroutable.labels("reroute").inc()
+                    self.dead_letters.labels("reroute_unroutable", tenant).inc()
+            case Defer():
+                pass
+        self.settled.labels(settled.done, status, task, provider_kind, tenant).inc()
+
+    def breaker_state(self, tenant_id: str, endpoint: str, state: str) -> None:
+        """Record a circuit breaker's new state (`closed`, `open` or `half_open`) for a tenant's endpoint."""
+        if state not in BREAKER_STATES:
+            raise ValueError(f"unknown breaker state {state!r}; expected one of {BREAKER_STATES}")
+        tenant, where = self.tenant(tenant_id), endpoint_label(endpoint)
+        for candidate in BREAKER_STATES:
+            self.breaker.labels(tenant, where, candidate).set(1 if candidate == state else 0)
+
+
+def endpoint_label(endpoint: str) -> str:
+    """scheme://host[:port]/path: no user info and no query string, which is where credentials hide."""
+    parts = urlsplit(endpoint)
+    if not parts.scheme or not parts.hostname:
+        return endpoint.split("?", 1)[0].rsplit("@", 1)[-1]
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"

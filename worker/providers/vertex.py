@@ -1,0 +1,326 @@
+"""Google Vertex AI Gemini `generateContent`, authorised by a service-account key through google-auth."""
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import google.auth.exceptions
+import google.auth.transport.requests
+import orjson
+from google.oauth2 import service_account
+
+from contracts import ToolCall, VertexSettings
+from worker.errors import ErrorClass, ProviderError
+from worker.providers.base import Finish, ModelCall, ModelResult
+from worker.providers.http import classify_status, json_object, malformed, retry_after_seconds, send_json
+from worker.secrets import resolve_secret
+
+SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+LOCATION = re.compile(r"[a-z][a-z0-9-]{1,40}")
+PALM_MODEL = re.compile(r"^(text|chat|code|codechat)-(bison|unicorn|gecko)|^textembedding-gecko")
+FINISH = {
+    "STOP": Finish.STOP,
+    "MAX_TOKENS": Finish.LENGTH,
+    "SAFETY": Finish.CONTENT_FILTER,
+    "RECITATION": Finish.CONTENT_FILTER,
+    "BLOCKLIST": Finish.CONTENT_FILTER,
+    "PROHIBITED_CONTENT": Finish.CONTENT_FILTER,
+    "SPII": Finish.CONTENT_FILTER,
+    "IMAGE_SAFETY": Finish.CONTENT_FILTER,
+}
+
+
+def classify_vertex(status: int, payload: bytes, headers: Mapping[str, str], who: str) -> ProviderError:
+    error = json_object(payload).get("error")
+    error = error if isinstance(error, dict) else {}
+    text = " ".join(str(error[k]) for k in ("status", "message") if error.get(k)) or payload[:300].decode(
+        "utf-8", "replace"
+    )
+    if status == 429:
+        # RESOURCE_EXHAUSTED on Vertex is per-minute quota or shared capacity: worth retrying with backoff.
+        return ProviderError(
+            ErrorClass.RATE_LIMITED,
+            f"429 from {who}: rate limited or out of per-minute quota ({text})",
+            code="rate_limited",
+            status=status,
+            retry_after_s=retry_after_seconds(headers),
+        )
+    if status == 401:
+        return ProviderError(
+            ErrorClass.AUTH,
+            f"401 from {who}: the access token was rejected; check service_account ({text})",
+            code="unauthorized",
+            status=status,
+        )
+    if status == 403:
+        return ProviderError(
+            ErrorClass.AUTH,
+            f"403 from {who}: the service account needs the Vertex AI User role and the Vertex AI API must be "
+            f"enabled in the project ({text})",
+            code="forbidden",
+            status=status,
+        )
+    if status == 404:
+        return ProviderError(
+            ErrorClass.NOT_FOUND,
+            f"404 from {who}: check the model name and that it is offered in the location ({text})",
+            code="model_not_found",
+            status=status,
+        )
+    return classify_status(status, text, headers, who)
+
+
+# The JSON Schema keywords Vertex documents for responseJsonSchema / parametersJsonSchema.
+SCHEMA_KEYWORDS = frozenset(
+    {"$id", "$defs", "$ref", "$anchor", "type", "format", "title", "description", "enum", "items", "prefixItems"}
+    | {"minItems", "maxItems", "minimum", "maximum", "anyOf", "oneOf", "properties", "additionalProperties"}
+    | {"required", "propertyOrdering"}
+)
+
+
+def gemini_schema(schema: Any) -> Any:
+    """The schema cut to what Vertex supports; the answer is validated against the full schema afterwards."""
+    if isinstance(schema, list):
+        return [gemini_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if "$ref" in schema:  # a $ref may have only $-keywords beside it
+        return {k: v for k, v in schema.items() if k.startswith("$")}
+    kept: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key not in SCHEMA_KEYWORDS:
+            continue
+        if key in ("properties", "$defs") and isinstance(value, dict):
+            kept[key] = {name: gemini_schema(sub) for name, sub in value.items()}
+        elif key in ("items", "anyOf", "oneOf", "prefixItems", "additionalProperties"):
+            kept[key] = gemini_schema(value)
+        else:
+            kept[key] = value
+    return kept
+
+
+def _contents(call: ModelCall) -> list[dict[str, Any]]:
+    contents: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # Gemini answers a function call by name, not by id
+    for turn in call.turns:
+        if turn.role == "tool":
+            name = names.get(turn.tool_call_id or "", turn.tool_call_id or "tool")
+            try:
+                response = orjson.loads(turn.content)
+            except orjson.JSONDecodeError:
+                response = turn.content
+            if not isinstance(response, dict):
+                response = {"content": response}
+            contents.append({"role": "user", "parts": [{"functionResponse": {"name": name, "response": response}}]})
+            continue
+        parts: list[dict[str, Any]] = [{"text": turn.content}] if turn.content else []
+        for c in turn.tool_calls:
+            parts.append({"functionCall": {"name": c.name, "args": c.arguments}})
+            if c.id:
+                names[c.id] = c.name
+        contents.append({"role": "model" if turn.role == "assistant" else "user", "parts": parts or [{"text": ""}]})
+    # Responses to parallel function calls belong in one turn, after the turn that made the calls.
+    merged: list[dict[str, Any]] = []
+    for content in contents:
+        if merged and merged[-1]["role"] == content["role"]:
+            merged[-1] = {"role": content["role"], "parts": merged[-1]["parts"] + content["parts"]}
+        else:
+            merged.append(content)
+    return merged
+
+
+def generate_body(call: ModelCall) -> dict[str, Any]:
+    generation: dict[str, Any] = {"maxOutputTokens": call.max_output_tokens}
+    if call.temperature is not None:
+        generation["temperature"] = call.temperature
+    if call.output_schema is not None:
+        generation["responseMimeType"] = "application/json"
+        generation["responseJsonSchema"] = gemini_schema(call.output_schema.schema)
+    body: dict[str, Any] = {
+        "systemInstruction": {"parts": [{"text": call.system}]},
+        "contents": _contents(call),
+        "generationConfig": generation,
+    }
+    if call.tools:
+        body["tools"] = [
+            {
+                "functionDeclarations": [
+                    {"name": t.name, "description": t.description, "parametersJsonSchema": gemini_schema(t.parameters)}
+                    for t in call.tools
+                ]
+            }
+        ]
+        config: dict[str, Any] = {"mode": {"auto": "AUTO", "required": "ANY", "none": "NONE"}.get(call.tool_choice)}
+        if config["mode"] is None:
+            config = {"mode": "ANY", "allowedFunctionNames": [call.tool_choice]}
+        body["toolConfig"] = {"functionCallingConfig": config}
+    return body
+
+
+def parse_generate(data: Any, who: str) -> ModelResult:
+    try:
+        usage = data.get("usageMetadata") or {}
+        input_tokens = int(usage.get("promptTokenCount") or 0)
+        # Thinking tokens are billed as output and count against maxOutputTokens.
+        output_tokens = int(usage.get("candidatesTokenCount") or 0) + int(usage.get("thoughtsTokenCount") or 0)
+        candidates = data.get("candidates") or []
+        if not candidates:
+            if (data.get("promptFeedback") or {}).get("blockReason"):
+                return ModelResult(None, Finish.CONTENT_FILTER, input_tokens, output_tokens, data.get("modelVersion"))
+            raise KeyError("candidates")
+        candidate = candidates[0]
+        parts = (candidate.get("content") or {}).get("parts") or []
+        text = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
+        calls = tuple(
+            ToolCall(
+                id=p["functionCall"].get("id") or f"call_{n}",
+                name=p["functionCall"]["name"],
+                arguments=p["functionCall"].get("args") or {},
+            )
+            for n, p in enumerate(parts)
+            if "functionCall" in p
+        )
+        finish = FINISH.get(candidate.get("finishReason") or "STOP", Finish.OTHER)
+        return ModelResult(
+            text=text or None,
+            # A function call ends with STOP; the parts say what happened.
+            finish=Finish.TOOL_CALLS if calls and finish is Finish.STOP else finish,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            model=data.get("modelVersion"),
+            tool_calls=calls,
+        )
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise malformed(who, f"unexpected shape ({type(exc).__name__}: {exc})") from exc
+
+
+class ServiceAccountToken:
+    """An OAuth access token for a service account, cached until google-auth considers it stale.
+
+    google-auth refreshes with blocking HTTP, so the refresh runs in a thread; the lock makes concurrent
+    calls share one refresh instead of each fetching a token.
+    """
+
+    def __init__(self, read_key: Callable[[], str]) -> None:
+        self._read_key = read_key
+        self._key: str | None = None
+        self._credentials: service_account.Credentials | None = None
+        self._lock = asyncio.Lock()
+
+    def _load(self, key: str) -> service_account.Credentials:
+        try:
+            info = orjson.loads(key)
+            credentials: service_account.Credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
+                info, scopes=[SCOPE]
+            )
+            return credentials
+        except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(
+                ErrorClass.AUTH,
+                f"service_account is not a valid service-account JSON key ({type(exc).__name__})",
+                code="service_account_invalid",
+            ) from None
+
+    async def get(self, *, stale: str | None = None) -> str:
+        """A valid token; `stale` is one the server refused, refreshed unless another call already did."""
+        async with self._lock:
+            current = self._credentials
+            if current is not None and current.valid and (stale is None or current.token != stale):
+                return str(current.token)
+            # Read the key again before each refresh, so a rotated key file is picked up without a restart.
+            key = self._read_key()
+            if self._credentials is None or key != self._key:
+                self._credentials, self._key = self._load(key), key
+            credentials = self._credentials
+            try:
+                await asyncio.to_thread(credentials.refresh, google.auth.transport.requests.Request())
+            except google.auth.exceptions.RefreshError as exc:
+                if getattr(exc, "retryable", False):
+                    raise ProviderError(
+                        ErrorClass.TRANSIENT, f"the token endpoint failed; try again ({exc.args[0]})"
+                    ) from None
+                raise ProviderError(
+                    ErrorClass.AUTH,
+                    f"the service account key was rejected by its token endpoint: check service_account "
+                    f"({exc.args[0]})",
+                    code="unauthorized",
+                ) from None
+            except google.auth.exceptions.TransportError as exc:
+                raise ProviderError(
+                    ErrorClass.TRANSIENT,
+                    f"cannot reach the service account's token endpoint: {type(exc).__name__}",
+                    code="unreachable",
+                ) from None
+            return str(credentials.token)
+
+
+class VertexProvider:
+    """Calls `…/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent`."""
+
+    kind = "vertex"
+
+    def __init__(self, settings: VertexSettings, session: aiohttp.ClientSession) -> None:
+        if not LOCATION.fullmatch(settings.location):
+            raise ProviderError(
+                ErrorClass.BAD_REQUEST,
+                f"location {settings.location!r} is not a Google Cloud location such as europe-west4 or global",
+                code="config_invalid",
+            )
+        if PALM_MODEL.match(settings.model):
+            raise ProviderError(
+                ErrorClass.BAD_REQUEST,
+                f"model {settings.model!r} is a PaLM model, retired by Google in April 2025; "
+                "use a Gemini model such as gemini-2.5-flash",
+                code="model_retired",
+            )
+        self._settings = settings
+        self._session = session
+        host = (
+            "aiplatform.googleapis.com"
+            if settings.location == "global"
+            else f"{settings.location}-aiplatform.googleapis.com"
+        )
+        self._base = (settings.base_url or f"https://{host}").rstrip("/")
+        self._url = (
+            f"{self._base}/v1/projects/{quote(settings.project, safe='')}/locations/{quote(settings.location, safe='')}"
+            f"/publishers/google/models/{quote(settings.model, safe='')}:generateContent"
+        )
+        self._who = f"Vertex AI ({settings.model} in {settings.project}/{settings.location})"
+        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account))
+
+    @property
+    def endpoint(self) -> str:
+        return self._base
+
+    @property
+    def model(self) -> str:
+        return self._settings.model
+
+    async def complete(self, call: ModelCall) -> ModelResult:
+        tokens = self._tokens
+        body = generate_body(call)
+        refused: str | None = None
+        for attempt in (1, 2):
+            token = await tokens.get(stale=refused)
+            try:
+                data = await send_json(
+                    self._session,
+                    "POST",
+                    self._url,
+                    body=body,
+                    headers={"Authorization": f"Bearer {token}"},
+                    timeout_s=call.timeout_s,
+                    who=self._who,
+                    classify=classify_vertex,
+                )
+            except ProviderError as exc:
+                # A token revoked or expired early: refresh once, as the reference advises for OAuth.
+                if exc.status == 401 and attempt == 1:
+                    refused = token
+                    continue
+                raise
+            return parse_generate(data, self._who)
+        raise AssertionError("unreachable")
