@@ -59,8 +59,16 @@ async def run(ladder: RetryLadder, requests: int, logs: Path) -> list[LevelResul
             )
             async with namespace("bench-ladder", ladder) as ns:
                 replies = await ns.reply_queue()
+                # The provider always fails: keep the circuit closed so every retry reaches it and is timed.
                 worker = Process(
-                    worker_argv(amqp_url(), ns.topology.namespace, tenants, prefetch=64, ladder=ladder),
+                    worker_argv(
+                        amqp_url(),
+                        ns.topology.namespace,
+                        tenants,
+                        prefetch=64,
+                        ladder=ladder,
+                        extra=["--breaker-failures", "1000000"],
+                    ),
                     logs / "ladder-worker.log",
                 )
                 await worker.start()

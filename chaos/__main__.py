@@ -61,9 +61,10 @@ def report(result: soak.SoakResult) -> bool:
             f"{len(accounting.inconsistent)} with differing outcomes",
         ),
         (
-            "duplicates from kills/cuts are identical",
+            "duplicates from kills/cuts are identical (status and result)",
             accounting.duplicates_differing == 0,
-            f"{accounting.duplicate_requests} requests had {accounting.duplicate_deliveries} duplicate deliveries",
+            f"{accounting.duplicate_requests} requests had {accounting.duplicate_deliveries} duplicate deliveries"
+            f" ({accounting.duplicates_other_error} of them ending on a different last error)",
         ),
         ("nothing left in requests/retry queues", left == 0, f"{left} left"),
         (
@@ -112,12 +113,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=100.0, help="requests published per second")
+    parser.add_argument(
+        "--breaker-cooldown", type=float, default=1.0, help="seconds an open circuit waits (worker flag; default 1)"
+    )
     parser.add_argument("--logs", type=Path, default=None, help="where worker logs go (default: a temp dir)")
     args = parser.parse_args()
     logs = args.logs or Path(tempfile.mkdtemp(prefix="chaos-"))
     logs.mkdir(parents=True, exist_ok=True)
     print(f"chaos soak: {args.requests} requests at {args.rate:g}/s, tenants {', '.join(soak.TENANTS)}", flush=True)
-    result = asyncio.run(soak.run(args.requests, args.rate, logs))
+    result = asyncio.run(soak.run(args.requests, args.rate, logs, args.breaker_cooldown))
     ok = report(result)
     print("\nALL INVARIANTS HOLD" if ok else "\nINVARIANT VIOLATED")
     return 0 if ok else 1

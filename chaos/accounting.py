@@ -18,8 +18,9 @@ class Observation:
     sink: str  # reply | dead | cloud
     request_id: str | None
     tenant_id: str | None
-    outcome: tuple[str, ...]  # what must be identical across duplicates
+    outcome: tuple[str, ...]  # what must be identical across duplicates: (sink, status or reason, result digest)
     correlation_ok: bool = True
+    error_code: str = "-"  # detail that may differ between copies (e.g. the last failure of a retried request)
 
 
 def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
@@ -32,8 +33,9 @@ def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
         "reply",
         request_id,
         reply.get("tenant_id"),
-        ("reply", str(reply.get("status")), digest, error),
+        ("reply", str(reply.get("status")), digest),
         correlation_ok=correlation_id == request_id,
+        error_code=error,
     )
 
 
@@ -55,6 +57,7 @@ class Accounting:
     duplicate_requests: int = 0
     duplicate_deliveries: int = 0
     duplicates_differing: int = 0  # requests delivered more than once whose copies do not all agree
+    duplicates_other_error: int = 0  # copies agree on status and result but name a different last error
     cloud_leaks: list[str] = field(default_factory=list)  # BYOC-only tenants seen on the Atlas Cloud exchange
     bad_correlation: int = 0
     unknown: int = 0  # observations for request ids that were never published
@@ -96,11 +99,13 @@ def account(
             result.duplicate_deliveries += extra
             if len(outcomes) > 1:
                 result.duplicates_differing += 1
+            elif len({o.error_code for o in terminal}) > 1:
+                result.duplicates_other_error += 1
         if policies.get(tenant_id) in BYOC_ONLY and any(o.sink == "cloud" for o in found):
             result.cloud_leaks.append(request_id)
         label = " ".join(terminal[0].outcome[:2]) if terminal[0].sink != "reply" else terminal[0].outcome[1]
-        if terminal[0].sink == "reply" and terminal[0].outcome[3] != "-":
-            label += f" ({terminal[0].outcome[3]})"
+        if terminal[0].sink == "reply" and terminal[0].error_code != "-":
+            label += f" ({terminal[0].error_code})"
         if dead:
             label += " + dead letter"
         result.by_tenant.setdefault(tenant_id, Counter())[label] += 1

@@ -80,7 +80,9 @@ def _free_port() -> int:
         return port
 
 
-async def run(requests: int, rate: float, logs: Path, settle_timeout_s: float = 240.0) -> SoakResult:
+async def run(
+    requests: int, rate: float, logs: Path, breaker_cooldown_s: float = 1.0, settle_timeout_s: float = 240.0
+) -> SoakResult:
     result = SoakResult(logs=logs)
     started = time.monotonic()
     providers: dict[str, FaultyProvider] = {}
@@ -142,7 +144,9 @@ async def run(requests: int, rate: float, logs: Path, settle_timeout_s: float = 
                     tenants_dir,
                     prefetch=64,
                     ladder=LADDER,
-                    extra=["--metrics-port", str(metrics_ports[n])],
+                    # A cooldown on the scale of the ladder (0.2–1.6 s): with the default 30 s, every retry of a
+                    # tenant whose circuit opened would meet it still open and use up its attempts.
+                    extra=["--metrics-port", str(metrics_ports[n]), "--breaker-cooldown", f"{breaker_cooldown_s:g}"],
                 )
                 workers.append(Process(argv, logs / f"worker-{n + 1}.log", env=env))
             for worker in workers:

@@ -56,6 +56,19 @@ def test_duplicates_with_different_answers_are_inconsistent() -> None:
     assert result.duplicates_differing == 1
 
 
+def test_copies_that_fail_alike_but_name_different_last_errors_agree() -> None:
+    result = account(
+        {"r1": "retry"},
+        POLICIES,
+        [
+            observe_reply(reply("r1", "retry", "failed", code="timeout"), "r1"),
+            observe_reply(reply("r1", "retry", "failed", code="circuit_open"), "r1"),
+        ],
+    )
+    assert result.inconsistent == []
+    assert result.duplicates_other_error == 1
+
+
 def test_failed_reply_with_dead_letter_is_one_outcome_but_dead_letter_with_answer_is_not() -> None:
     failed = observe_reply(reply("r1", "retry", "failed", code="timeout"), "r1")
     dead = observe_copy("dead", request("r1", "retry"), {"atlas-reason": "exhausted"})
