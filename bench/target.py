@@ -1,5 +1,4 @@
-"""The two things the throughput benchmark races, each in its own process: the worker with an instant
-in-process provider, and a plain aio-pika consume → publish reply → ack loop (the baseline).
+"""The two processes the throughput benchmark races: the worker with an instant provider, and a plain loop.
 
 `python -m bench.target worker|baseline --namespace NS --prefetch N [--tenants DIR]`; prints `ready` once
 consuming and runs until SIGTERM.

@@ -1,5 +1,4 @@
-"""`python -m chaos [--requests N] [--rate R]`: runs the soak, prints the accounting, exits 1 if any
-invariant fails."""
+"""`python -m chaos [--requests N] [--rate R]`: the soak, then its accounting; exits 1 if an invariant fails."""
 
 import argparse
 import asyncio

@@ -1,5 +1,8 @@
-"""Runs the soak: tenants of every policy on faulty providers, two workers behind a TCP proxy to the broker,
-requests at a steady rate, and on a schedule `kill -9` + restart of a worker or a cut of every connection."""
+"""Runs the soak: faulty tenant providers, two workers behind a TCP proxy, kills and cuts on a schedule.
+
+Requests are published at a steady rate straight to the broker; on a schedule a worker is `kill -9`ed and
+restarted, or every worker connection is cut at the proxy.
+"""
 
 import asyncio
 import contextlib
