@@ -11,7 +11,12 @@ FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
     "decode + validate request (pydantic)": (("decode (worker/consumer.py",),),
     "decode request (plain loop: orjson)": (("on_message (bench/target.py", "loads"),),
-    "prompt rendering (render_incident)": (("render_incident (",),),
+    "prompt building (build_call)": (("build_call (",),),
+    "thread-pool handoff (submit, wake-up, pool threads)": (
+        ("ThreadPoolExecutor.submit (",),
+        ("_write_to_self (",),
+        ("_worker (concurrent/futures/thread.py",),
+    ),
     "build the reply model (InferenceReply)": (("_reply (worker/handler.py",),),
     "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/settle.py", "model_dump ("),),
     "settle: publish + confirm + ack calls": (("settle (worker/settle.py",),),
