@@ -105,11 +105,17 @@ class _Cut:
 
 def fit(incident: IncidentContext, max_tokens: int) -> IncidentView:
     """The largest view of the incident, trimmed in the documented order, whose text fits `max_tokens`."""
+    return fit_and_render(incident, max_tokens)[0]
+
+
+def fit_and_render(incident: IncidentContext, max_tokens: int) -> tuple[IncidentView, str]:
+    """`fit`, with the view's text: the usual case (it fits whole) renders the incident once, not twice."""
     whole = IncidentView.whole(incident)
-    size = len(evidence.render(whole).encode())
+    text = evidence.render(whole)
+    size = len(text.encode())
     limit = max_tokens * BYTES_PER_TOKEN
     if size <= limit:
-        return whole
+        return whole, text
     limit -= NOTE_RESERVE_BYTES
     dropped: dict[str, set[Hashable]] = {}
     summary_cut = 0
@@ -120,7 +126,8 @@ def fit(incident: IncidentContext, max_tokens: int) -> IncidentView:
             break
     else:
         summary_cut = _summary_cut(incident.summary, size - limit + len("…".encode()))
-    return _view(incident, dropped, summary_cut)
+    view = _view(incident, dropped, summary_cut)
+    return view, evidence.render(view)
 
 
 def _cuts(incident: IncidentContext) -> Iterator[_Cut]:

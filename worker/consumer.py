@@ -1,7 +1,6 @@
 """The consumer loop: decode a delivery, hand it to the handler, settle the outcome (shielded), log it."""
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,6 +118,7 @@ class Consumer:
         self._tag = await self._queue.consume(self._on_delivery)
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+        # Handled in a task of our own, so a broker channel closing does not cancel a provider call midway.
         task = asyncio.create_task(self._process(message))
         self._working.add(task)
         task.add_done_callback(self._working.discard)
@@ -139,7 +139,7 @@ class Consumer:
                 assert isinstance(decoded, Malformed)
                 outcome = _rejected(decoded, ctx, has_reply_to=bool(message.reply_to))
         except asyncio.CancelledError:
-            await _return_to_queue(message)
+            await self._settler.return_to_queue(message)
             raise
         settling = asyncio.create_task(self._settler.settle(message, outcome, ids))
         self._settling.add(settling)
@@ -151,11 +151,11 @@ class Consumer:
         except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
             # Not confirmed, so not acked: the broker delivers it again (at-least-once).
             log.warning("settle_failed", error=f"{type(exc).__name__}: {exc}")
-            await _return_to_queue(message)
+            await self._settler.return_to_queue(message)
             return
         except Exception:
             log.exception("settle_failed")
-            await _return_to_queue(message)
+            await self._settler.return_to_queue(message)
             return
         self._report(Settled(ids, outcome, done, (time.monotonic() - started) * 1000))
 
@@ -218,13 +218,8 @@ class Consumer:
             await asyncio.wait(unfinished)
         if self._settling:
             await asyncio.wait(set(self._settling))
+        await self._settler.flush_acks()
         return len(unfinished)
-
-
-async def _return_to_queue(message: AbstractIncomingMessage) -> None:
-    # If the channel is gone, the broker requeues unacked deliveries itself.
-    with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.CancelledError):
-        await asyncio.shield(message.nack(requeue=True))
 
 
 def _timings(ctx: DeliveryContext) -> Timings:

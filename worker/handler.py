@@ -133,8 +133,7 @@ class Handler:
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request
         try:
-            # Off the event loop: fitting a very large incident takes a noticeable slice of CPU.
-            call.prepared = await asyncio.to_thread(build_call, request, tenant)
+            call.prepared = await _prepare(request, tenant)
             call.prompt_version = call.prepared.prompt_version
             provider = self._providers.get(tenant)  # bounded by the tenant's timeout, behind its breaker
             result = await self._complete_fitted(provider, call)
@@ -166,7 +165,7 @@ class Handler:
             if exc.error_class is not ErrorClass.CONTEXT_OVERFLOW:
                 raise
             tighter = budget.tighter(first.budget, exc.message)
-            smaller = await asyncio.to_thread(build_call, call.request, call.tenant, tighter)
+            smaller = await _prepare(call.request, call.tenant, tighter)
             if smaller.call == first.call:
                 raise  # nothing left to trim: the overflow stands
             log.info("context_overflow_retry", prompt_budget_tokens=smaller.budget.prompt_tokens)
@@ -325,6 +324,26 @@ def _reply(
         ),
         error=error,
     )
+
+
+# Incidents bigger than this are fitted off the event loop; smaller ones cost less than the thread hop.
+LARGE_INCIDENT_ITEMS = 2000
+LARGE_INCIDENT_LOG_CHARS = 200_000
+
+
+async def _prepare(
+    request: InferenceRequest, tenant: TenantConfig, fitted: budget.Budget | None = None
+) -> PreparedCall:
+    incident = request.incident
+    large = False
+    if incident is not None:
+        items = len(incident.logs) + len(incident.timeline) + sum(len(m.points) for m in incident.metrics)
+        large = (
+            items > LARGE_INCIDENT_ITEMS or sum(len(line.message) for line in incident.logs) > LARGE_INCIDENT_LOG_CHARS
+        )
+    if large:
+        return await asyncio.to_thread(build_call, request, tenant, fitted)
+    return build_call(request, tenant, fitted)
 
 
 def _configured_model(tenant: TenantConfig) -> str | None:

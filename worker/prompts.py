@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from contracts import InferenceRequest, RcaResult, Task, TenantConfig, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from worker import budget as budgets
-from worker import evidence
 from worker.budget import Budget
 from worker.evidence import IncidentView
 from worker.providers.base import ModelCall, OutputSchema, ToolSpec, Turn
@@ -136,8 +135,8 @@ def build_call(request: InferenceRequest, tenant: TenantConfig, budget: Budget |
         extra["tool_choice"] = "required"
     assert request.incident is not None  # guaranteed by InferenceRequest's validator
     fixed = _prompt_tokens(system, INSTRUCTIONS[task], extra)
-    view = budgets.fit(request.incident, max(0, budget.prompt_tokens - fixed))
-    turn = Turn("user", f"{evidence.render(view)}\n\n{INSTRUCTIONS[task]}")
+    view, text = budgets.fit_and_render(request.incident, max(0, budget.prompt_tokens - fixed))
+    turn = Turn("user", f"{text}\n\n{INSTRUCTIONS[task]}")
     model_call = _model_call(request, tenant, budget, system, (turn,), **extra)
     return PreparedCall(model_call, PROMPT_VERSIONS[task], budget, view)
 

@@ -1,6 +1,7 @@
 """Settling a delivery: publish what the outcome requires, wait for every confirm, then ack. Nothing else acks."""
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,9 +10,10 @@ import orjson
 import structlog
 from aio_pika import Exchange
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
-from aio_pika.exceptions import ChannelInvalidStateError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
+from worker.acks import Acknowledger
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
 
 log = structlog.get_logger("worker.settle")
@@ -33,6 +35,7 @@ class Settler:
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._acks = Acknowledger()
 
     async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
@@ -63,8 +66,19 @@ class Settler:
                 done = "deferred"
             case Reroute():
                 done = await self._reroute(delivery, outcome, ids)
-        await delivery.ack()
+        self._acks.ack(delivery)
         return done
+
+    async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
+        """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
+        # If the channel is gone, the broker requeues unacked deliveries itself.
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.CancelledError):
+            await asyncio.shield(delivery.nack(requeue=True))
+        # Only once the nack is on the wire: a `multiple` ack sent before it would take the delivery with it.
+        self._acks.returned(delivery)
+
+    async def flush_acks(self) -> None:
+        await self._acks.flush()
 
     async def _reply_and_dead_letter(
         self,
@@ -73,16 +87,24 @@ class Settler:
         dead: DeadLetter | None,
         ids: RequestIds,
     ) -> str:
-        publishes = []
-        if reply is not None:
-            publishes.append(self._publish_reply(delivery, reply))
-        if dead is not None:
-            publishes.append(self._dead_letter(delivery, dead, ids))
-        results = await asyncio.gather(*publishes, return_exceptions=True)
-        reply_lost = reply is not None and isinstance(results[0], PublishError)
-        for result in results:
-            if isinstance(result, BaseException) and not (reply_lost and result is results[0]):
-                raise result
+        reply_lost = False
+        if reply is not None and dead is None:
+            # The common case, awaited directly: no gather, no extra task.
+            try:
+                await self._publish_reply(delivery, reply)
+            except PublishError:
+                reply_lost = True
+        else:
+            publishes = []
+            if reply is not None:
+                publishes.append(self._publish_reply(delivery, reply))
+            if dead is not None:
+                publishes.append(self._dead_letter(delivery, dead, ids))
+            results = await asyncio.gather(*publishes, return_exceptions=True)
+            reply_lost = reply is not None and isinstance(results[0], PublishError)
+            for result in results:
+                if isinstance(result, BaseException) and not (reply_lost and result is results[0]):
+                    raise result
         if reply_lost:
             log.warning("reply_unroutable", reply_to=delivery.reply_to)
             if dead is None:

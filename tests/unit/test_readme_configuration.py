@@ -13,7 +13,7 @@ README = Path(__file__).parent.parent.parent / "README.md"
 
 def tenant_files() -> list[str]:
     text = README.read_text()
-    section = text.split("<!-- section: configuration -->", 1)[1].split("<!-- section:", 1)[0]
+    section = text.split("\n## Configuration reference\n", 1)[1].split("\n## ", 1)[0]
     return [block for block in re.findall(r"```toml\n(.*?)```", section, re.DOTALL) if "tenant_id" in block]
 
 

@@ -8,7 +8,7 @@ import orjson
 from contracts import OpenAICompatibleSettings, ToolCall
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelInfo, ModelResult
-from worker.providers.http import classify_status, error_text, malformed, send_json, transport_error
+from worker.providers.http import malformed, send_json
 from worker.secrets import resolve_secret
 
 FINISH = {
@@ -109,35 +109,6 @@ def parse_chat_response(data: Any, who: str) -> ModelResult:
         raise malformed(who, f"unexpected shape ({type(exc).__name__}: {exc})") from exc
 
 
-async def post_json(
-    session: aiohttp.ClientSession,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    timeout_s: float,
-    who: str,
-) -> Any:
-    """POST a JSON body; return the decoded answer or raise a classified ProviderError."""
-    try:
-        async with session.post(
-            url,
-            data=orjson.dumps(body),
-            headers={"Content-Type": "application/json", **headers},
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        ) as response:
-            payload = await response.read()
-            if response.status >= 400:
-                raise classify_status(response.status, error_text(payload), response.headers, who)
-    except ProviderError:
-        raise
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise transport_error(exc, who, timeout_s) from exc
-    try:
-        return orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise malformed(who, "not JSON") from exc
-
-
 def tgi_response_format(body: dict[str, Any]) -> dict[str, Any]:
     """TGI's own grammar shape (`type` + `value`) for the schema OpenAI's shape carries."""
     schema = body["response_format"]["json_schema"]["schema"]
@@ -183,15 +154,18 @@ class OpenAICompatibleProvider:
         if call.output_schema is not None and self._tgi_grammar:
             body = tgi_response_format(body)
         try:
-            data = await post_json(self._session, self._url, body, headers, call.timeout_s, self._who)
+            data = await self._post(body, headers, call.timeout_s)
         except ProviderError as exc:
             if call.output_schema is None or self._tgi_grammar or not rejects_openai_response_format(exc):
                 raise
             self._tgi_grammar = True
-            data = await post_json(
-                self._session, self._url, tgi_response_format(body), headers, call.timeout_s, self._who
-            )
+            data = await self._post(tgi_response_format(body), headers, call.timeout_s)
         return parse_chat_response(data, self._who)
+
+    async def _post(self, body: dict[str, Any], headers: dict[str, str], timeout_s: float) -> Any:
+        return await send_json(
+            self._session, "POST", self._url, who=self._who, timeout_s=timeout_s, body=body, headers=headers
+        )
 
     async def describe(self, timeout_s: float) -> ModelInfo:
         """vLLM lists `max_model_len` under /v1/models; TGI reports `max_total_tokens` under /info."""
