@@ -82,6 +82,17 @@ def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
     return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task)
 
 
+def _first_failure_at(message: AbstractIncomingMessage) -> datetime | None:
+    value = (message.headers or {}).get(Header.FIRST_FAILURE_AT)
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
 def _attempts(message: AbstractIncomingMessage) -> int:
     value = (message.headers or {}).get(Header.ATTEMPTS)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -125,7 +136,7 @@ class Consumer:
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
-        ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started)
+        ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started, _first_failure_at(message))
         decoded = decode(message.body)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         ids = _ids(decoded)

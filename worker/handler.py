@@ -50,6 +50,7 @@ class DeliveryContext:
     attempts: int  # provider attempts already made, from our header
     received_at: datetime
     received_monotonic: float
+    first_failure_at: datetime | None = None  # when this request first failed, from our header
 
 
 @dataclass(slots=True)
@@ -145,11 +146,15 @@ class Handler:
 
     async def _complete(self, provider: Provider, call: _Call, model_call: ModelCall) -> ModelResult:
         started = time.monotonic()
-        call.model_calls += 1
         try:
             result = await provider.complete(model_call)
+        except ProviderError as exc:
+            if exc.code != "circuit_open":  # an open circuit refuses before anything is sent
+                call.model_calls += 1
+            raise
         finally:
             call.provider_ms += (time.monotonic() - started) * 1000
+        call.model_calls += 1
         call.input_tokens += result.input_tokens
         call.output_tokens += result.output_tokens
         call.model = result.model or call.model
@@ -222,7 +227,7 @@ class Handler:
 
     def _failed(self, call: _Call, exc: ProviderError) -> Outcome:
         tenant, ctx = call.tenant, call.ctx
-        attempts = ctx.attempts + 1
+        attempts = ctx.attempts + (0 if self._attempt_spared(call, exc) else 1)
         time_left = None
         if call.request.deadline is not None:
             time_left = (call.request.deadline - datetime.now(UTC)).total_seconds()
@@ -269,6 +274,19 @@ class Handler:
             )
             dead = DeadLetter(reason, error, kind, attempts)
         return Reply(reply, dead)
+
+    def _attempt_spared(self, call: _Call, exc: ProviderError) -> bool:
+        """An open circuit means the provider was not called: that costs the request no attempt, as long as
+        it has not already waited as long as its attempts could take, each on its ladder level plus one
+        cooldown of the circuit (so a provider that stays down still ends in a dead letter, not a loop)."""
+        if exc.code != "circuit_open" or call.model_calls:
+            return False
+        first = call.ctx.first_failure_at
+        if first is None:
+            return True
+        max_attempts = call.tenant.fallback.max_attempts
+        patience = self._ladder.span_s(max_attempts) + max_attempts * self._providers.breakers.cooldown_s
+        return (datetime.now(UTC) - first).total_seconds() < patience
 
 
 def _reply(

@@ -19,6 +19,10 @@ class RetryLadder:
     def delays_s(self) -> tuple[float, ...]:
         return tuple(self.base_s * self.factor**n for n in range(self.levels))
 
+    def span_s(self, attempts: int) -> float:
+        """How long a request that fails `attempts` times in a row spends parked on the ladder."""
+        return sum(self.delays_s[self.level_for(n)] for n in range(1, attempts))
+
     def ttl_ms(self, level: int) -> int:
         return round(self.delays_s[level] * 1000)
 

@@ -127,3 +127,27 @@ async def test_open_breaker_applies_the_policy_without_calling_the_provider(
     [(key, state)] = running.app.breakers.states().items()
     assert key == ("acme", fake_openai.base_url)
     assert state == "open"
+
+
+async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
+    amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3, max_concurrency=1)
+    fake_openai.faults.extend([Fault("server_error"), Fault("server_error")])
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=1, breaker_cooldown_s=0.5)
+    )
+    try:
+        replies = await client.reply_queue()
+        for n in range(6):
+            await client.publish_request(samples.request("acme", request_id=f"cb-{n}"), reply_to=replies.name)
+        answered = [json_body(m) for m in await collect(replies, 6, timeout_s=60)]
+    finally:
+        await running.stop()
+
+    # The provider failed twice and then recovered. Requests that met the open circuit were parked without
+    # spending an attempt: with three attempts each, none ran out while five of six met the circuit open.
+    assert {r["status"] for r in answered} == {"ok"}, [
+        (r["status"], r["provenance"]["attempts"], (r.get("error") or {}).get("code")) for r in answered
+    ]
+    assert len(fake_openai.requests) == 6 + 2

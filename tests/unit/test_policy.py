@@ -96,3 +96,10 @@ def test_default_ladder_spans_about_a_second_to_about_ten_minutes() -> None:
     assert delays[0] == 1.0
     assert 500 <= delays[-1] <= 700
     assert all(later > earlier for earlier, later in itertools.pairwise(delays))
+
+
+def test_ladder_span_is_the_time_spent_parked_between_attempts() -> None:
+    ladder = RetryLadder(base_s=1.0, factor=2.0, levels=3)
+    assert ladder.span_s(1) == 0
+    assert ladder.span_s(3) == 1.0 + 2.0
+    assert ladder.span_s(5) == 1.0 + 2.0 + 4.0 + 4.0  # the last level repeats
