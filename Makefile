@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AMQP_URL
 
-.PHONY: install demo run test unit integration lint typecheck schemas check all bench chaos clean
+.PHONY: install demo run test unit integration lint typecheck schemas check all bench bench-quick chaos clean
 
 install: $(STAMP)
 
@@ -40,6 +40,17 @@ typecheck: install
 
 schemas: install
 	$(BIN)/python -m contracts.schema_export
+
+# Benchmarks against a plain aio-pika baseline run in the same session (docs/PERFORMANCE.md).
+bench: install
+	$(BIN)/python -m bench $(ARGS)
+
+bench-quick: install
+	$(BIN)/python -m bench --quick $(ARGS)
+
+# A soak with faults, kills and connection cuts, then an accounting of every request (docs/RELIABILITY.md).
+chaos: install
+	$(BIN)/python -m chaos $(ARGS)
 
 check: lint typecheck test
 

@@ -40,6 +40,10 @@ class Settler:
     async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
+        # A delivery whose channel closed (the connection dropped while its provider call ran) can no longer
+        # be acked: the broker has already queued it again. Publishing its outcome now would answer twice.
+        if delivery.channel.is_closed:  # the property itself raises ChannelInvalidStateError once it is closed
+            raise ChannelInvalidStateError("the delivery's channel closed while it was handled")
         match outcome:
             case Reply(reply=reply, dead_letter=dead):
                 done = await self._reply_and_dead_letter(delivery, reply, dead, ids)

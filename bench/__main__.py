@@ -1,0 +1,241 @@
+"""`python -m bench [--quick] [--only NAME,…]`: runs the benchmarks and prints their tables (Markdown)."""
+
+import argparse
+import asyncio
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import concurrency, ladder, latency, memory, throughput
+from bench.stats import spread, table, verdict
+from worker.ladder import RetryLadder
+
+NAMES = ("throughput", "latency", "concurrency", "ladder", "memory")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each benchmark is; `--quick` is a smoke run that still exercises every code path."""
+
+    throughput_messages: int
+    throughput_rounds: int
+    latency_rate: float
+    latency_seconds: float
+    latency_rounds: int
+    in_flight: tuple[int, ...]
+    provider_s: float
+    waves: int
+    ladder: RetryLadder
+    ladder_requests: int
+    memory_first: int
+    memory_total: int
+
+
+FULL = Sizes(5000, 5, 100, 10, 3, (2000, 400), 2.0, 3, RetryLadder(0.5, 2.0, 5), 20, 5000, 50000)
+QUICK = Sizes(600, 1, 100, 2, 1, (200,), 1.0, 2, RetryLadder(0.2, 2.0, 3), 4, 300, 3000)
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kib = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    try:
+        rabbit = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rabbit = "unknown"
+    import os
+
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), {mem_kib / 1024 / 1024:.1f} GiB RAM, RabbitMQ {rabbit or 'unknown'}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+
+
+def print_profiles(t: throughput.ThroughputResult) -> None:
+    """Where each process's CPU goes, as shares and as milliseconds per message (share × CPU per message)."""
+    worker, baseline = t.profiles["worker"], t.profiles.get("baseline")
+    cpu_w, cpu_b = t.cpu("worker").median, t.cpu("baseline").median
+    base = dict(baseline.buckets) if baseline else {}
+    print(f"Profiles (py-spy, {worker.samples} worker samples over a {t.messages}-message drain; inclusive time):")
+    print(
+        table(
+            ["stage", "worker share", "worker ms/msg", "plain loop share", "plain loop ms/msg"],
+            [
+                [
+                    name,
+                    f"{share:.1f} %",
+                    f"{share * cpu_w / 100:.3f}",
+                    f"{base.get(name, 0.0):.1f} %",
+                    f"{base.get(name, 0.0) * cpu_b / 100:.3f}",
+                ]
+                for name, share in worker.buckets
+                if share or base.get(name)
+            ],
+        )
+    )
+    print()
+    print(table(["worker self time, by module", "share"], [[n, f"{s:.1f} %"] for n, s in worker.by_package]))
+    print()
+    print(table(["worker self time, by function", "share"], [[n, f"{s:.1f} %"] for n, s in worker.by_function]))
+    print()
+
+
+async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[bool]:
+    met: list[bool] = []
+    print(f"machine: {machine()}\nlogs: {logs}\n", flush=True)
+
+    if "throughput" in only:
+        print(
+            f"## 1. Throughput: worker (instant provider) vs plain aio-pika loop, {sizes.throughput_messages} "
+            f"messages × {sizes.throughput_rounds} rounds, alternating",
+            flush=True,
+        )
+        t = await throughput.run(sizes.throughput_messages, sizes.throughput_rounds, 64, logs, profile)
+        ok = t.ratios.median >= 1.0
+        met.append(ok)
+        print(
+            table(
+                ["", "msg/s median (min–max)"],
+                [
+                    ["worker", t.rate("worker").show()],
+                    ["plain aio-pika loop", t.rate("baseline").show()],
+                    ["ratio worker / baseline (per pair)", t.ratios.show("{:.2f}×")],
+                ],
+            )
+        )
+        print(f"target ≥ 1.00× (aim 1.3×): {verdict(ok)}\n")
+        if t.profiles.get("worker") and t.profiles["worker"].samples:
+            print_profiles(t)
+
+    if "latency" in only:
+        print(
+            f"## 2. Added latency at {sizes.latency_rate:g} req/s for {sizes.latency_seconds:g} s × "
+            f"{sizes.latency_rounds} rounds, provider latency 200 ms",
+            flush=True,
+        )
+        lat = await latency.run(sizes.latency_rate, sizes.latency_seconds, sizes.latency_rounds, 0.2, logs)
+        rows = []
+        for mode, label in (("worker", "worker (HTTP provider)"), ("baseline", "plain loop (sleep, no HTTP)")):
+            r = lat.rounds[mode]
+            rows.append([label] + [spread([p[i] for p in r]).show("{:.2f}") for i in range(3)])
+        rows.append(
+            ["worker inside (reply timings: total − provider)"]
+            + [spread([p[i] for p in lat.inside]).show("{:.2f}") for i in range(3)]
+        )
+        diff = [w[2] - b[2] for w, b in zip(lat.rounds["worker"], lat.rounds["baseline"], strict=True)]
+        print(table(["added latency, ms", "p50", "p95", "p99"], rows))
+        p99 = spread([p[2] for p in lat.rounds["worker"]]).median
+        ok = p99 <= 2.0
+        met.append(ok)
+        print(f"worker p99 − plain-loop p99 (per pair): {spread(diff).show('{:.2f}')} ms")
+        print(f"target p99 ≤ 2 ms: {verdict(ok)} (worker p99 {p99:.2f} ms end to end)\n")
+
+    if "concurrency" in only:
+        print(f"## 3. Requests in flight against a {sizes.provider_s:g} s provider, {sizes.waves} waves", flush=True)
+        rows = []
+        for n, in_flight in enumerate(sizes.in_flight):
+            c = await concurrency.run(in_flight, sizes.provider_s, sizes.waves, logs)
+            if n == 0:  # the issue's target is for the first (largest) size
+                ok_rate, ok_rss = c.efficiency >= 0.9, c.peak_rss_mib <= 300
+                met += [ok_rate, ok_rss]
+            rows.append(
+                [
+                    str(c.in_flight),
+                    str(c.requests),
+                    f"{c.rate:.0f} req/s",
+                    f"{c.ideal:.0f} req/s",
+                    f"{100 * c.efficiency:.0f} %",
+                    f"{c.peak_rss_mib:.0f} MiB",
+                    f"{100 * c.worker_cpu:.0f} %",
+                    f"{c.cpu_ms_per_request:.2f} ms",
+                ]
+            )
+        print(
+            table(
+                [
+                    "in flight",
+                    "requests",
+                    "throughput",
+                    "ideal (in flight ÷ latency)",
+                    "share of ideal",
+                    "worker peak RSS",
+                    "worker CPU (one core = 100 %)",
+                    "worker CPU per request",
+                ],
+                rows,
+            )
+        )
+        print(
+            f"targets at {sizes.in_flight[0]} in flight: ≥ 90 % of ideal: {verdict(ok_rate)}; "
+            f"peak RSS ≤ 300 MB: {verdict(ok_rss)}\n"
+        )
+
+    if "ladder" in only:
+        print(
+            f"## 4. Retry ladder accuracy: {sizes.ladder_requests} requests through every level of {sizes.ladder}",
+            flush=True,
+        )
+        levels = await ladder.run(sizes.ladder, sizes.ladder_requests, logs)
+        ok = bool(levels) and all(lv.met for lv in levels) and len(levels) == sizes.ladder.levels
+        met.append(ok)
+        print(
+            table(
+                ["level", "scheduled", "actual median (min–max)", "worst error", "tolerance", ""],
+                [
+                    [
+                        str(lv.level),
+                        f"{lv.scheduled_s * 1000:.0f} ms",
+                        lv.actual_s.show("{:.3f}") + " s",
+                        f"{lv.worst_error_s * 1000:.0f} ms",
+                        f"{lv.tolerance_s * 1000:.0f} ms",
+                        verdict(lv.met),
+                    ]
+                    for lv in levels
+                ],
+            )
+        )
+        print()
+
+    if "memory" in only:
+        print(f"## 5. Memory over time: RSS after {sizes.memory_first} vs {sizes.memory_total} requests", flush=True)
+        m = await memory.run(sizes.memory_first, sizes.memory_total, logs)
+        ok = abs(m.growth) <= 0.10
+        met.append(ok)
+        print(table(["requests answered", "worker RSS"], [[str(n), f"{rss:.1f} MiB"] for n, rss in m.checkpoints]))
+        print(f"growth {100 * m.growth:+.1f} %; target within 10 %: {verdict(ok)}\n")
+    return met
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of every benchmark")
+    parser.add_argument("--only", default=",".join(NAMES), help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of the worker")
+    parser.add_argument("--logs", type=Path, default=None, help="where process logs go (default: a temp dir)")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    if unknown := only - set(NAMES):
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    met = asyncio.run(main(QUICK if args.quick else FULL, only, logs, profile=not args.no_profile and not args.quick))
+    print(f"{sum(met)} of {len(met)} targets met; {time.monotonic() - started:.0f} s")
+    # Missing a performance target is a finding to report, not a crash: exit 0 unless asked to gate on it.
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,135 @@
+"""The two processes the throughput benchmark races: the worker with an instant provider, and a plain loop.
+
+`python -m bench.target worker|baseline --namespace NS --prefetch N [--tenants DIR]`; prints `ready` once
+consuming and runs until SIGTERM.
+"""
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+import aio_pika
+import aiohttp
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from contracts import Topology
+from contracts.tenant import ProviderSettings
+from worker.app import WorkerApp
+from worker.ladder import RetryLadder
+from worker.log import configure_logging
+from worker.providers.base import Finish, ModelCall, ModelResult, Provider
+from worker.settings import WorkerSettings
+
+ANSWER = (
+    "Checkout is failing because the payments database connection pool is exhausted since the 14:02 deploy; "
+    "the deploy is being rolled back."
+)
+
+
+class InstantProvider:
+    """Answers at once, so what is measured is the worker's own cost per message."""
+
+    kind = "openai_compatible"
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self._settings = settings
+
+    @property
+    def endpoint(self) -> str:
+        return "in-process"
+
+    @property
+    def model(self) -> str:
+        return "instant"
+
+    async def complete(self, call: ModelCall) -> ModelResult:
+        return ModelResult(ANSWER, Finish.STOP, input_tokens=612, output_tokens=31, model="instant")
+
+
+def instant_factory(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
+    return InstantProvider(settings)
+
+
+def _on_signal(callback: "asyncio.Event") -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, callback.set)
+
+
+async def run_worker(url: str, namespace: str, prefetch: int, tenants: Path, ladder: RetryLadder) -> None:
+    settings = WorkerSettings(
+        amqp_url=url,
+        tenants_dir=tenants,
+        namespace=namespace,
+        prefetch=prefetch,
+        atlas_cloud_exchange=f"{namespace}.atlas-cloud",
+        grace_s=5.0,
+        ladder=ladder,
+    )
+    app = WorkerApp(settings, provider_factories={"openai_compatible": instant_factory})
+    stop = asyncio.Event()
+    _on_signal(stop)
+    running = asyncio.create_task(app.run())
+    await app.ready.wait()
+    print("ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    app.stop()
+    await running
+
+
+async def run_baseline(url: str, namespace: str, prefetch: int, delay_s: float) -> None:
+    """What a competent developer writes in ten lines: no validation, no policy, no logging."""
+    connection = await aio_pika.connect_robust(url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(Topology(namespace).requests, ensure=False)
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        request = orjson.loads(message.body)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        reply = orjson.dumps({"request_id": request["request_id"], "status": "ok", "result": {"text": ANSWER}})
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                reply,
+                content_type="application/json",
+                correlation_id=message.correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            message.reply_to or "",
+        )
+        await message.ack()
+
+    await queue.consume(on_message)
+    print("ready", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    _on_signal(stop)
+    await stop.wait()
+    await connection.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["worker", "baseline"])
+    parser.add_argument("--amqp-url", required=True)
+    parser.add_argument("--namespace", required=True)
+    parser.add_argument("--prefetch", type=int, required=True)
+    parser.add_argument("--tenants", type=Path, default=Path("."))
+    parser.add_argument("--delay", type=float, default=0.0, help="baseline only: seconds to hold each message")
+    parser.add_argument("--retry-base", type=float, default=1.0)
+    parser.add_argument("--retry-factor", type=float, default=2.5)
+    parser.add_argument("--retry-levels", type=int, default=8)
+    args = parser.parse_args()
+    configure_logging("info")
+    if args.mode == "worker":
+        ladder = RetryLadder(args.retry_base, args.retry_factor, args.retry_levels)
+        asyncio.run(run_worker(args.amqp_url, args.namespace, args.prefetch, args.tenants, ladder))
+    else:
+        asyncio.run(run_baseline(args.amqp_url, args.namespace, args.prefetch, args.delay))
+
+
+if __name__ == "__main__":
+    main()
