@@ -50,11 +50,13 @@ class Acknowledger:
     def __init__(self) -> None:
         self._channels: dict[aiormq.abc.AbstractChannel, TagRuns] = {}
         self._flushing: asyncio.Task[None] | None = None
+        self._dirty = False  # acks arrived that no flush has sent yet
 
     def ack(self, delivery: AbstractIncomingMessage) -> None:
         """Ack at the end of this loop turn. Raises ChannelInvalidStateError if the delivery's channel is gone."""
         assert delivery.delivery_tag is not None  # consumed deliveries always have one
         self._runs(delivery).ack(delivery.delivery_tag)
+        self._dirty = True
         if self._flushing is None or self._flushing.done():
             self._flushing = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -79,8 +81,12 @@ class Acknowledger:
                 log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}", hint="the broker delivers it again")
 
     async def _flush_soon(self) -> None:
-        await asyncio.sleep(0)  # let the other settles of this loop turn join the same frame
-        await self.flush()
+        # Acks that arrive while a flush awaits the socket are sent by the next pass of this loop, never
+        # left behind: between the last check and this task ending nothing else can run.
+        while self._dirty:
+            self._dirty = False
+            await asyncio.sleep(0)  # let the other settles of this loop turn join the same frame
+            await self.flush()
 
     def _runs(self, delivery: AbstractIncomingMessage) -> TagRuns:
         channel = delivery.channel

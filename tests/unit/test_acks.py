@@ -1,6 +1,8 @@
 """Ack coalescing: one multiple-ack for the contiguous run, single acks past a gap, nothing for returned tags."""
 
-from worker.acks import TagRuns
+import asyncio
+
+from worker.acks import Acknowledger, TagRuns
 
 
 def test_in_order_settles_become_one_multiple_ack() -> None:
@@ -35,3 +37,35 @@ def test_returned_tags_count_toward_the_run_but_are_not_acked() -> None:
     assert runs.take() == (None, [])
     runs.ack(4)
     assert runs.take() == (4, [])
+
+
+class RecordingChannel:
+    """Stands in for an aiormq channel: records the acks written, yielding to the loop on each like a socket."""
+
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.acks: list[tuple[int, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        await asyncio.sleep(0)
+        self.acks.append((delivery_tag, multiple))
+
+
+class Delivery:
+    def __init__(self, channel: RecordingChannel, tag: int) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+
+
+async def test_an_ack_arriving_during_a_flush_is_not_left_behind() -> None:
+    channel = RecordingChannel()
+    acks = Acknowledger()
+    acks.ack(Delivery(channel, 1))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the flush is now waiting on the socket
+    acks.ack(Delivery(channel, 2))  # type: ignore[arg-type]
+
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+    assert channel.acks == [(1, True), (2, True)]
