@@ -77,7 +77,9 @@ class WorkerApp:
             stack.push_async_callback(connection.close)
             self.connection = connection
             session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300),
+                # No connection cap per host: each tenant's `max_concurrency` already bounds its calls, and a
+                # cap here would queue calls inside aiohttp while their timeout runs.
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
                 raise_for_status=False,
             )
             stack.push_async_callback(session.close)
