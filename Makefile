@@ -41,7 +41,7 @@ typecheck: install
 schemas: install
 	$(BIN)/python -m contracts.schema_export
 
-# Benchmarks against a plain aio-pika baseline run in the same session (docs/PERFORMANCE.md).
+# Benchmarks against a plain aio-pika baseline measured in the same run (docs/PERFORMANCE.md).
 bench: install
 	$(BIN)/python -m bench $(ARGS)
 
