@@ -157,8 +157,6 @@ class Consumer:
         settling.add_done_callback(self._settling.discard)
         try:
             done = await asyncio.shield(settling)
-        except asyncio.CancelledError:
-            raise
         except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
             # Not confirmed, so not acked: the broker delivers it again (at-least-once).
             log.warning("settle_failed", error=f"{type(exc).__name__}: {exc}")
@@ -173,9 +171,7 @@ class Consumer:
     async def _handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         try:
             return await self._handler.handle(request, ctx)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+        except Exception as exc:  # CancelledError is not an Exception: it still reaches the caller
             # A bug must not become a crash loop: the request is dead-lettered with the reason.
             log.exception("handler_crashed")
             error = ErrorInfo(code="internal_error", message=f"worker error: {type(exc).__name__}")

@@ -88,9 +88,6 @@ class TenantSlots:
     def release(self, tenant: TenantConfig) -> None:
         self._in_flight[tenant.tenant_id] -= 1
 
-    def in_flight(self, tenant_id: str) -> int:
-        return self._in_flight.get(tenant_id, 0)
-
 
 class Handler:
     def __init__(
@@ -296,38 +293,29 @@ def _reply(
     *,
     result: ReplyResult | None = None,
     error: ErrorInfo | None = None,
-    usage: Usage | None = None,
     tenant: TenantConfig | None = None,
-    model: str | None = None,
     attempts: int | None = None,
-    prompt_version: str | None = None,
-    provider_ms: float = 0.0,
     call: _Call | None = None,
 ) -> InferenceReply:
     """The reply; `call` supplies what the provider calls did (usage, model, prompt, budget, trimming)."""
     now = datetime.now(UTC)
     provider = tenant.provider if tenant else None
     prepared = call.prepared if call else None
-    if call is not None:
-        usage = usage or call.usage()
-        model = model or call.model
-        prompt_version = prompt_version or call.prompt_version
-        provider_ms = provider_ms or call.provider_ms
     return InferenceReply(
         request_id=request.request_id,
         tenant_id=request.tenant_id,
         task=request.task.value,
         status=status,
         result=result,
-        usage=usage or Usage(),
+        usage=call.usage() if call else Usage(),
         provenance=Provenance(
             provider_kind=provider.kind if provider else None,
-            model=model or (_configured_model(tenant) if tenant else None),
+            model=(call.model if call else None) or (_configured_model(tenant) if tenant else None),
             attempts=attempts if attempts is not None else ctx.attempts,
             policy=tenant.fallback.policy.value if tenant else None,
             # The policy changed this request's course: it came back from the ladder, or fail_closed answered.
             fallback_used=ctx.attempts > 0 or status is Status.UNAVAILABLE,
-            prompt_version=prompt_version,
+            prompt_version=call.prompt_version if call else None,
             trimmed=prepared.trimmed if prepared else {},
             model_calls=call.model_calls if call else 0,
             repaired=call.repaired if call else False,
@@ -337,7 +325,7 @@ def _reply(
         timings=Timings(
             received_at=ctx.received_at,
             replied_at=now,
-            provider_ms=round(provider_ms, 3),
+            provider_ms=round(call.provider_ms if call else 0.0, 3),
             total_ms=round((time.monotonic() - ctx.received_monotonic) * 1000, 3),
         ),
         error=error,
