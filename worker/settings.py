@@ -32,6 +32,7 @@ class WorkerSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
+    loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
 
     @property
     def topology(self) -> Topology:
