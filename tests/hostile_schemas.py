@@ -27,7 +27,11 @@ def exponential_chain(levels: int = 12, fan: int = 4) -> Schema:
 
 def self_cycle() -> Schema:
     # Validating anything against it recurses forever without consuming the instance.
-    return {"type": "object", "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}}, "properties": {"x": {"$ref": "#/$defs/a"}}}
+    return {
+        "type": "object",
+        "$defs": {"a": {"allOf": [{"$ref": "#/$defs/a"}]}},
+        "properties": {"x": {"$ref": "#/$defs/a"}},
+    }
 
 
 def deep(depth: int = 40) -> Schema:

@@ -32,8 +32,6 @@ import re2
 from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema._utils import equal
 from jsonschema.exceptions import best_match
-from jsonschema.protocols import Validator
-from jsonschema_specifications import REGISTRY as SPECIFICATIONS
 from referencing import Registry
 
 
@@ -55,7 +53,8 @@ ONE_SUBSCHEMA: Final = frozenset(
     {"additionalProperties", "items", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
     | {"if", "then", "else", "not", "additionalItems"}
 )
-SUBSCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "dependentSchemas", "$defs", "definitions"})
+# `$defs` is not among them: a definition is only evaluated where a `$ref` reaches it, and is walked there.
+SUBSCHEMA_MAPS: Final = frozenset({"properties", "patternProperties", "dependentSchemas"})
 SUBSCHEMA_LISTS: Final = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
 DESCENDS_INTO_INSTANCE: Final = frozenset(
     {"additionalProperties", "items", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
@@ -171,7 +170,9 @@ class _Walk:
                     self.schema(subschema, depth + 1, below)
         if "unevaluatedProperties" in node and _mentions(self.root, "patternProperties"):
             # jsonschema evaluates those with Python's backtracking `re`; RE2 cannot be plugged in there.
-            raise ToolSchemaError("pattern_unsupported", "unevaluatedProperties cannot be combined with patternProperties")
+            raise ToolSchemaError(
+                "pattern_unsupported", "unevaluatedProperties cannot be combined with patternProperties"
+            )
 
     def ref(self, ref: str, depth: int, instance_depth: int) -> None:
         if not (ref == "#" or ref.startswith("#/")):
@@ -229,14 +230,18 @@ def _quote(text: str) -> str:
     return repr(text if len(text) <= _QUOTED_CHARS else text[:_QUOTED_CHARS] + "…")
 
 
-# Keyword functions of the validator below. jsonschema's own evaluate patterns with Python's `re`.
-def _pattern(validator: Validator, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
+# Keyword functions of the validator below (jsonschema's own evaluate patterns with Python's `re`). `validator` is
+# a jsonschema validator instance; its `descend` is not part of the typed protocol, hence Any.
+JsonSchemaValidator = Any
+
+
+def _pattern(validator: JsonSchemaValidator, pattern: str, instance: Any, schema: Any) -> Iterator[ValidationError]:
     if validator.is_type(instance, "string") and not compiled(pattern).search(instance):
         yield ValidationError(f"{_quote(instance)} does not match {_quote(pattern)}")
 
 
 def _pattern_properties(
-    validator: Validator, patterns: dict[str, Any], instance: Any, schema: Any
+    validator: JsonSchemaValidator, patterns: dict[str, Any], instance: Any, schema: Any
 ) -> Iterator[ValidationError]:
     if not validator.is_type(instance, "object"):
         return
@@ -246,7 +251,9 @@ def _pattern_properties(
                 yield from validator.descend(value, subschema, path=key, schema_path=pattern)
 
 
-def _additional_properties(validator: Validator, extra: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+def _additional_properties(
+    validator: JsonSchemaValidator, extra: Any, instance: Any, schema: Any
+) -> Iterator[ValidationError]:
     if not validator.is_type(instance, "object"):
         return
     declared = schema.get("properties", {})
@@ -259,7 +266,7 @@ def _additional_properties(validator: Validator, extra: Any, instance: Any, sche
         yield ValidationError(f"additional properties are not allowed ({', '.join(map(_quote, extras))})")
 
 
-def _unique_items(validator: Validator, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
+def _unique_items(validator: JsonSchemaValidator, unique: Any, instance: Any, schema: Any) -> Iterator[ValidationError]:
     # jsonschema compares unhashable items pairwise without a pause; this checks the deadline on every row.
     if not (unique and validator.is_type(instance, "array")):
         return
@@ -270,11 +277,13 @@ def _unique_items(validator: Validator, unique: Any, instance: Any, schema: Any)
             return
 
 
-KeywordFunction = Callable[[Validator, Any, Any, Any], Iterator[ValidationError] | None]
+KeywordFunction = Callable[[JsonSchemaValidator, Any, Any, Any], Iterator[ValidationError] | None]
 
 
 def _budgeted(keyword: KeywordFunction) -> KeywordFunction:
-    def apply(validator: Validator, value: Any, instance: Any, schema: Any) -> Iterator[ValidationError] | None:
+    def apply(
+        validator: JsonSchemaValidator, value: Any, instance: Any, schema: Any
+    ) -> Iterator[ValidationError] | None:
         _spend()
         return keyword(validator, value, instance, schema)
 
@@ -287,9 +296,11 @@ _REPLACED: dict[str, KeywordFunction] = {
     "additionalProperties": _additional_properties,
     "uniqueItems": _unique_items,
 }
-ToolSchemaValidator = validators.extend(
+_KEYWORDS: dict[str, KeywordFunction] = Draft202012Validator.VALIDATORS
+ToolSchemaValidator = validators.extend(  # type: ignore[no-untyped-call]  # the stubs leave extend() untyped
     Draft202012Validator,
-    {name: _budgeted(_REPLACED.get(name, function)) for name, function in Draft202012Validator.VALIDATORS.items()},
+    {name: _budgeted(_REPLACED.get(name, function)) for name, function in _KEYWORDS.items()},
 )
-# Checks a tool schema against the 2020-12 meta-schema, itself resolved only from the bundled specifications.
-_META_VALIDATOR = ToolSchemaValidator(Draft202012Validator.META_SCHEMA, registry=SPECIFICATIONS)
+# Checks a tool schema against the 2020-12 meta-schema. Any registry but jsonschema's default is combined with the
+# bundled specifications only, so the meta-schema's own refs resolve locally and nothing is ever retrieved.
+_META_VALIDATOR = ToolSchemaValidator(Draft202012Validator.META_SCHEMA, registry=Registry())

@@ -56,7 +56,9 @@ async def second_openai() -> AsyncIterator[FakeOpenAI]:
 
 
 def runbook(tenant_id: str, parameters: dict[str, Any], name: str = "act") -> dict[str, Any]:
-    return samples.request(tenant_id, "runbook", tools=[{"name": name, "description": "an action", "parameters": parameters}])
+    return samples.request(
+        tenant_id, "runbook", tools=[{"name": name, "description": "an action", "parameters": parameters}]
+    )
 
 
 def benign_parameters(schema_url: str) -> dict[str, Any]:
@@ -120,7 +122,8 @@ async def test_hostile_tool_schemas_are_rejected_by_rule_reach_nothing_and_never
         reply = got[name]
         assert (reply["status"], reply["error"]["code"]) == ("rejected", "invalid_tools"), (name, reply)
         assert rule in reply["error"]["message"], (name, reply["error"])
-        assert "CANARY" not in str(reply) and "root:" not in str(reply)
+        assert "CANARY" not in str(reply)
+        assert "root:" not in str(reply)
     assert {m.headers[Header.REASON] for m in dead} == {"malformed"}
     assert all(b"CANARY" not in m.body and b"root:" not in m.body for m in dead)
     assert schema_host.hits == [], "a $ref or $schema URL was fetched"
@@ -137,18 +140,26 @@ async def test_hostile_tool_schemas_are_rejected_by_rule_reach_nothing_and_never
 
 
 async def test_arguments_are_checked_against_a_re2_pattern(
-    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI, schema_host: SchemaHost
+    amqp_url: str,
+    topology: Topology,
+    tenants_dir: Path,
+    client: BrokerClient,
+    fake_openai: FakeOpenAI,
+    schema_host: SchemaHost,
 ) -> None:
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     fake_openai.override = chat_completion(tool_calls=[("act", {"service": "Not A Service!", "replicas": 1})])
     running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
     try:
         replies = await client.reply_queue()
-        await client.publish_request(runbook("acme", benign_parameters(f"{schema_host.url}/meta")), reply_to=replies.name)
+        await client.publish_request(
+            runbook("acme", benign_parameters(f"{schema_host.url}/meta")), reply_to=replies.name
+        )
         [message] = await collect(replies, 1, 30)
     finally:
         await running.stop()
     reply = json_body(message)
     assert (reply["status"], reply["error"]["code"]) == ("failed", "invalid_output")
-    assert "at service" in reply["error"]["message"] and "does not match" in reply["error"]["message"]
+    assert "at service" in reply["error"]["message"]
+    assert "does not match" in reply["error"]["message"]
     assert schema_host.hits == []
