@@ -107,13 +107,15 @@ def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
     names = [d.name for d in declarations]
     if len(set(names)) != len(names):
         raise TaskFailure("invalid_tools", "tool names must be unique", rejected=True)
-    with tool_schemas.budget():
-        for declaration in declarations:
-            try:
+    checking = declarations[0].name
+    try:
+        with tool_schemas.budget():  # one budget for all of the request's tools
+            for declaration in declarations:
+                checking = declaration.name
                 tool_schemas.check_parameters(declaration.parameters)
-            except ToolSchemaError as exc:
-                message = f"parameters of tool {declaration.name!r} break rule {exc.rule}: {exc.message}"
-                raise TaskFailure("invalid_tools", message, rejected=True) from None
+    except ToolSchemaError as exc:
+        message = f"parameters of tool {checking!r} break rule {exc.rule}: {exc.message}"
+        raise TaskFailure("invalid_tools", message, rejected=True) from None
     return declarations
 
 

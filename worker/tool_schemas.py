@@ -86,12 +86,12 @@ _deadline: ContextVar[_Deadline | None] = ContextVar("tool_schema_deadline", def
 
 
 @contextmanager
-def budget(limits: SchemaLimits = DEFAULT_LIMITS) -> Iterator[None]:
+def budget(limits: SchemaLimits | None = None) -> Iterator[None]:
     """One time budget for everything checked or validated inside; a budget already running is kept."""
     if _deadline.get() is not None:
         yield
         return
-    token = _deadline.set(_Deadline(limits.budget_s))
+    token = _deadline.set(_Deadline((limits or DEFAULT_LIMITS).budget_s))
     try:
         yield
     except RecursionError:

@@ -7,10 +7,14 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from contracts import InferenceRequest
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
-from tests import hostile_schemas
+from tests import hostile_schemas, samples
+from worker import tool_schemas
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import loop_lag_histogram
+from worker.prompts import runbook_tools
+from worker.tasks import TaskFailure
 from worker.tool_schemas import SchemaLimits, ToolSchemaError, argument_error, check_parameters
 
 HOSTILE = hostile_schemas.hostile("http://127.0.0.1:9/schema.json", "file:///etc/passwd")
@@ -109,3 +113,14 @@ async def test_a_blocked_loop_shows_in_the_lag_histogram() -> None:
         registry.get_sample_value(f"{name}_bucket", {"le": "0.25"}) or 0
     )
     assert over == 1, "the 0.3 s block was not seen as one sample over 0.25 s"
+
+
+def test_one_budget_covers_all_of_a_requests_tools(monkeypatch: pytest.MonkeyPatch) -> None:
+    request = InferenceRequest.model_validate(
+        samples.request("acme", "runbook", tools=[{"name": f"t{n}", "parameters": TREE} for n in range(3)])
+    )
+    monkeypatch.setattr(tool_schemas, "DEFAULT_LIMITS", SchemaLimits(budget_s=0.0))
+    with pytest.raises(TaskFailure) as raised:
+        runbook_tools(request)
+    assert (raised.value.code, raised.value.rejected) == ("invalid_tools", True)
+    assert "parameters of tool 't0' break rule time_budget" in raised.value.message
