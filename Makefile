@@ -13,7 +13,7 @@ PIP_COMPILE := $(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --str
 AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
 export AMQP_URL
 
-.PHONY: install install-runtime lock demo run test unit integration lint typecheck schemas check all bench bench-quick chaos clean
+.PHONY: install install-runtime lock docs demo run test unit integration lint typecheck schemas check all bench bench-quick chaos clean
 
 install: $(DEV_STAMP)
 
