@@ -59,7 +59,9 @@ def _version() -> str:
 class _Commands:
     """Subcommands that all take the global options, at any depth."""
 
-    def __init__(self, subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", common: Any) -> None:
+    def __init__(
+        self, subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser
+    ) -> None:
         self._subparsers = subparsers
         self._common = common
 
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:  # Ctrl-C in a command that has no signal handling of its own (`run` has)
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     return code
 
 
