@@ -23,6 +23,9 @@ from tests.integration.test_process_lifecycle import wait_until
 from tests.ops.cli import CliResult, atlas_worker
 from tests.process import ROOT, WorkerProcess
 from worker.exit_codes import ExitCode
+from worker.ladder import RetryLadder
+from worker.ops.commands import declared_summary
+from worker.topology import topology_spec
 
 
 @pytest.fixture
@@ -196,3 +199,16 @@ async def test_a_second_sigterm_returns_in_flight_work_at_once_and_names_it(
     assert stopped["forced"] is True
     assert stopped["returned_to_queue"] == 3
     assert set(stopped["returned_request_ids"]) == ids
+
+
+def test_topology_declare_lists_each_entity_once_with_its_kind_under_matching_counts() -> None:
+    spec = topology_spec(Topology("ns"), RetryLadder(base_s=1, factor=2, levels=3), delivery_limit=20)
+
+    [head, *lines] = declared_summary(spec, "ns", "atlas.cloud").splitlines()
+
+    exchanges = [line.split()[1] for line in lines if line.split()[0] == "exchange"]
+    queues = [line.split()[1] for line in lines if line.split()[0] == "queue"]
+    assert len(exchanges) + len(queues) == len(lines)
+    assert head == f"declared for namespace 'ns': {len(exchanges)} exchanges, {len(queues)} queues, 6 bindings"
+    assert sorted(exchanges) == sorted(["ns.requests", "ns.retry", "ns.replies", "ns.dead", "atlas.cloud"])
+    assert len(set(queues)) == len(queues) == 6
