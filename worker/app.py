@@ -15,7 +15,7 @@ from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
-from worker.ops.metrics import Metrics, loop_lag_histogram
+from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
@@ -48,7 +48,6 @@ class WorkerApp:
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
-        self.loop_lag = loop_lag_histogram(self.metrics.registry)
         self.breakers = BreakerBoard(
             settings.breaker_failures,
             settings.breaker_cooldown_s,
@@ -80,7 +79,7 @@ class WorkerApp:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
                 await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
-            lag = asyncio.create_task(watch_loop_lag(self.loop_lag, settings.loop_lag_interval_s))
+            lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
             stack.callback(lag.cancel)
             self.registry.refresh()
             log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())

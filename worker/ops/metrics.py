@@ -76,6 +76,7 @@ class Metrics:
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
+        self.loop_lag = loop_lag_histogram(r)
 
     def tenant(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id and self._tenant_known(tenant_id) else OTHER_TENANT
