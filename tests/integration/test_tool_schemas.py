@@ -163,3 +163,29 @@ async def test_arguments_are_checked_against_a_re2_pattern(
     assert "at service" in reply["error"]["message"]
     assert "does not match" in reply["error"]["message"]
     assert schema_host.hits == []
+
+
+async def test_validation_that_outruns_its_budget_is_rejected_and_the_loop_keeps_going(
+    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
+) -> None:
+    # A valid schema whose check is quadratic in the model's answer: 40,000 distinct objects under uniqueItems.
+    parameters = {"type": "object", "properties": {"items": {"type": "array", "uniqueItems": True}}}
+    fake_openai.override = chat_completion(tool_calls=[("act", {"items": [{"n": n} for n in range(40_000)]})])
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    port = free_port()
+    settings = worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, loop_lag_interval_s=LAG_INTERVAL_S)
+    running = await start_worker(settings)
+    try:
+        replies = await client.reply_queue()
+        await client.publish_request(runbook("acme", parameters), reply_to=replies.name)
+        [message] = await collect(replies, 1, 30)
+        [dead] = await collect(await client.channel.get_queue(topology.dead), 1, 30)
+        scraped = await scrape(port)
+    finally:
+        await running.stop()
+    reply = json_body(message)
+    assert (reply["status"], reply["error"]["code"]) == ("rejected", "invalid_tools")
+    assert "time_budget" in reply["error"]["message"]
+    assert dead.headers[Header.REASON] == "malformed"
+    taken, under = lag_samples(scraped)
+    assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_S}s:\n{scraped.text}"
