@@ -12,6 +12,7 @@ import structlog
 from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
+from worker.header_trust import HeaderTrust, load_key
 from worker.ops.health import serve_health
 from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
@@ -99,8 +100,21 @@ class WorkerApp:
 
             providers = ProviderPool(session, self._provider_factories, self.breakers)
             handler = Handler(self.registry, providers, settings.ladder)
-            settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
-            self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
+            settler = Settler(
+                publish_channel,
+                settings.topology,
+                settings.atlas_cloud_exchange,
+                trust=HeaderTrust(settings.topology, load_key(settings.header_key)),
+                max_body_bytes=settings.max_body_bytes,
+            )
+            self.consumer = Consumer(
+                requests,
+                handler,
+                settler,
+                on_settled=self._settled,
+                publishers=settings.publishers,
+                max_body_bytes=settings.max_body_bytes,
+            )
             await self.consumer.start()
             self.ready.set()
             log.info(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
+from worker.publishers import PublisherRules
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -32,6 +34,9 @@ class WorkerSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
+    publishers: PublisherRules = field(default_factory=PublisherRules)
 
     @property
     def topology(self) -> Topology:
