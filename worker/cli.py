@@ -5,10 +5,14 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
 from worker.log import configure_logging
+from worker.publishers import PublisherRules
+from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_directory
 
@@ -22,6 +26,44 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
     )
+
+
+def _add_security_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
+    )
+    run.add_argument(
+        "--header-key",
+        metavar="env:NAME|file:/path",
+        help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
+    )
+    run.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="USER=TENANT[,TENANT…]",
+        help="only these AMQP users may publish requests, each for these tenants (* for any); repeatable",
+    )
+    run.add_argument(
+        "--reply-to",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="reply_to names allowed, as shell patterns such as 'replies-*'; repeatable (default: any)",
+    )
+
+
+def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.header_key is not None and not args.header_key.startswith(REFERENCE_PREFIXES):
+        raise SystemExit("--header-key takes a reference (env:NAME or file:/path), never the key itself")
+    try:
+        publishers = PublisherRules.parse(args.publisher, args.reply_to)
+    except ValueError as exc:
+        raise SystemExit(f"--publisher: {exc}") from None
+    return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an open circuit waits before one probe call (default: 30)",
     )
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    _add_security_flags(run)
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -160,6 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         breaker_failures=args.breaker_failures,
         breaker_cooldown_s=args.breaker_cooldown,
+        **_security_settings(args),
     )
 
     async def main() -> None:
