@@ -27,7 +27,8 @@ __all__ = ["MAX_BODY_BYTES", "Consumer", "Malformed", "Settled", "decode"]
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
-    """A delivery that is not a valid request; what we could still read helps the publisher match it."""
+    """A delivery the worker will not handle (not a valid request, or refused by the publisher rules); what we
+    could still read helps the publisher match the rejection."""
 
     code: str  # invalid_json | invalid_request | unknown_task | body_too_large | publisher_refused
     message: str

@@ -12,15 +12,14 @@ from worker.errors import ErrorClass
 from worker.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
 
 OTHER_TENANT: Final = "other"
-OTHER: Final = "other"
+OTHER: Final = "other"  # any label value outside its closed set
 NONE: Final = "none"
 # Every label value comes from a closed set: a value a publisher made up (a task string in a malformed
 # message, say) becomes `other` instead of a new series.
 TASKS: Final = frozenset(t.value for t in Task)
 STATUSES: Final = frozenset(s.value for s in Status)
-PROVIDER_KINDS: Final = frozenset(
-    get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(ProviderSettings)[0])
-)
+_PROVIDER_MODELS = get_args(get_args(ProviderSettings)[0])  # the members of the Annotated union
+PROVIDER_KINDS: Final = frozenset(get_args(model.model_fields["kind"].annotation)[0] for model in _PROVIDER_MODELS)
 RESULTS: Final = frozenset({"replied", "replied+dead_lettered", "dead_lettered", "retried", "deferred", "rerouted"})
 REROUTE_REASONS: Final = frozenset({"no_byoc_config", *(c.value for c in ErrorClass)})
 BREAKER_STATES: Final = ("closed", "open", "half_open")
