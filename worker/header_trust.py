@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from contracts import Header, Topology
 from worker.errors import ProviderError
+from worker.exit_codes import ExitCode, StartupError
 from worker.secrets import resolve_secret
 
 # The worker's headers that change what it does with a request, or that claim where it came from.
@@ -42,9 +43,9 @@ def load_key(reference: str | None) -> bytes | None:
     try:
         key = resolve_secret(SecretStr(reference)).encode()
     except ProviderError as exc:
-        raise ValueError(f"--header-key: {exc.message}") from None
+        raise StartupError(ExitCode.USAGE, f"--header-key: {exc.message}") from None
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"--header-key: the key must be at least {MIN_KEY_BYTES} bytes")
+        raise StartupError(ExitCode.USAGE, f"--header-key: the key must be at least {MIN_KEY_BYTES} bytes")
     return key
 
 

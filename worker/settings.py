@@ -34,6 +34,8 @@ class WorkerSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # every interface: Prometheus scrapes the pod or container from outside
+    connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's
     max_body_bytes: int = MAX_BODY_BYTES
     header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
     publishers: PublisherRules = field(default_factory=PublisherRules)

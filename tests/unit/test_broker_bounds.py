@@ -9,6 +9,7 @@ from pamqp.encode import field_table
 from contracts import ErrorInfo, Header, Topology
 from tests.unit.test_operations_metrics import reply, scrape
 from worker.consumer import Settled
+from worker.exit_codes import StartupError
 from worker.handler import PROBES_IN_FLIGHT, TenantSlots
 from worker.header_trust import HeaderTrust, load_key
 from worker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers, read_count
@@ -90,9 +91,9 @@ def test_the_header_key_is_a_reference_read_at_start(monkeypatch: pytest.MonkeyP
     assert load_key("env:HEADER_KEY") == b"0123456789abcdef0123"
     assert load_key(None) is None
     monkeypatch.setenv("SHORT_KEY", "short")
-    with pytest.raises(ValueError, match="at least"):
+    with pytest.raises(StartupError, match="at least"):
         load_key("env:SHORT_KEY")
-    with pytest.raises(ValueError, match="MISSING_KEY"):
+    with pytest.raises(StartupError, match="MISSING_KEY"):
         load_key("env:MISSING_KEY")
 
 
