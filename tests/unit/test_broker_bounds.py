@@ -1,6 +1,7 @@
 """Bounds without a broker: header tables that always fit a frame, clamped counts, which worker headers are
-believed, escaped operator output, probe slots, closed metric labels."""
+believed, escaped operator output, probe slots, closed metric labels, the security flags."""
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -8,6 +9,7 @@ from pamqp.encode import field_table
 
 from contracts import ErrorInfo, Header, Topology
 from tests.unit.test_operations_metrics import reply, scrape
+from worker.cli import main
 from worker.consumer import Settled
 from worker.exit_codes import StartupError
 from worker.handler import PROBES_IN_FLIGHT, TenantSlots
@@ -129,3 +131,20 @@ def test_label_values_a_publisher_makes_up_fold_into_other() -> None:
     assert {v for k, v in labels if k == "reason"} == {"other"}
     assert {v for k, v in labels if k == "result"} == {"other", "replied"}
     assert {v for k, v in labels if k == "provider_kind"} == {"other", "azure_openai"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--header-key", "the-key-itself"], "takes a reference"),
+        (["--publisher", "no-tenants"], "expected USER=TENANT"),
+    ],
+)
+def test_bad_security_flags_fail_the_start_with_one_line(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["run", "--tenants", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert "the-key-itself" not in err
