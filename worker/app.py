@@ -15,6 +15,7 @@ from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
 from worker.header_trust import HeaderTrust, load_key
 from worker.ops.health import serve_health
+from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
@@ -80,6 +81,8 @@ class WorkerApp:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
                 await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
+            lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
+            stack.callback(lag.cancel)
             self.registry.refresh()
             log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
             watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))

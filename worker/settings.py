@@ -39,6 +39,7 @@ class WorkerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
     publishers: PublisherRules = field(default_factory=PublisherRules)
+    loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
 
     @property
     def topology(self) -> Topology:
