@@ -8,8 +8,8 @@ import pytest
 from pamqp.encode import field_table
 
 from contracts import ErrorInfo, Header, Topology
+from tests.ops.cli import atlas_worker
 from tests.unit.test_operations_metrics import reply, scrape
-from worker.cli import main
 from worker.consumer import Settled
 from worker.exit_codes import StartupError
 from worker.handler import PROBES_IN_FLIGHT, TenantSlots
@@ -140,11 +140,9 @@ def test_label_values_a_publisher_makes_up_fold_into_other() -> None:
         (["--publisher", "no-tenants"], "expected USER=TENANT"),
     ],
 )
-def test_bad_security_flags_fail_the_start_with_one_line(
-    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    code = main(["run", "--tenants", str(tmp_path), *flags])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert message in err
-    assert "the-key-itself" not in err
+async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str], message: str, tmp_path: Path) -> None:
+    result = await atlas_worker("run", "--tenants", str(tmp_path), *flags)
+    assert result.code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "the-key-itself" not in result.stderr
