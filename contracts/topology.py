@@ -63,3 +63,10 @@ class Header:
     REROUTED_FROM_TENANT: Final = "atlas-rerouted-from-tenant"
     REROUTED_AT: Final = "atlas-rerouted-at"
     RETRY_LEVEL: Final = "atlas-retry-level"
+    REPLAYS: Final = "atlas-replays"  # times `dlq replay` sent this request back
+    REPLAYED_AT: Final = "atlas-replayed-at"
+    DEAD_LETTER_ID: Final = "atlas-dead-letter-id"  # assigned by the worker; what `dlq` calls a dead letter's id
+    SIGNATURE: Final = "atlas-signature"  # the worker's HMAC over its own headers, when a header key is set
+    HEADERS_DROPPED: Final = "atlas-headers-dropped"  # publisher headers left off a copy to keep it in one frame
+    BODY_TRUNCATED: Final = "atlas-body-truncated"  # the copy carries only a prefix of an oversized body
+    ORIGINAL_BODY_BYTES: Final = "atlas-original-body-bytes"  # the oversized body's size

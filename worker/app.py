@@ -13,6 +13,7 @@ from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
 from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
+from worker.header_trust import HeaderTrust, load_key
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
@@ -75,6 +76,7 @@ class WorkerApp:
 
     async def run(self) -> None:
         settings = self.settings
+        header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
@@ -112,8 +114,21 @@ class WorkerApp:
 
             providers = ProviderPool(session, self._provider_factories, self.breakers)
             handler = Handler(self.registry, providers, settings.ladder)
-            settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
-            self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
+            settler = Settler(
+                publish_channel,
+                settings.topology,
+                settings.atlas_cloud_exchange,
+                trust=HeaderTrust(settings.topology, header_key),
+                max_body_bytes=settings.max_body_bytes,
+            )
+            self.consumer = Consumer(
+                requests,
+                handler,
+                settler,
+                on_settled=self._settled,
+                publishers=settings.publishers,
+                max_body_bytes=settings.max_body_bytes,
+            )
             await self.consumer.start()
             self.ready.set()
             log.info(

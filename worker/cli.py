@@ -11,7 +11,10 @@ from typing import Any
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
 from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
 from worker.log import configure_logging
+from worker.publishers import PublisherRules
+from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_directory
 
@@ -25,6 +28,44 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
     )
+
+
+def _add_security_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
+    )
+    run.add_argument(
+        "--header-key",
+        metavar="env:NAME|file:/path",
+        help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
+    )
+    run.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="USER=TENANT[,TENANT…]",
+        help="only these AMQP users may publish requests, each for these tenants (* for any); repeatable",
+    )
+    run.add_argument(
+        "--reply-to",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="reply_to names allowed, as shell patterns such as 'replies-*'; repeatable (default: any)",
+    )
+
+
+def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.header_key is not None and not args.header_key.startswith(REFERENCE_PREFIXES):
+        raise StartupError(ExitCode.USAGE, "--header-key takes a reference (env:NAME or file:/path), not the key")
+    try:
+        publishers = PublisherRules.parse(args.publisher, args.reply_to)
+    except ValueError as exc:
+        raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
+    return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
 
 
 LOG_LEVEL_DEFAULT = "info"
@@ -129,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=WorkerSettings.metrics_host,
         help="address the metrics port binds (default: %(default)s, every interface)",
     )
+    _add_security_flags(run)
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -216,6 +258,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         breaker_failures=args.breaker_failures,
         breaker_cooldown_s=args.breaker_cooldown,
+        **_security_settings(args),
     )
 
     async def main() -> None:

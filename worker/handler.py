@@ -73,21 +73,50 @@ class _Call:
         return priced_usage(self.input_tokens, self.output_tokens, self.tenant.pricing)
 
 
+# Test Connection probes of a tenant without a stored configuration (a draft in the message) share this cap.
+PROBES_PER_UNCONFIGURED_TENANT = 2
+# Probes in flight across all tenants: tenant ids in messages are the publisher's to choose, so without a
+# worker-wide cap a flood of distinct ids could still fill every prefetched delivery with hanging probes.
+PROBES_IN_FLIGHT = 8
+
+
 class TenantSlots:
-    """Per-tenant count of provider calls in flight, capped by `limits.max_concurrency`."""
+    """Per-tenant count of provider calls and probes in flight, capped by `limits.max_concurrency`."""
 
     def __init__(self) -> None:
         self._in_flight: dict[str, int] = {}
+        self._probes = 0
 
     def try_acquire(self, tenant: TenantConfig) -> bool:
-        used = self._in_flight.get(tenant.tenant_id, 0)
-        if used >= tenant.limits.max_concurrency:
-            return False
-        self._in_flight[tenant.tenant_id] = used + 1
-        return True
+        return self._take(tenant.tenant_id, tenant.limits.max_concurrency)
 
     def release(self, tenant: TenantConfig) -> None:
-        self._in_flight[tenant.tenant_id] -= 1
+        self._give(tenant.tenant_id)
+
+    def try_acquire_probe(self, tenant_id: str, limit: int) -> bool:
+        """A Test Connection probe takes one of the tenant's slots, and one of the worker's few probe slots."""
+        if self._probes >= PROBES_IN_FLIGHT or not self._take(tenant_id, limit):
+            return False
+        self._probes += 1
+        return True
+
+    def release_probe(self, tenant_id: str) -> None:
+        self._probes -= 1
+        self._give(tenant_id)
+
+    def _take(self, key: str, limit: int) -> bool:
+        used = self._in_flight.get(key, 0)
+        if used >= limit:
+            return False
+        self._in_flight[key] = used + 1
+        return True
+
+    def _give(self, key: str) -> None:
+        left = self._in_flight[key] - 1
+        if left:
+            self._in_flight[key] = left
+        else:
+            del self._in_flight[key]  # publisher-chosen tenant ids must not accumulate
 
 
 class Handler:
@@ -105,7 +134,7 @@ class Handler:
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         if request.task is Task.TEST_CONNECTION:
-            return await answer_test_connection(request, ctx, self._tenants, self._providers)
+            return await self._probe(request, ctx)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)
@@ -128,6 +157,18 @@ class Handler:
             return await self._call(_Call(tenant, request, ctx))
         finally:
             self._slots.release(tenant)
+
+    async def _probe(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        """Test Connection, counted against the tenant's concurrency like any request: a flood of probes at a
+        hanging endpoint is deferred instead of holding every delivery the worker has prefetched."""
+        tenant = self._tenants.get(request.tenant_id)
+        limit = tenant.limits.max_concurrency if tenant else PROBES_PER_UNCONFIGURED_TENANT
+        if not self._slots.try_acquire_probe(request.tenant_id, limit):
+            return Defer()
+        try:
+            return await answer_test_connection(request, ctx, self._tenants, self._providers)
+        finally:
+            self._slots.release_probe(request.tenant_id)
 
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
+from worker.publishers import PublisherRules
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -34,6 +36,9 @@ class WorkerSettings:
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"  # every interface: Prometheus scrapes the pod or container from outside
     connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's
+    max_body_bytes: int = MAX_BODY_BYTES
+    header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
+    publishers: PublisherRules = field(default_factory=PublisherRules)
     loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
 
     @property

@@ -2,6 +2,8 @@
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,12 +16,17 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.acks import Acknowledger
+from worker.header_trust import HeaderTrust
+from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0
+ATLAS_PREFIX = "atlas-"
+# Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
+PASSED_ON = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
 ERROR_MESSAGE_LIMIT = 1000
 
 
@@ -30,10 +37,20 @@ def _now() -> str:
 class Settler:
     """Publishes replies, retries, reroutes and dead letters with confirms, then acks the delivery."""
 
-    def __init__(self, channel: AbstractChannel, topology: Topology, atlas_cloud_exchange: str) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        topology: Topology,
+        atlas_cloud_exchange: str,
+        *,
+        trust: HeaderTrust | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
         self._channel = channel
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
+        self.trust = trust or HeaderTrust(topology)
+        self._max_body_bytes = max_body_bytes
         self._exchanges: dict[str, AbstractExchange] = {}
         self._acks = Acknowledger()
 
@@ -56,12 +73,12 @@ class Settler:
                     {
                         Header.ATTEMPTS: outcome.attempts,
                         Header.RETRY_LEVEL: outcome.level,
-                        **self._failure_headers(delivery, outcome.error, outcome.provider_kind),
+                        **self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind),
                     },
                 )
                 done = "retried"
             case Defer():
-                deferrals = _int_header(delivery, Header.DEFERRALS) + 1
+                deferrals = read_count(self.trust.believed(delivery.headers, ids.request_id), Header.DEFERRALS) + 1
                 await self._publish_copy(delivery, ids, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
                 done = "deferred"
             case Reroute():
@@ -151,7 +168,9 @@ class Settler:
             Header.REASON: dead.reason,
             Header.ATTEMPTS: dead.attempts,
             Header.DEAD_LETTERED_AT: _now(),
-            **self._failure_headers(delivery, dead.error, dead.provider_kind),
+            # The worker's, never the publisher's message_id: `dlq` acts on exactly the dead letter it names.
+            Header.DEAD_LETTER_ID: uuid.uuid4().hex,
+            **self._failure_headers(delivery, ids, dead.error, dead.provider_kind),
         }
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
 
@@ -162,7 +181,7 @@ class Settler:
             Header.REROUTED_AT: _now(),
         }
         if outcome.error is not None:
-            headers |= self._failure_headers(delivery, outcome.error, outcome.provider_kind)
+            headers |= self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind)
             headers[Header.ATTEMPTS] = outcome.attempts
         try:
             await self._publish_copy(
@@ -194,9 +213,9 @@ class Settler:
         return "rerouted"
 
     def _failure_headers(
-        self, delivery: AbstractIncomingMessage, error: ErrorInfo, provider_kind: str | None
+        self, delivery: AbstractIncomingMessage, ids: RequestIds, error: ErrorInfo, provider_kind: str | None
     ) -> dict[str, Any]:
-        headers = delivery.headers or {}
+        headers = self.trust.believed(delivery.headers, ids.request_id)  # history only from the worker itself
         first = headers.get(Header.FIRST_FAILURE_AT)
         now = _now()
         result: dict[str, Any] = {
@@ -221,12 +240,20 @@ class Settler:
         routing_key: str,
         extra: dict[str, Any],
     ) -> None:
-        """Republish the original body and properties with extra headers (the body is never changed)."""
+        """Republish the original body and properties with extra headers. The body is never changed, only cut
+        to a prefix when it is over the size limit; publisher headers are left off when they would not fit."""
+        body, cut = bounded_body(delivery.body, self._max_body_bytes)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
-        headers = {**_passable_headers(delivery), **{k: v for k, v in identity.items() if v is not None}, **extra}
+        ours = {
+            **self.trust.believed(delivery.headers, ids.request_id),
+            **{k: v for k, v in identity.items() if v is not None},
+            **extra,
+            **cut,
+        }
+        ours |= self.trust.signature(ids.request_id, ours)
         message = aio_pika.Message(
-            delivery.body,
-            headers=headers,
+            body,
+            headers=bounded_headers(_publisher_headers(delivery.headers), ours),
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
             correlation_id=delivery.correlation_id,
@@ -248,15 +275,7 @@ class Settler:
         return exchange
 
 
-def _passable_headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
-    """Headers that can be re-encoded as they came; anything odd is dropped rather than block settling."""
-    passable: dict[str, Any] = {}
-    for key, value in (delivery.headers or {}).items():
-        if isinstance(value, str | int | float | bool | bytes | datetime | list | dict) or value is None:
-            passable[key] = value
-    return passable
-
-
-def _int_header(delivery: AbstractIncomingMessage, name: str) -> int:
-    value = (delivery.headers or {}).get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _publisher_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
+    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
