@@ -63,3 +63,8 @@ class Header:
     REROUTED_FROM_TENANT: Final = "atlas-rerouted-from-tenant"
     REROUTED_AT: Final = "atlas-rerouted-at"
     RETRY_LEVEL: Final = "atlas-retry-level"
+    SETTLE_SEQ: Final = "atlas-settle-seq"  # times a worker put this request back on the ladder (any reason)
+    REDELIVERIES: Final = "atlas-redeliveries"  # broker redeliveries in this copy's history
+    CIRCUIT_WAITS: Final = "atlas-circuit-waits"  # times an open circuit parked the request without a call
+    LAST_PROVIDER_ERROR_CODE: Final = "atlas-last-provider-error-code"  # beside a circuit_open dead letter
+    LAST_PROVIDER_ERROR_MESSAGE: Final = "atlas-last-provider-error-message"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.breaker import BreakerPolicy
 from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
@@ -21,6 +22,40 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
+    )
+
+
+def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = BreakerPolicy()
+    parser.add_argument(
+        "--breaker-failure-rate",
+        type=float,
+        default=defaults.failure_rate,
+        help="share of an endpoint's recent requests, last call failed, that opens its circuit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-min-calls",
+        type=int,
+        default=defaults.min_calls,
+        help="requests in the window before the rate is judged (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-window",
+        type=float,
+        default=defaults.window_s,
+        help="seconds of recent requests the rate is judged over (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=defaults.cooldown_s,
+        help="seconds an open circuit refuses calls before probing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-probes",
+        type=int,
+        default=defaults.probes,
+        help="calls let through after the cooldown to decide whether it closes (default: %(default)s)",
     )
 
 
@@ -61,18 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
-    run.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=5,
-        help="consecutive provider failures that open a tenant's circuit (default: 5)",
-    )
-    run.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=30.0,
-        help="seconds an open circuit waits before one probe call (default: 30)",
-    )
+    _add_breaker_flags(run)
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.set_defaults(func=_run)
 
@@ -158,8 +182,13 @@ def _run(args: argparse.Namespace) -> int:
         delivery_limit=args.delivery_limit,
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
-        breaker_failures=args.breaker_failures,
-        breaker_cooldown_s=args.breaker_cooldown,
+        breaker=BreakerPolicy(
+            failure_rate=args.breaker_failure_rate,
+            min_calls=args.breaker_min_calls,
+            window_s=args.breaker_window,
+            cooldown_s=args.breaker_cooldown,
+            probes=args.breaker_probes,
+        ),
     )
 
     async def main() -> None:

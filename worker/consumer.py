@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
 from worker.handler import DeliveryContext, Handler
 from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
 from worker.settle import Settler
@@ -93,9 +93,30 @@ def _first_failure_at(message: AbstractIncomingMessage) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
-def _attempts(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get(Header.ATTEMPTS)
+def _count(message: AbstractIncomingMessage, header: str) -> int:
+    value = (message.headers or {}).get(header)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _last_error(message: AbstractIncomingMessage) -> LastProviderError | None:
+    """The provider error our headers recorded at the last real attempt (circuit waits do not overwrite it)."""
+    headers = message.headers or {}
+    code, text, error_class = (headers.get(h) for h in (Header.ERROR_CODE, Header.ERROR_MESSAGE, Header.ERROR_CLASS))
+    if not isinstance(code, str) or not isinstance(text, str):
+        return None
+    return LastProviderError(code=code, message=text, error_class=error_class if isinstance(error_class, str) else None)
+
+
+def delivery_context(message: AbstractIncomingMessage, started: float) -> DeliveryContext:
+    return DeliveryContext(
+        attempts=_count(message, Header.ATTEMPTS),
+        received_at=datetime.now(UTC),
+        received_monotonic=started,
+        first_failure_at=_first_failure_at(message),
+        last_error=_last_error(message),
+        settle_seq=_count(message, Header.SETTLE_SEQ),
+        redeliveries=_count(message, Header.REDELIVERIES) + bool(message.redelivered),
+    )
 
 
 class Consumer:
@@ -136,7 +157,7 @@ class Consumer:
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
-        ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started, _first_failure_at(message))
+        ctx = delivery_context(message, started)
         decoded = decode(message.body)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         ids = _ids(decoded)

@@ -40,6 +40,9 @@ class Retry:
     attempts: int
     error: ErrorInfo
     provider_kind: str | None = None
+    # An open circuit refused the call: the request waits for its next probe. The provider was not called,
+    # so the attempt count and the last provider error on the message stay as they were.
+    refused_by_circuit: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
+from worker.breaker import BreakerPolicy
 from worker.ladder import RetryLadder
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -29,8 +30,7 @@ class WorkerSettings:
     delivery_limit: int = 20
     ladder: RetryLadder = field(default_factory=RetryLadder)
     tenants_poll_s: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     metrics_port: int | None = None
 
     @property

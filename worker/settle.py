@@ -48,26 +48,32 @@ class Settler:
             case Reply(reply=reply, dead_letter=dead):
                 done = await self._reply_and_dead_letter(delivery, reply, dead, ids)
             case Retry():
-                await self._publish_copy(
-                    delivery,
-                    ids,
-                    self._topology.retry,
-                    str(outcome.level),
-                    {
-                        Header.ATTEMPTS: outcome.attempts,
-                        Header.RETRY_LEVEL: outcome.level,
-                        **self._failure_headers(delivery, outcome.error, outcome.provider_kind),
-                    },
-                )
-                done = "retried"
+                done = await self._retry(delivery, outcome, ids)
             case Defer():
                 deferrals = _int_header(delivery, Header.DEFERRALS) + 1
-                await self._publish_copy(delivery, ids, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
+                headers = {Header.DEFERRALS: deferrals, **_lineage_headers(delivery, put_back=True)}
+                await self._publish_copy(delivery, ids, self._topology.retry, "0", headers)
                 done = "deferred"
             case Reroute():
                 done = await self._reroute(delivery, outcome, ids)
         self._acks.ack(delivery)
         return done
+
+    async def _retry(self, delivery: AbstractIncomingMessage, outcome: Retry, ids: RequestIds) -> str:
+        headers: dict[str, Any] = {
+            Header.ATTEMPTS: outcome.attempts,
+            Header.RETRY_LEVEL: outcome.level,
+            **_lineage_headers(delivery, put_back=True),
+        }
+        if outcome.refused_by_circuit:
+            # No provider call was made: the last real error stays on the message; the wait starts the patience.
+            first = (delivery.headers or {}).get(Header.FIRST_FAILURE_AT)
+            headers[Header.FIRST_FAILURE_AT] = first if isinstance(first, str) else _now()
+            headers[Header.CIRCUIT_WAITS] = _int_header(delivery, Header.CIRCUIT_WAITS) + 1
+        else:
+            headers |= self._failure_headers(delivery, outcome.error, outcome.provider_kind)
+        await self._publish_copy(delivery, ids, self._topology.retry, str(outcome.level), headers)
+        return "circuit_wait" if outcome.refused_by_circuit else "retried"
 
     async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
         """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
@@ -152,7 +158,12 @@ class Settler:
             Header.ATTEMPTS: dead.attempts,
             Header.DEAD_LETTERED_AT: _now(),
             **self._failure_headers(delivery, dead.error, dead.provider_kind),
+            **_lineage_headers(delivery, put_back=False),
         }
+        last = dead.error.last_provider_error
+        if last is not None:
+            headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
+            headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = last.message[:ERROR_MESSAGE_LIMIT]
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
@@ -255,6 +266,16 @@ def _passable_headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
         if isinstance(value, str | int | float | bool | bytes | datetime | list | dict) or value is None:
             passable[key] = value
     return passable
+
+
+def _lineage_headers(delivery: AbstractIncomingMessage, *, put_back: bool) -> dict[str, int]:
+    """Where this copy stands in the request's history (README, delivery guarantees): `settle_seq` grows
+    each time a worker puts the request back on the ladder, `redeliveries` each time the broker redelivered
+    it. A redelivered original whose earlier run already put a copy back thus ranks below that copy."""
+    return {
+        Header.SETTLE_SEQ: _int_header(delivery, Header.SETTLE_SEQ) + put_back,
+        Header.REDELIVERIES: _int_header(delivery, Header.REDELIVERIES) + bool(delivery.redelivered),
+    }
 
 
 def _int_header(delivery: AbstractIncomingMessage, name: str) -> int:

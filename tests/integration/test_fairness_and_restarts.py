@@ -12,6 +12,7 @@ from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_process_lifecycle import wait_until
 from tests.process import WorkerProcess
+from worker.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 
@@ -112,7 +113,7 @@ async def test_open_breaker_applies_the_policy_without_calling_the_provider(
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed", max_concurrency=1)
     fake_openai.always = Fault("server_error")
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=3, breaker_cooldown_s=60)
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=3, cooldown_s=60))
     )
     try:
         replies = await client.reply_queue()
@@ -138,7 +139,7 @@ async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3, max_concurrency=1)
     fake_openai.faults.extend([Fault("server_error"), Fault("server_error")])
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=1, breaker_cooldown_s=0.5)
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=0.5, probes=1))
     )
     try:
         replies = await client.reply_queue()

@@ -12,6 +12,7 @@ from tests.broker import BrokerClient, collect
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.ops.scrape import free_port, get_json, scrape, scrape_until
+from worker.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 
@@ -117,7 +118,7 @@ async def test_breaker_opening_shows_on_the_breaker_gauge(
     write_tenant(tenants_dir, "acme", broken_openai.base_url, policy="fail_closed")
     port = free_port()
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker_failures=1)
+        worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker=BreakerPolicy(min_calls=1))
     )
     try:
         await client.publish_request(samples.request("acme", "summary"))
