@@ -95,8 +95,10 @@ def decide_refused(
         return Decision(Action.REROUTE, reason="circuit open; policy atlas_cloud")
     level = ladder.level_for(0, wait_s)  # the first level at least as long as the rest of the cooldown
     delay = ladder.delays_s[level]
-    if time_left_s is not None and delay >= time_left_s:
+    if time_left_s is not None and max(delay, wait_s) >= time_left_s:  # the probe, or its return, is too late
         return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="the request's deadline")
-    if delay >= patience_left_s:
+    # Patience is the soft bound: the next probe must fall within it. Half-open (no wait) never ends a
+    # request here: its probes are bounded by the tenant's timeout, and their outcome decides.
+    if wait_s > 0 and wait_s >= patience_left_s:
         return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="the time its attempts could take")
     return Decision(Action.WAIT, retry_level=level, reason=f"circuit open; next probe in {wait_s:.1f}s")

@@ -3,7 +3,9 @@
 import pytest
 from structlog.testing import capture_logs
 
+from contracts import Fallback
 from worker.breaker import BreakerBoard, BreakerPolicy, BreakerState, CircuitBreaker, Permit
+from worker.ladder import RetryLadder
 
 POLICY = BreakerPolicy(failure_rate=0.5, min_calls=4, window_s=60, cooldown_s=30, probes=3)
 
@@ -161,3 +163,9 @@ def test_a_policy_that_cannot_work_is_refused() -> None:
         BreakerPolicy(failure_rate=0)
     with pytest.raises(ValueError, match="window_s"):
         BreakerPolicy(window_s=0)
+
+
+def test_the_default_ladder_covers_the_default_cooldown_for_the_default_attempts() -> None:
+    # A request without a deadline waits for an open circuit as long as its attempts could take.
+    patience = RetryLadder().span_s(Fallback().max_attempts)
+    assert patience >= BreakerPolicy().cooldown_s
