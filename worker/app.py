@@ -10,7 +10,7 @@ import aiohttp
 import structlog
 
 from contracts import FallbackPolicy
-from worker.breaker import BreakerBoard
+from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from worker.consumer import Consumer, Settled
 from worker.handler import Handler
 from worker.ops.health import serve_health
@@ -44,10 +44,14 @@ class WorkerApp:
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
-        self.breakers = BreakerBoard(
-            settings.breaker,
-            on_change=lambda b: self.metrics.breaker_state(b.tenant_id, b.endpoint, b.state.value),
-        )
+        self.breakers = BreakerBoard(settings.breaker, on_change=self._breaker_changed)
+
+    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
+        self.metrics.breaker_state(breaker.tenant_id, breaker.endpoint, breaker.state.value)
+        if breaker.state is BreakerState.OPEN:
+            # With no traffic nothing would look at the breaker again: the gauge must still turn half-open
+            # when the cooldown passes, since that is the state the next request will meet.
+            asyncio.get_running_loop().call_later(breaker.policy.cooldown_s, breaker.current_state)
 
     def stop(self) -> None:
         self._stop.set()

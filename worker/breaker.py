@@ -22,7 +22,7 @@ class BreakerPolicy:
     """When a breaker opens and how it recovers; one policy for every breaker of a worker."""
 
     failure_rate: float = 0.5  # open when at least this share of the window's requests last failed …
-    min_calls: int = 10  # … and the window holds at least this many requests
+    min_calls: int = 20  # … and the window holds at least this many requests (fewer are noise)
     window_s: float = 30.0  # how far back outcomes count
     cooldown_s: float = 20.0  # how long an open circuit refuses calls before probing
     probes: int = 3  # calls let through while half-open; they close the circuit unless too many fail

@@ -4,7 +4,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
 from worker.handler import DeliveryContext, Handler
-from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
+from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
 from worker.settle import Settler
 
 log = structlog.get_logger("worker.consumer")
@@ -220,6 +220,13 @@ class Consumer:
                 fields["error_code"] = reply.error.code
         elif isinstance(outcome, Reply) and outcome.dead_letter:
             fields |= {"status": Status.REJECTED.value, "error_code": outcome.dead_letter.error.code}
+        elif isinstance(outcome, Retry):
+            due = datetime.now(UTC) + timedelta(seconds=outcome.delay_s)
+            fields |= {
+                "error_code": outcome.error.code,
+                "retry_level": outcome.level,
+                "next_attempt_at": due.isoformat(),
+            }
         log.info("request_settled", **fields)
         if self._on_settled is not None:
             self._on_settled(settled)

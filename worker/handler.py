@@ -254,7 +254,8 @@ class Handler:
         )
         if decision.action is Action.RETRY:
             assert decision.retry_level is not None
-            return Retry(decision.retry_level, attempts, error, tenant.provider.kind)
+            delay = self._ladder.delays_s[decision.retry_level]
+            return Retry(decision.retry_level, attempts, error, tenant.provider.kind, delay_s=delay)
         reason = (
             "exhausted" if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED) else "permanent_error"
         )
@@ -292,7 +293,10 @@ class Handler:
         )
         if decision.action is Action.WAIT:
             assert decision.retry_level is not None
-            return Retry(decision.retry_level, ctx.attempts, error, tenant.provider.kind, refused_by_circuit=True)
+            delay = self._ladder.delays_s[decision.retry_level]
+            return Retry(
+                decision.retry_level, ctx.attempts, error, tenant.provider.kind, refused_by_circuit=True, delay_s=delay
+            )
         return self._ended(call, decision, error, ctx.attempts, CIRCUIT_OPEN)
 
     def _ended(self, call: _Call, decision: Decision, error: ErrorInfo, attempts: int, reason: str) -> Outcome:

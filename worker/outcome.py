@@ -43,6 +43,7 @@ class Retry:
     # An open circuit refused the call: the request waits for its next probe. The provider was not called,
     # so the attempt count and the last provider error on the message stay as they were.
     refused_by_circuit: bool = False
+    delay_s: float = 0.0  # the level's delay: when the next attempt is due, for the logs
 
 
 @dataclass(frozen=True, slots=True)

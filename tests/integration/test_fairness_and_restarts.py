@@ -174,18 +174,28 @@ async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside
         running = await start_worker(
             worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
         )
-    try:
-        dead = await client.channel.get_queue(topology.dead)
-        replies = await client.reply_queue()
-        await client.publish_request(samples.request("acme", request_id="first"), reply_to=replies.name)
-        [first] = [json_body(m) for m in await collect(replies, 1, timeout_s=30)]
-        soon = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
-        await client.publish_request(samples.request("acme", request_id="dated", deadline=soon), reply_to=replies.name)
-        await client.publish_request(samples.request("acme", request_id="undated"), reply_to=replies.name)
-        answered = {r["request_id"]: r for r in [json_body(m) for m in await collect(replies, 2, timeout_s=30)]}
-        dead_letters = {m.headers["atlas-request-id"]: m.headers for m in await collect(dead, 3, timeout_s=30)}
-    finally:
-        await running.stop()
+        try:
+            dead = await client.channel.get_queue(topology.dead)
+            replies = await client.reply_queue()
+            await client.publish_request(samples.request("acme", request_id="first"), reply_to=replies.name)
+            [first] = [json_body(m) for m in await collect(replies, 1, timeout_s=30)]
+            soon = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+            dated = samples.request("acme", request_id="dated", deadline=soon)
+            await client.publish_request(dated, reply_to=replies.name)
+            await client.publish_request(samples.request("acme", request_id="undated"), reply_to=replies.name)
+            answered = {r["request_id"]: r for r in [json_body(m) for m in await collect(replies, 2, timeout_s=30)]}
+            dead_letters = {m.headers["atlas-request-id"]: m.headers for m in await collect(dead, 3, timeout_s=30)}
+        finally:
+            await running.stop()
+
+    # The one real call is `provider_failed`; each refusal is `circuit_refused`, naming the endpoint.
+    assert [e["request_id"] for e in logs if e["event"] == "provider_failed"] == ["first"]
+    refused = [e for e in logs if e["event"] == "circuit_refused"]
+    assert sorted(e["request_id"] for e in refused) == ["dated", "first", "undated"]
+    assert {e["endpoint"] for e in refused} == {fake_openai.base_url}
+    [retried] = [e for e in logs if e["event"] == "request_settled" and e["outcome"] == "retried"]
+    assert retried["error_code"] == "provider_unavailable"
+    assert datetime.fromisoformat(retried["next_attempt_at"]) > datetime.now(UTC) - timedelta(seconds=30)
 
     [warning] = [e for e in logs if e["event"] == "patience_shorter_than_cooldown"]
     assert (warning["tenant_id"], warning["patience_s"], warning["breaker_cooldown_s"]) == ("acme", 3.0, 60)

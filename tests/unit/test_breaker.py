@@ -5,7 +5,10 @@ from structlog.testing import capture_logs
 
 from contracts import Fallback
 from worker.breaker import BreakerBoard, BreakerPolicy, BreakerState, CircuitBreaker, Permit
+from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
+from worker.providers.base import ModelCall, ModelResult
+from worker.providers.guard import GuardedProvider
 
 POLICY = BreakerPolicy(failure_rate=0.5, min_calls=4, window_s=60, cooldown_s=30, probes=3)
 
@@ -169,3 +172,37 @@ def test_the_default_ladder_covers_the_default_cooldown_for_the_default_attempts
     # A request without a deadline waits for an open circuit as long as its attempts could take.
     patience = RetryLadder().span_s(Fallback().max_attempts)
     assert patience >= BreakerPolicy().cooldown_s
+
+
+class Failing:
+    """A provider stand-in that fails every call with the given error code and class."""
+
+    kind, endpoint, model = "openai_compatible", "http://llm:8000/v1", "m"
+
+    def __init__(self, error_class: ErrorClass, code: str) -> None:
+        self.error = ProviderError(error_class, "boom", code=code)
+
+    async def complete(self, call: ModelCall) -> ModelResult:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error_class", "code", "expected"),
+    [
+        (ErrorClass.TRANSIENT, "provider_unavailable", BreakerState.OPEN),
+        (ErrorClass.RATE_LIMITED, "rate_limited", BreakerState.OPEN),
+        (ErrorClass.TRANSIENT, "malformed_response", BreakerState.CLOSED),  # the endpoint answered at once
+        (ErrorClass.BAD_REQUEST, "bad_request", BreakerState.CLOSED),
+        (ErrorClass.CONTENT_FILTERED, "content_filtered", BreakerState.CLOSED),
+        (ErrorClass.CONTEXT_OVERFLOW, "context_overflow", BreakerState.CLOSED),
+    ],
+)
+async def test_only_availability_failures_of_the_endpoint_count(
+    error_class: ErrorClass, code: str, expected: BreakerState
+) -> None:
+    guarded = GuardedProvider(Failing(error_class, code), breaker(Clock()))
+    call = ModelCall(system="s", turns=(), max_output_tokens=10, timeout_s=1)
+    for n in range(4):
+        with pytest.raises(ProviderError):
+            await guarded.complete(call, subject=f"r{n}")
+    assert guarded.breaker.current_state() is expected

@@ -7,8 +7,10 @@ from worker.breaker import CircuitBreaker
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
 
-# Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up.
+# Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up,
+# and so does a body that does not parse: it came back at once, like an answer that does not validate.
 TRIPS_BREAKER = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
+ANSWERED = frozenset({"malformed_response"})
 CIRCUIT_OPEN = "circuit_open"  # the error code of a call the breaker refused: the provider was not called
 
 
@@ -53,7 +55,7 @@ class GuardedProvider:
                 ErrorClass.TRANSIENT, f"{self.endpoint} did not answer within {call.timeout_s:g}s", code="timeout"
             ) from None
         except ProviderError as exc:
-            if exc.error_class in TRIPS_BREAKER:
+            if exc.error_class in TRIPS_BREAKER and exc.code not in ANSWERED:
                 self.breaker.failed(permit)
             else:
                 self.breaker.succeeded(permit)
