@@ -45,6 +45,7 @@ class Permit:
 
     subject: Hashable
     probe: bool
+    failed_before: bool = False  # the request already failed: its failing again says little of the endpoint
 
 
 @dataclass
@@ -52,7 +53,8 @@ class CircuitBreaker:
     """Judges an endpoint by the share of its recent requests whose last call failed.
 
     Each request (`subject`) counts once in the window, with the outcome of its latest call, so a few
-    requests that fail every time they are retried weigh as much as they are, not once per retry.
+    requests that fail every time they are retried weigh as much as they are, not once per retry; and a
+    request that had already failed before this call counts only if it now succeeds.
     Only availability failures count (the caller decides which); a request the provider rejected proves
     the endpoint is up. After `cooldown_s` open, `probes` calls go through: the circuit closes when
     enough of them succeed and opens for another cooldown when too many fail.
@@ -71,15 +73,15 @@ class CircuitBreaker:
     _probe_failures: int = field(default=0, repr=False)
     _probe_successes: int = field(default=0, repr=False)
 
-    def admit(self, subject: Hashable) -> Permit | None:
+    def admit(self, subject: Hashable, *, failed_before: bool = False) -> Permit | None:
         """A permit to call now, or None: the circuit is open, or half-open with every probe handed out."""
         state = self.current_state()
         if state is BreakerState.CLOSED:
-            return Permit(subject, probe=False)
+            return Permit(subject, probe=False, failed_before=failed_before)
         if state is BreakerState.OPEN or self._probes_out >= self.policy.probes:
             return None
         self._probes_out += 1
-        return Permit(subject, probe=True)
+        return Permit(subject, probe=True, failed_before=failed_before)
 
     def current_state(self) -> BreakerState:
         """The state a call would meet now: an open circuit whose cooldown has passed is half-open."""
@@ -100,7 +102,11 @@ class CircuitBreaker:
             self._remember(permit.subject, ok=True)
 
     def failed(self, permit: Permit) -> None:
-        if permit.probe:
+        if permit.failed_before:
+            # Retries are the requests selected for failing (after a restart they are most of the traffic):
+            # their failures would judge those requests, not the endpoint. Their successes still count.
+            self.released(permit)
+        elif permit.probe:
             self._probe_ended(ok=False)
         elif self.state is BreakerState.CLOSED:
             # Calls let through before the circuit opened and ending after it say nothing new.

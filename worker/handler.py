@@ -149,7 +149,9 @@ class Handler:
     async def _complete(self, provider: GuardedProvider, call: _Call, model_call: ModelCall) -> ModelResult:
         started = time.monotonic()
         try:
-            result = await provider.complete(model_call, subject=call.request.request_id)
+            result = await provider.complete(
+                model_call, subject=call.request.request_id, failed_before=call.ctx.attempts > 0
+            )
         except ProviderError as exc:
             if exc.code != CIRCUIT_OPEN:  # an open circuit refuses before anything is sent
                 call.model_calls += 1

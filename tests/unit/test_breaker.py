@@ -206,3 +206,25 @@ async def test_only_availability_failures_of_the_endpoint_count(
         with pytest.raises(ProviderError):
             await guarded.complete(call, subject=f"r{n}")
     assert guarded.breaker.current_state() is expected
+
+
+def test_retries_failing_again_do_not_count_but_their_successes_do() -> None:
+    # After a restart the traffic is mostly retries of requests that fail every time: they must not open it.
+    clock = Clock()
+    b = breaker(clock)
+    for n in range(10):
+        permit = b.admit(f"retry{n}", failed_before=True)
+        assert permit is not None
+        b.failed(permit)
+    assert b.current_state() is BreakerState.CLOSED
+    healed = b.admit("retry0", failed_before=True)
+    assert healed is not None
+    b.succeeded(healed)
+    for n in range(3):
+        call(b, f"fresh{n}", "fail")
+    assert b.current_state() is BreakerState.OPEN  # 3 fresh failures of 4 judged requests
+    clock.now += 30
+    probe = b.admit("retry1", failed_before=True)
+    assert probe is not None
+    b.failed(probe)  # a retry failing as a probe frees its slot instead of deciding
+    assert b.current_state() is BreakerState.HALF_OPEN

@@ -35,9 +35,12 @@ class GuardedProvider:
     def inner(self) -> Provider:
         return self._provider
 
-    async def complete(self, call: ModelCall, subject: Hashable | None = None) -> ModelResult:
-        """Call the provider; `subject` (the request id) makes the breaker count each request once."""
-        permit = self.breaker.admit(subject if subject is not None else object())
+    async def complete(
+        self, call: ModelCall, subject: Hashable | None = None, *, failed_before: bool = False
+    ) -> ModelResult:
+        """Call the provider; `subject` (the request id) makes the breaker count each request once, and
+        `failed_before` (it is a retry) keeps its failing again from counting against the endpoint."""
+        permit = self.breaker.admit(subject if subject is not None else object(), failed_before=failed_before)
         if permit is None:
             wait_s = self.breaker.retry_after_s()
             raise ProviderError(
