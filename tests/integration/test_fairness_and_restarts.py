@@ -224,7 +224,7 @@ async def test_one_tenants_always_failing_requests_do_not_open_the_circuit_for_i
     amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
 ) -> None:
     # A third of the requests fail on every call and are retried four times; counted per call that is
-    # 12 failures against 20 successes (a consecutive-failure breaker opened here), per request 10 of 30.
+    # 50 failed calls against 20 successes (counted per call, a breaker opens here), per request 10 of 30.
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=5)
     fake_openai.fault_for = lambda body: Fault("server_error") if b"[doomed]" in orjson.dumps(body) else None
     running = await start_worker(
