@@ -159,9 +159,9 @@ async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
         (r["status"], r["provenance"]["attempts"], (r.get("error") or {}).get("code")) for r in answered
     ]
     assert len(fake_openai.requests) == 6 + 2
-    # Attempts count provider calls only: the two that met a failure made two, the others one.
-    assert sorted(r["provenance"]["attempts"] for r in answered) == [1, 1, 1, 1, 2, 2]
-    assert max(r["provenance"]["settle_seq"] for r in answered) >= 2  # waits put them back on the ladder
+    # Attempts count provider calls only, so together they are the calls the provider saw.
+    assert sum(r["provenance"]["attempts"] for r in answered) == len(fake_openai.requests)
+    assert sum(1 for r in answered if r["provenance"]["settle_seq"] > 0) >= 5  # put back on the ladder
 
 
 async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside_the_real_error(
