@@ -1,12 +1,16 @@
 """A tenant whose provider hangs cannot starve others; parked retries survive a kill -9; breakers open."""
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, MutableMapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
-from structlog.testing import capture_logs
+import structlog
 
 from contracts import Header, Topology
 from tests import samples
@@ -16,8 +20,24 @@ from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_process_lifecycle import wait_until
 from tests.process import WorkerProcess
 from worker.breaker import BreakerPolicy
+from worker.log import configure_logging
 
 pytestmark = pytest.mark.broker
+
+
+@contextlib.contextmanager
+def info_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Capture log events down to `info`, with their request context (tests log warnings, uncaptured)."""
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        configure_logging("warning", cache=False)
 
 
 async def queue_depth(client: BrokerClient, name: str) -> int:
@@ -170,7 +190,7 @@ async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside
     # Patience 0.2 + 0.4 + 0.8 + 1.6 = 3 s on the ladder for 5 attempts; the circuit stays open 60 s.
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=5, max_concurrency=1)
     fake_openai.faults.append(Fault("server_error"))
-    with capture_logs() as logs:
+    with info_logs() as logs:
         running = await start_worker(
             worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
         )
