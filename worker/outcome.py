@@ -18,7 +18,7 @@ class RequestIds:
 class DeadLetter:
     """Park the original message on `{ns}.dead` for an operator, with the reason in headers."""
 
-    reason: str  # malformed | unknown_tenant_config | exhausted | expired | permanent_error | …
+    reason: str  # malformed | exhausted | expired | permanent_error | circuit_open | …
     error: ErrorInfo
     provider_kind: str | None = None
     attempts: int = 0
