@@ -9,7 +9,8 @@ import aio_pika
 import aiohttp
 import structlog
 
-from worker.breaker import BreakerBoard
+from contracts import FallbackPolicy
+from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from worker.consumer import Consumer, Settled
 from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
@@ -49,11 +50,14 @@ class WorkerApp:
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
-        self.breakers = BreakerBoard(
-            settings.breaker_failures,
-            settings.breaker_cooldown_s,
-            on_change=lambda b: self.metrics.breaker_state(b.tenant_id, b.endpoint, b.state.value),
-        )
+        self.breakers = BreakerBoard(settings.breaker, on_change=self._breaker_changed)
+
+    def _breaker_changed(self, breaker: CircuitBreaker) -> None:
+        self.metrics.breaker_state(breaker.tenant_id, breaker.endpoint, breaker.state.value)
+        if breaker.state is BreakerState.OPEN:
+            # With no traffic nothing would look at the breaker again: the gauge must still turn half-open
+            # when the cooldown passes, since that is the state the next request will meet.
+            asyncio.get_running_loop().call_later(breaker.policy.cooldown_s, breaker.current_state)
 
     def stop(self, *, force: bool = False) -> None:
         """Drain: finish in-flight work for up to `grace_s`. `force`: return it to the queue now."""
@@ -68,6 +72,26 @@ class WorkerApp:
 
     def _has_config_file(self, tenant_id: str) -> bool:
         return self.registry.get(tenant_id) is not None or self.registry.problems(tenant_id) is not None
+
+    def _warn_short_patience(self) -> None:
+        """A queue_and_retry request without a deadline waits for an open circuit as long as its attempts
+        could take on the ladder; if that is shorter than the cooldown, it fails before the next probe."""
+        cooldown = self.settings.breaker.cooldown_s
+        ladder = self.settings.ladder
+        for tenant_id in self.registry.tenants():
+            tenant = self.registry.get(tenant_id)
+            if tenant is None or tenant.fallback.policy is not FallbackPolicy.QUEUE_AND_RETRY:
+                continue
+            patience = ladder.span_s(tenant.fallback.max_attempts)
+            if patience < cooldown:
+                log.warning(
+                    "patience_shorter_than_cooldown",
+                    tenant_id=tenant_id,
+                    max_attempts=tenant.fallback.max_attempts,
+                    patience_s=round(patience, 3),
+                    breaker_cooldown_s=cooldown,
+                    fix="raise max_attempts or the retry ladder, or lower --breaker-cooldown",
+                )
 
     def _settled(self, settled: Settled) -> None:
         self.metrics.observe(settled)
@@ -85,6 +109,7 @@ class WorkerApp:
             stack.callback(lag.cancel)
             self.registry.refresh()
             log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
+            self._warn_short_patience()
             watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))
             stack.callback(watcher.cancel)
 

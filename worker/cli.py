@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.breaker import BreakerPolicy
 from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
 from worker.limits import MAX_BODY_BYTES
@@ -66,6 +67,40 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as exc:
         raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
     return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
+
+
+def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = BreakerPolicy()
+    parser.add_argument(
+        "--breaker-failure-rate",
+        type=float,
+        default=defaults.failure_rate,
+        help="share of an endpoint's recent requests, last call failed, that opens its circuit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-min-calls",
+        type=int,
+        default=defaults.min_calls,
+        help="requests in the window before the rate is judged (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-window",
+        type=float,
+        default=defaults.window_s,
+        help="seconds of recent requests the rate is judged over (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=defaults.cooldown_s,
+        help="seconds an open circuit refuses calls before probing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-probes",
+        type=int,
+        default=defaults.probes,
+        help="calls let through after the cooldown to decide whether it closes (default: %(default)s)",
+    )
 
 
 LOG_LEVEL_DEFAULT = "info"
@@ -152,18 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
-    run.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=5,
-        help="consecutive provider failures that open a tenant's circuit (default: 5)",
-    )
-    run.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=30.0,
-        help="seconds an open circuit waits before one probe call (default: 30)",
-    )
+    _add_breaker_flags(run)
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.add_argument(
         "--metrics-host",
@@ -256,8 +280,13 @@ def _run(args: argparse.Namespace) -> int:
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        breaker_failures=args.breaker_failures,
-        breaker_cooldown_s=args.breaker_cooldown,
+        breaker=BreakerPolicy(
+            failure_rate=args.breaker_failure_rate,
+            min_calls=args.breaker_min_calls,
+            window_s=args.breaker_window,
+            cooldown_s=args.breaker_cooldown,
+            probes=args.breaker_probes,
+        ),
         **_security_settings(args),
     )
 

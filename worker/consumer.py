@@ -4,7 +4,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -13,10 +13,10 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
 from worker.handler import DeliveryContext, Handler
 from worker.limits import MAX_BODY_BYTES, read_count
-from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
+from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
 from worker.publishers import PublisherRules
 from worker.settle import Settler
 
@@ -96,6 +96,27 @@ def _first_failure_at(believed: dict[str, Any]) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
+def _last_error(believed: dict[str, Any]) -> LastProviderError | None:
+    """The provider error our headers recorded at the last real attempt (circuit waits do not overwrite it)."""
+    code, text, error_class = (believed.get(h) for h in (Header.ERROR_CODE, Header.ERROR_MESSAGE, Header.ERROR_CLASS))
+    if not isinstance(code, str) or not isinstance(text, str):
+        return None
+    return LastProviderError(code=code, message=text, error_class=error_class if isinstance(error_class, str) else None)
+
+
+def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], started: float) -> DeliveryContext:
+    """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
+    return DeliveryContext(
+        attempts=read_count(believed, Header.ATTEMPTS),
+        received_at=datetime.now(UTC),
+        received_monotonic=started,
+        first_failure_at=_first_failure_at(believed),
+        last_error=_last_error(believed),
+        settle_seq=read_count(believed, Header.SETTLE_SEQ),
+        redeliveries=read_count(believed, Header.REDELIVERIES) + bool(message.redelivered),
+    )
+
+
 class Consumer:
     """Consumes `{ns}.requests` with many deliveries in flight; each is settled exactly once or returned."""
 
@@ -145,9 +166,7 @@ class Consumer:
         decoded = self._admitted(decode(message.body, self._max_body_bytes), message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
-        ctx = DeliveryContext(
-            read_count(believed, Header.ATTEMPTS), datetime.now(UTC), started, _first_failure_at(believed)
-        )
+        ctx = delivery_context(message, believed, started)
         ids = _ids(decoded)
         this = asyncio.current_task()
         if this is not None and this in self._working:
@@ -226,6 +245,13 @@ class Consumer:
                 fields["error_code"] = reply.error.code
         elif isinstance(outcome, Reply) and outcome.dead_letter:
             fields |= {"status": Status.REJECTED.value, "error_code": outcome.dead_letter.error.code}
+        elif isinstance(outcome, Retry):
+            due = datetime.now(UTC) + timedelta(seconds=outcome.delay_s)
+            fields |= {
+                "error_code": outcome.error.code,
+                "retry_level": outcome.level,
+                "next_attempt_at": due.isoformat(),
+            }
         log.info("request_settled", **fields)
         if self._on_settled is not None:
             self._on_settled(settled)

@@ -32,6 +32,16 @@ VOUCHED: Final = (
     Header.ORIGINAL_ROUTING_KEY,
     Header.REROUTED_FROM_TENANT,
     Header.REROUTED_AT,
+    Header.RETRY_LEVEL,
+    Header.SETTLE_SEQ,
+    Header.REDELIVERIES,
+    Header.CIRCUIT_WAITS,
+    # The last real provider error, which a circuit wait carries on beside `circuit_open`.
+    Header.ERROR_CODE,
+    Header.ERROR_CLASS,
+    Header.ERROR_MESSAGE,
+    Header.PROVIDER_KIND,
+    Header.LAST_FAILURE_AT,
 )
 MIN_KEY_BYTES: Final = 16
 

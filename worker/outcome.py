@@ -24,6 +24,7 @@ DEAD_LETTER_REASONS: Final = frozenset(
         "expired",
         "exhausted",
         "permanent_error",
+        "circuit_open",
         "internal_error",
         "reply_unroutable",
         "reroute_unroutable",
@@ -57,6 +58,10 @@ class Retry:
     attempts: int
     error: ErrorInfo
     provider_kind: str | None = None
+    # An open circuit refused the call: the request waits for its next probe. The provider was not called,
+    # so the attempt count and the last provider error on the message stay as they were.
+    refused_by_circuit: bool = False
+    delay_s: float = 0.0  # the level's delay: when the next attempt is due, for the logs
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
+from worker.breaker import BreakerPolicy
 from worker.ladder import RetryLadder
 from worker.limits import MAX_BODY_BYTES
 from worker.publishers import PublisherRules
@@ -31,8 +32,7 @@ class WorkerSettings:
     delivery_limit: int = 20
     ladder: RetryLadder = field(default_factory=RetryLadder)
     tenants_poll_s: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"  # every interface: Prometheus scrapes the pod or container from outside
     connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's

@@ -65,26 +65,37 @@ class Settler:
             case Reply(reply=reply, dead_letter=dead):
                 done = await self._reply_and_dead_letter(delivery, reply, dead, ids)
             case Retry():
-                await self._publish_copy(
-                    delivery,
-                    ids,
-                    self._topology.retry,
-                    str(outcome.level),
-                    {
-                        Header.ATTEMPTS: outcome.attempts,
-                        Header.RETRY_LEVEL: outcome.level,
-                        **self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind),
-                    },
-                )
-                done = "retried"
+                done = await self._retry(delivery, outcome, ids)
             case Defer():
-                deferrals = read_count(self.trust.believed(delivery.headers, ids.request_id), Header.DEFERRALS) + 1
-                await self._publish_copy(delivery, ids, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
+                believed = self.trust.believed(delivery.headers, ids.request_id)
+                headers = {
+                    Header.DEFERRALS: read_count(believed, Header.DEFERRALS) + 1,
+                    **_lineage_headers(delivery, believed, put_back=True),
+                }
+                await self._publish_copy(delivery, ids, self._topology.retry, "0", headers)
                 done = "deferred"
             case Reroute():
                 done = await self._reroute(delivery, outcome, ids)
         self._acks.ack(delivery)
         return done
+
+    async def _retry(self, delivery: AbstractIncomingMessage, outcome: Retry, ids: RequestIds) -> str:
+        believed = self.trust.believed(delivery.headers, ids.request_id)
+        headers: dict[str, Any] = {
+            Header.ATTEMPTS: outcome.attempts,
+            Header.RETRY_LEVEL: outcome.level,
+            **_lineage_headers(delivery, believed, put_back=True),
+        }
+        if outcome.refused_by_circuit:
+            # No provider call was made: the last real error stays on the message (believed headers travel on
+            # in `_publish_copy`); the wait starts the patience.
+            first = believed.get(Header.FIRST_FAILURE_AT)
+            headers[Header.FIRST_FAILURE_AT] = first if isinstance(first, str) else _now()
+            headers[Header.CIRCUIT_WAITS] = read_count(believed, Header.CIRCUIT_WAITS) + 1
+        else:
+            headers |= self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind)
+        await self._publish_copy(delivery, ids, self._topology.retry, str(outcome.level), headers)
+        return "circuit_wait" if outcome.refused_by_circuit else "retried"
 
     async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
         """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
@@ -171,7 +182,12 @@ class Settler:
             # The worker's, never the publisher's message_id: `dlq` acts on exactly the dead letter it names.
             Header.DEAD_LETTER_ID: uuid.uuid4().hex,
             **self._failure_headers(delivery, ids, dead.error, dead.provider_kind),
+            **_lineage_headers(delivery, self.trust.believed(delivery.headers, ids.request_id), put_back=False),
         }
+        last = dead.error.last_provider_error
+        if last is not None:
+            headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
+            headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = last.message[:ERROR_MESSAGE_LIMIT]
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
@@ -279,3 +295,15 @@ def _publisher_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
     """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
     `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
     return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
+
+
+def _lineage_headers(
+    delivery: AbstractIncomingMessage, believed: Mapping[str, Any], *, put_back: bool
+) -> dict[str, int]:
+    """Where this copy stands in the request's history (README, delivery guarantees): `settle_seq` grows
+    each time a worker puts the request back on the ladder, `redeliveries` each time the broker redelivered
+    it. A redelivered original whose earlier run already put a copy back thus ranks below that copy."""
+    return {
+        Header.SETTLE_SEQ: read_count(believed, Header.SETTLE_SEQ) + put_back,
+        Header.REDELIVERIES: read_count(believed, Header.REDELIVERIES) + bool(delivery.redelivered),
+    }

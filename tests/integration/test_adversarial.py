@@ -17,6 +17,7 @@ from tests import hostile_schemas, samples
 from tests.broker import broker_client, collect, delete_namespace, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
+from worker.breaker import BreakerPolicy
 from worker.limits import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.broker
@@ -236,7 +237,7 @@ def test_no_request_of_a_sovereign_tenant_ever_reaches_atlas_cloud(
                 api_key="env:NOT_THE_KEY" if wrong_key else "env:TEST_FAKE_OPENAI_KEY",
             )
         running = await start_worker(
-            worker_settings(amqp_url, topology, directory, breaker_failures=3, breaker_cooldown_s=0.5)
+            worker_settings(amqp_url, topology, directory, breaker=BreakerPolicy(min_calls=3, cooldown_s=0.5))
         )
         try:
             async with broker_client(amqp_url, topology) as client:

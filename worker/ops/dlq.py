@@ -38,6 +38,9 @@ FAILURE_HEADERS = frozenset(
         Header.ORIGINAL_ROUTING_KEY,
         Header.RETRY_LEVEL,
         Header.PROVIDER_KIND,
+        Header.CIRCUIT_WAITS,
+        Header.LAST_PROVIDER_ERROR_CODE,
+        Header.LAST_PROVIDER_ERROR_MESSAGE,
         Header.DEFERRALS,
         Header.DEAD_LETTER_ID,
         Header.HEADERS_DROPPED,
@@ -321,10 +324,15 @@ def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str,
     kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
     if not keep_attempts:
         kept.pop(Header.ATTEMPTS, None)
-    replays = headers.get(REPLAYS)
-    kept[REPLAYS] = (replays if isinstance(replays, int) and not isinstance(replays, bool) else 0) + 1
+    kept[REPLAYS] = _count(headers.get(REPLAYS)) + 1
     kept[REPLAYED_AT] = datetime.now(UTC).isoformat()
+    # A replay is a new step of the request's history: its reply must outrank the dead letter's.
+    kept[Header.SETTLE_SEQ] = _count(headers.get(Header.SETTLE_SEQ)) + 1
     return kept
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 # --- output -------------------------------------------------------------------------------------------

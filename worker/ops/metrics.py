@@ -121,9 +121,10 @@ class Metrics:
                     self.unroutable.labels("reply").inc()
                     if dead is None:
                         self.dead_letters.labels("reply_unroutable", tenant).inc()
-            case Retry(level=level, provider_kind=kind):
+            case Retry(level=level, provider_kind=kind, refused_by_circuit=waiting):
                 provider_kind = closed(kind, PROVIDER_KINDS)
-                self.retries.labels(str(level), tenant).inc()
+                if not waiting:  # a wait for an open circuit's probe is no retry of a provider call
+                    self.retries.labels(str(level), tenant).inc()
             case Reroute(reason=reason, provider_kind=kind):
                 provider_kind = closed(kind, PROVIDER_KINDS)
                 if settled.done == "rerouted":
