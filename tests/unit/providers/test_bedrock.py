@@ -173,7 +173,7 @@ def test_families_are_recognised_through_profiles_and_arns() -> None:
 )
 async def test_errors_are_classified(fake_aws: AwsFakes, fault: Fault, error_class: ErrorClass, code: str) -> None:
     fake_aws.bedrock.faults.push(fault)
-    call = dataclasses.replace(call_for("summary", settings(fake_aws)), timeout_s=0.5 if fault.kind == "hang" else 30)
+    call = dataclasses.replace(call_for("summary", settings(fake_aws)), timeout_s=3 if fault.kind == "hang" else 30)
 
     with pytest.raises(ProviderError) as caught:
         await provider(settings(fake_aws)).complete(call)
