@@ -6,11 +6,11 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import aio_pika
-import aiohttp
 import structlog
 
 from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
+from worker.egress import egress_session
 from worker.handler import Handler
 from worker.ops.health import serve_health
 from worker.ops.metrics import Metrics
@@ -76,11 +76,13 @@ class WorkerApp:
             )
             stack.push_async_callback(connection.close)
             self.connection = connection
-            session = aiohttp.ClientSession(
+            session = egress_session(
+                settings.tenant_egress,
                 # No connection cap per host: each tenant's `max_concurrency` already bounds its calls, and a
                 # cap here would queue calls inside aiohttp while their timeout runs.
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
-                raise_for_status=False,
+                limit=0,
+                limit_per_host=0,
+                ttl_dns_cache=300,
             )
             stack.push_async_callback(session.close)
 
@@ -98,7 +100,7 @@ class WorkerApp:
             )
 
             providers = ProviderPool(session, self._provider_factories, self.breakers)
-            handler = Handler(self.registry, providers, settings.ladder)
+            handler = Handler(self.registry, providers, settings.ladder, draft_egress=settings.draft_egress)
             settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
             self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
             await self.consumer.start()

@@ -2,11 +2,13 @@
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES
 from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
@@ -74,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an open circuit waits before one probe call (default: 30)",
     )
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    run.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_RESPONSE_BYTES,
+        help="largest provider response, counted before and after decompression (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allow-draft-cidr",
+        dest="allow_draft_cidrs",
+        action="append",
+        type=_cidr,
+        default=[],
+        metavar="CIDR",
+        help="a loopback or private range that Test Connection drafts from messages may reach (repeatable; "
+        "default: none, metadata and link-local addresses stay refused)",
+    )
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -145,6 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from worker.app import WorkerApp
 
@@ -160,6 +192,8 @@ def _run(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         breaker_failures=args.breaker_failures,
         breaker_cooldown_s=args.breaker_cooldown,
+        max_response_bytes=args.max_response_bytes,
+        allow_draft_cidrs=tuple(args.allow_draft_cidrs),
     )
 
     async def main() -> None:

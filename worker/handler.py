@@ -23,6 +23,7 @@ from contracts import (
 from worker import budget
 from worker.connection_test import answer_test_connection
 from worker.cost import priced_usage
+from worker.egress import EgressPolicy
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
@@ -96,15 +97,17 @@ class Handler:
         providers: ProviderPool,
         ladder: RetryLadder,
         slots: TenantSlots | None = None,
+        draft_egress: EgressPolicy | None = None,
     ) -> None:
         self._tenants = tenants
+        self._draft_egress = draft_egress or EgressPolicy(drafts=True)
         self._providers = providers
         self._ladder = ladder
         self._slots = slots or TenantSlots()
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         if request.task is Task.TEST_CONNECTION:
-            return await answer_test_connection(request, ctx, self._tenants, self._providers)
+            return await answer_test_connection(request, ctx, self._tenants, self._providers, self._draft_egress)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
 from worker.ladder import RetryLadder
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -32,6 +33,18 @@ class WorkerSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    allow_draft_cidrs: tuple[str, ...] = ()  # private ranges a draft from a message may reach (none by default)
+
+    @property
+    def tenant_egress(self) -> EgressPolicy:
+        """Stored tenants: their own networks stay reachable, metadata and link-local never."""
+        return EgressPolicy(max_response_bytes=self.max_response_bytes)
+
+    @property
+    def draft_egress(self) -> EgressPolicy:
+        """Drafts from messages: additionally no loopback, and private ranges only where the operator allows."""
+        return EgressPolicy.for_drafts(self.allow_draft_cidrs, self.max_response_bytes)
 
     @property
     def topology(self) -> Topology:
