@@ -6,12 +6,12 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 
 import aio_pika
-import aiohttp
 import structlog
 
 from contracts import FallbackPolicy
 from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from worker.consumer import Consumer, Settled
+from worker.egress import egress_session
 from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
 from worker.header_trust import HeaderTrust, load_key
@@ -116,11 +116,13 @@ class WorkerApp:
             connection = await self._connect()
             stack.push_async_callback(connection.close)
             self.connection = connection
-            session = aiohttp.ClientSession(
+            session = egress_session(
+                settings.tenant_egress,
                 # No connection cap per host: each tenant's `max_concurrency` already bounds its calls, and a
                 # cap here would queue calls inside aiohttp while their timeout runs.
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=300),
-                raise_for_status=False,
+                limit=0,
+                limit_per_host=0,
+                ttl_dns_cache=300,
             )
             stack.push_async_callback(session.close)
 
@@ -138,7 +140,7 @@ class WorkerApp:
             )
 
             providers = ProviderPool(session, self._provider_factories, self.breakers)
-            handler = Handler(self.registry, providers, settings.ladder)
+            handler = Handler(self.registry, providers, settings.ladder, draft_egress=settings.draft_egress)
             settler = Settler(
                 publish_channel,
                 settings.topology,

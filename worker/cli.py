@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -10,6 +11,7 @@ from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
 from worker.breaker import BreakerPolicy
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES
 from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
 from worker.limits import MAX_BODY_BYTES
@@ -194,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=WorkerSettings.metrics_host,
         help="address the metrics port binds (default: %(default)s, every interface)",
     )
+    run.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_RESPONSE_BYTES,
+        help="largest provider response, counted before and after decompression (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allow-draft-cidr",
+        dest="allow_draft_cidrs",
+        action="append",
+        type=_cidr,
+        default=[],
+        metavar="CIDR",
+        help="a loopback or private range that Test Connection drafts from messages may reach (repeatable; "
+        "default: none, metadata and link-local addresses stay refused)",
+    )
     _add_security_flags(run)
     run.set_defaults(func=_run)
 
@@ -266,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from worker.app import WorkerApp
 
@@ -288,6 +320,8 @@ def _run(args: argparse.Namespace) -> int:
             probes=args.breaker_probes,
         ),
         **_security_settings(args),
+        max_response_bytes=args.max_response_bytes,
+        allow_draft_cidrs=tuple(args.allow_draft_cidrs),
     )
 
     async def main() -> None:

@@ -25,6 +25,7 @@ from contracts import (
 from worker import budget
 from worker.connection_test import answer_test_connection
 from worker.cost import priced_usage
+from worker.egress import EgressPolicy
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
@@ -131,8 +132,10 @@ class Handler:
         providers: ProviderPool,
         ladder: RetryLadder,
         slots: TenantSlots | None = None,
+        draft_egress: EgressPolicy | None = None,
     ) -> None:
         self._tenants = tenants
+        self._draft_egress = draft_egress or EgressPolicy(drafts=True)
         self._providers = providers
         self._ladder = ladder
         self._slots = slots or TenantSlots()
@@ -171,7 +174,7 @@ class Handler:
         if not self._slots.try_acquire_probe(request.tenant_id, limit):
             return Defer()
         try:
-            return await answer_test_connection(request, ctx, self._tenants, self._providers)
+            return await answer_test_connection(request, ctx, self._tenants, self._providers, self._draft_egress)
         finally:
             self._slots.release_probe(request.tenant_id)
 

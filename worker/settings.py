@@ -6,6 +6,7 @@ from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
 from worker.breaker import BreakerPolicy
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
 from worker.ladder import RetryLadder
 from worker.limits import MAX_BODY_BYTES
 from worker.publishers import PublisherRules
@@ -40,6 +41,18 @@ class WorkerSettings:
     header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
     publishers: PublisherRules = field(default_factory=PublisherRules)
     loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    allow_draft_cidrs: tuple[str, ...] = ()  # private ranges a draft from a message may reach (none by default)
+
+    @property
+    def tenant_egress(self) -> EgressPolicy:
+        """Stored tenants: their own networks stay reachable, metadata and link-local never."""
+        return EgressPolicy(max_response_bytes=self.max_response_bytes)
+
+    @property
+    def draft_egress(self) -> EgressPolicy:
+        """Drafts from messages: additionally no loopback, and private ranges only where the operator allows."""
+        return EgressPolicy.for_drafts(self.allow_draft_cidrs, self.max_response_bytes)
 
     @property
     def topology(self) -> Topology:

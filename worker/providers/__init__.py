@@ -30,9 +30,8 @@ def _azure_openai(settings: ProviderSettings, session: aiohttp.ClientSession) ->
 
 
 def _bedrock(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
-    # aiobotocore brings its own HTTP client; the shared session is not used.
     assert settings.kind == "bedrock"
-    return BedrockProvider(settings)
+    return BedrockProvider(settings, session)
 
 
 def _vertex(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
