@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 import aio_pika
 import aiohttp
 import structlog
+from opentelemetry.trace import TracerProvider
 
 from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
@@ -19,6 +20,7 @@ from worker.settings import WorkerSettings
 from worker.settle import Settler
 from worker.tenants import TenantRegistry
 from worker.topology import declare, declare_atlas_cloud, topology_spec
+from worker.tracing import Tracing, tracing_from_env
 
 log = structlog.get_logger("worker.app")
 
@@ -32,6 +34,7 @@ class WorkerApp:
         *,
         on_settled: Callable[[Settled], None] | None = None,
         provider_factories: dict[str, ProviderFactory] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.registry = TenantRegistry(settings.tenants_dir)
@@ -43,6 +46,8 @@ class WorkerApp:
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
+        # A caller's tracer provider (tests, embedding) stays the caller's to shut down; else the OTEL_* variables.
+        self._tracer_provider = tracer_provider
         self.breakers = BreakerBoard(
             settings.breaker_failures,
             settings.breaker_cooldown_s,
@@ -59,6 +64,11 @@ class WorkerApp:
         self.metrics.observe(settled)
         if self._on_settled is not None:
             self._on_settled(settled)
+
+    def _tracing(self) -> Tracing:
+        if self._tracer_provider is not None:
+            return Tracing(self._tracer_provider, genai=self.metrics.genai)
+        return tracing_from_env(self.metrics.genai)
 
     async def run(self) -> None:
         settings = self.settings
@@ -83,6 +93,9 @@ class WorkerApp:
                 raise_for_status=False,
             )
             stack.push_async_callback(session.close)
+            tracing = self._tracing()
+            if self._tracer_provider is None:
+                stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # flushes buffered spans
 
             publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
@@ -97,10 +110,10 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            providers = ProviderPool(session, self._provider_factories, self.breakers)
-            handler = Handler(self.registry, providers, settings.ladder)
-            settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange)
-            self.consumer = Consumer(requests, handler, settler, on_settled=self._settled)
+            providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
+            handler = Handler(self.registry, providers, settings.ladder, tracing=tracing)
+            settler = Settler(publish_channel, settings.topology, settings.atlas_cloud_exchange, tracing)
+            self.consumer = Consumer(requests, handler, settler, on_settled=self._settled, tracing=tracing)
             await self.consumer.start()
             self.ready.set()
             log.info(

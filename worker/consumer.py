@@ -17,6 +17,7 @@ from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Statu
 from worker.handler import DeliveryContext, Handler
 from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
 from worker.settle import Settler
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.consumer")
 
@@ -108,8 +109,10 @@ class Consumer:
         settler: Settler,
         *,
         on_settled: Callable[[Settled], None] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
+        self._tracing = tracing
         self._handler = handler
         self._settler = settler
         self._on_settled = on_settled
@@ -135,6 +138,11 @@ class Consumer:
         task.add_done_callback(self._working.discard)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        # The settle task starts inside this span, so it inherits the span as its parent.
+        with self._tracing.delivery(message, self._queue.name):
+            await self._process_in_span(message)
+
+    async def _process_in_span(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started, _first_failure_at(message))
         decoded = decode(message.body)
@@ -143,6 +151,7 @@ class Consumer:
         structlog.contextvars.bind_contextvars(
             request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
         )
+        self._tracing.annotate_delivery(ids, ctx.attempts + 1)
         try:
             if request is not None:
                 outcome = await self._handle(request, ctx)

@@ -31,6 +31,7 @@ from worker.prompts import REPAIR_VERSION, PreparedCall, build_call, repair_call
 from worker.providers import ProviderPool
 from worker.providers.base import ModelCall, ModelResult, Provider
 from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.handler")
 
@@ -96,8 +97,10 @@ class Handler:
         providers: ProviderPool,
         ladder: RetryLadder,
         slots: TenantSlots | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._tenants = tenants
+        self._tracing = tracing
         self._providers = providers
         self._ladder = ladder
         self._slots = slots or TenantSlots()
@@ -237,6 +240,7 @@ class Handler:
             ladder=self._ladder,
             retry_after_s=exc.retry_after_s,
         )
+        self._tracing.policy_decided(tenant.fallback.policy.value, exc.error_class.value, attempts, decision)
         error = ErrorInfo(
             code=exc.code, message=exc.message, error_class=exc.error_class.value, retry_after_s=exc.retry_after_s
         )

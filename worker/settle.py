@@ -3,7 +3,7 @@
 import asyncio
 import contextlib
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import aio_pika
 import orjson
@@ -15,12 +15,14 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.acks import Acknowledger
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0
 ERROR_MESSAGE_LIMIT = 1000
+SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
 
 
 def _now() -> str:
@@ -30,8 +32,11 @@ def _now() -> str:
 class Settler:
     """Publishes replies, retries, reroutes and dead letters with confirms, then acks the delivery."""
 
-    def __init__(self, channel: AbstractChannel, topology: Topology, atlas_cloud_exchange: str) -> None:
+    def __init__(
+        self, channel: AbstractChannel, topology: Topology, atlas_cloud_exchange: str, tracing: Tracing = NO_TRACING
+    ) -> None:
         self._channel = channel
+        self._tracing = tracing
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
         self._exchanges: dict[str, AbstractExchange] = {}
@@ -40,6 +45,12 @@ class Settler:
     async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
+        with self._tracing.span("settle", SETTLE_SPAN):
+            done = await self._settle(delivery, outcome, ids)
+            self._tracing.annotate({"atlas.settle.result": done})
+            return done
+
+    async def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         # A delivery whose channel closed (the connection dropped while its provider call ran) can no longer
         # be acked: the broker has already queued it again. Publishing its outcome now would answer twice.
         if delivery.channel.is_closed:  # the property itself raises ChannelInvalidStateError once it is closed
@@ -137,14 +148,11 @@ class Settler:
             },
         )
         if delivery.reply_to:
-            await self._exchange("").publish(message, delivery.reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+            exchange, routing_key = "", delivery.reply_to
         else:
-            await self._exchange(self._topology.replies).publish(
-                message,
-                Topology.reply_routing_key(reply.tenant_id, reply.task),
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT_S,
-            )
+            exchange, routing_key = self._topology.replies, Topology.reply_routing_key(reply.tenant_id, reply.task)
+        with self._tracing.publish(exchange, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter, ids: RequestIds) -> None:
         headers = {
@@ -238,7 +246,8 @@ class Settler:
             priority=delivery.priority,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
-        await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+        with self._tracing.publish(exchange_name, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     def _exchange(self, name: str) -> AbstractExchange:
         # Exchange objects publish through the robust channel, so they stay valid across reconnects.

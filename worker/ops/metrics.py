@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from worker.consumer import Settled
+from worker.ops.genai_metrics import GenAIMetrics
 from worker.outcome import Defer, Reply, Reroute, Retry
 
 OTHER_TENANT: Final = "other"
@@ -74,6 +75,7 @@ class Metrics:
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
+        self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
 

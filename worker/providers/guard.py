@@ -5,15 +5,17 @@ import asyncio
 from worker.breaker import CircuitBreaker
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.tracing import NO_TRACING, Tracing
 
 # Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up.
 TRIPS_BREAKER = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
 
 
 class GuardedProvider:
-    def __init__(self, provider: Provider, breaker: CircuitBreaker) -> None:
+    def __init__(self, provider: Provider, breaker: CircuitBreaker, tracing: Tracing = NO_TRACING) -> None:
         self._provider = provider
         self.breaker = breaker
+        self._tracing = tracing
 
     @property
     def kind(self) -> str:
@@ -40,6 +42,10 @@ class GuardedProvider:
                 code="circuit_open",
                 retry_after_s=self.breaker.retry_after_s(),
             )
+        with self._tracing.model_call(self, call) as telemetry:  # the GenAI span and metrics of this call
+            return telemetry.answered(await self._bounded(call))
+
+    async def _bounded(self, call: ModelCall) -> ModelResult:
         try:
             async with asyncio.timeout(call.timeout_s):
                 result = await self._provider.complete(call)
