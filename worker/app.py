@@ -20,7 +20,7 @@ from worker.settings import WorkerSettings
 from worker.settle import Settler
 from worker.tenants import TenantRegistry
 from worker.topology import declare, declare_atlas_cloud, topology_spec
-from worker.tracing import Tracing, tracing_from_env
+from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
 log = structlog.get_logger("worker.app")
 
@@ -67,7 +67,7 @@ class WorkerApp:
 
     def _tracing(self) -> Tracing:
         if self._tracer_provider is not None:
-            return Tracing(self._tracer_provider, genai=self.metrics.genai)
+            return Tracing(self._tracer_provider, genai=self.metrics.genai, capture_content=content_capture_requested())
         return tracing_from_env(self.metrics.genai)
 
     async def run(self) -> None:

@@ -223,7 +223,7 @@ class ModelCallTelemetry:
         self._tracing = tracing
         self._provider = provider
         self._call = call
-        self._result: "ModelResult | None" = None
+        self._result: ModelResult | None = None
         self._span: trace.Span | None = None
         self._started = 0.0
 
@@ -308,6 +308,11 @@ def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() == "true"
 
 
+def content_capture_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Prompts and completions go into spans only when the operator switches content capture on."""
+    return _flag(environ.get(CAPTURE_CONTENT_ENV))
+
+
 def tracing_requested(environ: Mapping[str, str]) -> bool:
     """Tracing is on when an exporter or an OTLP endpoint is configured, and the SDK is not disabled."""
     if _flag(environ.get("OTEL_SDK_DISABLED")):
@@ -322,7 +327,7 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
 def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, str] = os.environ) -> Tracing:
     """Tracing configured by the standard OTEL_* variables (the SDK reads sampler, endpoint, headers, batch
     sizes and resource itself). Without the `otel` extra installed, tracing stays off with a warning."""
-    capture = _flag(environ.get(CAPTURE_CONTENT_ENV))
+    capture = content_capture_requested(environ)
     if not tracing_requested(environ):
         return Tracing(genai=genai, capture_content=capture)
     try:
