@@ -12,8 +12,10 @@ from opentelemetry.trace import TracerProvider
 
 from worker.breaker import BreakerBoard
 from worker.consumer import Consumer, Settled
+from worker.exit_codes import broker_error, first_connection
 from worker.handler import Handler
 from worker.ops.health import serve_health
+from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
@@ -23,6 +25,8 @@ from worker.topology import declare, declare_atlas_cloud, topology_spec
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
 log = structlog.get_logger("worker.app")
+
+RETURNED_IDS_LOGGED = 20  # the drain log names this many returned request ids, then counts the rest
 
 
 class WorkerApp:
@@ -41,6 +45,7 @@ class WorkerApp:
         self.ready = asyncio.Event()
         self.draining = False
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
         self._on_settled = on_settled
         self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
@@ -54,8 +59,16 @@ class WorkerApp:
             on_change=lambda b: self.metrics.breaker_state(b.tenant_id, b.endpoint, b.state.value),
         )
 
-    def stop(self) -> None:
+    def stop(self, *, force: bool = False) -> None:
+        """Drain: finish in-flight work for up to `grace_s`. `force`: return it to the queue now."""
+        if force and not self._force.is_set():
+            log.warning("worker_forced_stop", in_flight=self.consumer.in_flight if self.consumer else 0)
+            self._force.set()
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _has_config_file(self, tenant_id: str) -> bool:
         return self.registry.get(tenant_id) is not None or self.registry.problems(tenant_id) is not None
@@ -75,15 +88,15 @@ class WorkerApp:
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
-                await stack.enter_async_context(serve_health(self, settings.metrics_port))
+                await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
+            lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
+            stack.callback(lag.cancel)
             self.registry.refresh()
             log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
             watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))
             stack.callback(watcher.cancel)
 
-            connection = await aio_pika.connect_robust(
-                settings.amqp_url, client_properties={"connection_name": f"atlas-worker:{settings.namespace}"}
-            )
+            connection = await self._connect()
             stack.push_async_callback(connection.close)
             self.connection = connection
             session = aiohttp.ClientSession(
@@ -127,7 +140,26 @@ class WorkerApp:
             self.draining = True
             self.ready.clear()
             log.info("worker_draining", in_flight=self.consumer.in_flight, grace_s=settings.grace_s)
-            returned = await self.consumer.drain(settings.grace_s)
-            log.info("worker_stopped", returned_to_queue=returned)
+            returned = await self.consumer.drain(settings.grace_s, force=self._force)
+            log.info(
+                "worker_stopped",
+                returned_to_queue=len(returned),
+                returned_request_ids=returned[:RETURNED_IDS_LOGGED],
+                forced=self._force.is_set(),
+            )
             with contextlib.suppress(Exception):
                 await consume_channel.close()
+
+    async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
+        settings = self.settings
+        try:
+            # Only the first connection is bounded in time: once connected, the robust connection reconnects.
+            with first_connection():
+                return await asyncio.wait_for(
+                    aio_pika.connect_robust(
+                        settings.amqp_url, client_properties={"connection_name": f"atlas-worker:{settings.namespace}"}
+                    ),
+                    settings.connect_timeout_s,
+                )
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:  # TimeoutError is an OSError
+            raise broker_error(exc, settings.amqp_url) from None

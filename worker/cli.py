@@ -4,9 +4,12 @@ import argparse
 import asyncio
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
@@ -24,13 +27,60 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+LOG_LEVEL_DEFAULT = "info"
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name. SUPPRESS, so that a subcommand's parser does
+    not overwrite a value given before the subcommand with its own default; `main` fills the defaults in."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help=f"(default: {LOG_LEVEL_DEFAULT})",
+    )
+    options.add_argument(
+        "--log-format",
+        default=argparse.SUPPRESS,
+        choices=["json", "console"],
+        help="console on a terminal, else JSON lines (the default)",
+    )
+    return options
+
+
+def _version() -> str:
+    try:
+        return version("atlas-inference-worker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class _Commands:
+    """Subcommands that all take the global options, at any depth."""
+
+    def __init__(
+        self, subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser
+    ) -> None:
+        self._subparsers = subparsers
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, parents=[self._common], **kwargs)
+
+    def nested(self, parser: argparse.ArgumentParser, dest: str) -> "_Commands":
+        return _Commands(parser.add_subparsers(dest=dest, required=True, metavar="SUBCOMMAND"), self._common)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
     parser = argparse.ArgumentParser(
         prog="atlas-worker",
         description="Answers incident inference requests from RabbitMQ with each tenant's own LLM.",
+        parents=[common],
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     run = commands.add_parser("run", help="consume requests and publish replies until SIGTERM")
     _add_broker_flags(run)
@@ -74,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds an open circuit waits before one probe call (default: 30)",
     )
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    run.add_argument(
+        "--metrics-host",
+        default=WorkerSettings.metrics_host,
+        help="address the metrics port binds (default: %(default)s, every interface)",
+    )
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -93,13 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=_test_connection)
 
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
-    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
+    tenant_commands = commands.nested(tenants, "tenants_command")
     validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
     validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
     validate.set_defaults(func=_validate_tenants)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    dlq_commands = commands.nested(dlq, "dlq_command")
     dlq_list = dlq_commands.add_parser("list", help="a table of dead letters: id, tenant, task, reason, attempts, age")
     dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
     dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -127,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.set_defaults(tenant=None, task=None, reason=None)
 
     topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
-    topology_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    topology_commands = commands.nested(topology, "topology_command")
     topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
     topology_definitions = topology_commands.add_parser(
         "definitions", help="print RabbitMQ definitions JSON (for rabbitmqctl import_definitions)"
@@ -158,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
         delivery_limit=args.delivery_limit,
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         breaker_failures=args.breaker_failures,
         breaker_cooldown_s=args.breaker_cooldown,
     )
@@ -166,11 +222,12 @@ def _run(args: argparse.Namespace) -> int:
         app = WorkerApp(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, app.stop)
+            # The first signal drains; a second one returns in-flight work to the queue at once.
+            loop.add_signal_handler(sig, lambda: app.stop(force=app.stopping))
         await app.run()
 
     asyncio.run(main())
-    return 0
+    return ExitCode.OK
 
 
 def _test_connection(args: argparse.Namespace) -> int:
@@ -182,10 +239,10 @@ def _test_connection(args: argparse.Namespace) -> int:
         tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)
     except DraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     report = asyncio.run(check_tenant(tenant, args.timeout))
     print(report.model_dump_json(indent=2) if args.json else render(report))
-    return 1 if report.verdict == "not_ready" else 0
+    return ExitCode.FAILED if report.verdict == "not_ready" else ExitCode.OK
 
 
 def _validate_tenants(args: argparse.Namespace) -> int:
@@ -213,10 +270,24 @@ def _topology(args: argparse.Namespace) -> int:
     return topology_command(args)
 
 
+def _log_as_json(log_format: str | None) -> bool:
+    # A person at a terminal reads console lines; anything else (a file, a pipe, a log shipper) gets JSON.
+    return log_format == "json" if log_format else not sys.stderr.isatty()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    code: int = args.func(args)
+    configure_logging(
+        getattr(args, "log_level", LOG_LEVEL_DEFAULT), json=_log_as_json(getattr(args, "log_format", None))
+    )
+    try:
+        code: int = args.func(args)
+    except StartupError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C in a command that has no signal handling of its own (`run` has)
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     return code
 
 

@@ -117,7 +117,8 @@ class Consumer:
         self._settler = settler
         self._on_settled = on_settled
         self._tag: str | None = None
-        self._working: set[asyncio.Task[None]] = set()  # handling; cancellable on shutdown
+        # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
+        self._working: dict[asyncio.Task[None], str | None] = {}
         self._settling: set[asyncio.Task[str]] = set()  # never cancelled
 
     @property
@@ -134,8 +135,11 @@ class Consumer:
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         # Handled in a task of our own, so a broker channel closing does not cancel a provider call midway.
         task = asyncio.create_task(self._process(message))
-        self._working.add(task)
-        task.add_done_callback(self._working.discard)
+        self._working[task] = None
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: "asyncio.Task[None]") -> None:
+        self._working.pop(task, None)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         # The settle task starts inside this span, so it inherits the span as its parent.
@@ -148,6 +152,9 @@ class Consumer:
         decoded = decode(message.body)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         ids = _ids(decoded)
+        this = asyncio.current_task()
+        if this is not None and this in self._working:
+            self._working[this] = ids.request_id
         structlog.contextvars.bind_contextvars(
             request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
         )
@@ -221,13 +228,13 @@ class Consumer:
             except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
                 log.warning("consumer_cancel_failed", error=str(exc))
 
-    async def drain(self, grace_s: float) -> int:
-        """Stop consuming, let in-flight work finish for `grace_s`, return the rest to the queue.
-        Returns how many deliveries were returned unfinished."""
+    async def drain(self, grace_s: float, *, force: asyncio.Event | None = None) -> list[str | None]:
+        """Stop consuming, let in-flight work finish for `grace_s` (or until `force` is set), return the rest
+        to the queue. Returns the request ids of the deliveries returned unfinished (None: not readable)."""
         await self.stop_consuming()
         if self._working:
-            await asyncio.wait(set(self._working), timeout=grace_s)
-        unfinished = [t for t in self._working if not t.done()]
+            await _wait_unless(set(self._working), grace_s, force)
+        unfinished = {t: request_id for t, request_id in self._working.items() if not t.done()}
         for task in unfinished:
             task.cancel()
         if unfinished:
@@ -235,7 +242,21 @@ class Consumer:
         if self._settling:
             await asyncio.wait(set(self._settling))
         await self._settler.flush_acks()
-        return len(unfinished)
+        return list(unfinished.values())
+
+
+async def _wait_unless(tasks: set["asyncio.Task[None]"], timeout_s: float, force: asyncio.Event | None) -> None:
+    """Until every task is done, `timeout_s` passes, or `force` is set."""
+    if force is None:
+        await asyncio.wait(tasks, timeout=timeout_s)
+        return
+    everything = asyncio.create_task(asyncio.wait(tasks))  # cancelling this wait leaves the tasks running
+    forced = asyncio.create_task(force.wait())
+    try:
+        await asyncio.wait({everything, forced}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        everything.cancel()
+        forced.cancel()
 
 
 def _timings(ctx: DeliveryContext) -> Timings:

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -182,7 +183,7 @@ class Handler:
         assert call.prepared is not None
         prepared = call.prepared
         try:
-            return self._ok(call, interpret(call.request, result, prepared.citable))
+            return self._ok(call, await _interpret(call.request, result, prepared.citable))
         except TaskFailure as failure:
             if not (failure.repairable and call.request.task is Task.RCA):
                 raise
@@ -193,7 +194,7 @@ class Handler:
         call.repaired = True
         call.prompt_version = f"{prepared.prompt_version}+{REPAIR_VERSION}"
         result = await self._complete(provider, call, repair)
-        return self._ok(call, interpret(call.request, result, prepared.citable))
+        return self._ok(call, await _interpret(call.request, result, prepared.citable))
 
     def _ok(self, call: _Call, result: ReplyResult) -> Outcome:
         reply = _reply(
@@ -351,9 +352,24 @@ async def _prepare(
         large = (
             items > LARGE_INCIDENT_ITEMS or sum(len(line.message) for line in incident.logs) > LARGE_INCIDENT_LOG_CHARS
         )
-    if large:
+    if large or _declares_tools(request):
         return await asyncio.to_thread(build_call, request, tenant, fitted)
     return build_call(request, tenant, fitted)
+
+
+async def _interpret(
+    request: InferenceRequest, result: ModelResult, citable: Mapping[str, frozenset[int]] | None
+) -> ReplyResult:
+    if _declares_tools(request):
+        return await asyncio.to_thread(interpret, request, result, citable)
+    return interpret(request, result, citable)
+
+
+def _declares_tools(request: InferenceRequest) -> bool:
+    """A runbook with the publisher's own tool schemas: checking them and validating arguments against them runs
+    off the event loop, within `worker.tool_schemas`' time budget (the platform's default tools are small, fixed
+    and checked by the tests)."""
+    return request.task is Task.RUNBOOK and bool(request.tools)
 
 
 def _configured_model(tenant: TenantConfig) -> str | None:

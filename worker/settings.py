@@ -32,6 +32,9 @@ class WorkerSettings:
     breaker_failures: int = 5
     breaker_cooldown_s: float = 30.0
     metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # every interface: Prometheus scrapes the pod or container from outside
+    connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's
+    loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
 
     @property
     def topology(self) -> Topology:

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contracts import Header, Topology
-from tests import samples
+from contracts.tools import DEFAULT_RUNBOOK_TOOLS
+from tests import hostile_schemas, samples
 from tests.broker import broker_client, collect, delete_namespace, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
@@ -65,9 +66,43 @@ CORRUPTIONS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
+# Patterns RE2 refuses: lookaround, backreferences, atomic groups.
+NON_RE2_PATTERNS = ["^(?=a)a$", "(?<!b)a", r"^(a)\1$", "(?>a+)b", "(?!x).*"]
+NON_LOCAL_REFS = ["http://127.0.0.1:9/schema.json", "file:///etc/passwd", "other.json", "#anchor", "//127.0.0.1/x"]
+
+
+@st.composite
+def hostile_tool_schema(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["ref", "fanout", "cycle", "deep", "size", "pattern", "pattern_key"]))
+    if kind == "ref":
+        return hostile_schemas.remote_ref(draw(st.sampled_from(NON_LOCAL_REFS)))
+    if kind == "fanout":
+        return hostile_schemas.exponential_chain(levels=draw(st.integers(5, 12)), fan=draw(st.integers(4, 8)))
+    if kind == "cycle":
+        return hostile_schemas.self_cycle()
+    if kind == "deep":
+        return hostile_schemas.deep(draw(st.integers(33, 60)))
+    if kind == "size":
+        return hostile_schemas.oversized(draw(st.integers(65, 400)))
+    pattern = draw(st.sampled_from(NON_RE2_PATTERNS))
+    if kind == "pattern":
+        return {"type": "object", "properties": {"x": {"type": "string", "pattern": pattern}}}
+    return {"type": "object", "patternProperties": {pattern: {}}}
+
+
+def hostile_tools(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Benign default tools with one hostile schema among them."""
+    tools: list[dict[str, Any]] = [t.model_dump() for t in DEFAULT_RUNBOOK_TOOLS[: draw(st.integers(0, 3))]]
+    hostile = {"name": "hostile", "parameters": draw(hostile_tool_schema())}
+    tools.insert(draw(st.integers(0, len(tools))), hostile)
+    return tools
+
+
 @st.composite
 def malformed_body(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "corrupt", "missing", "deep", "not_object"]))
+    kind = draw(st.sampled_from(["bytes", "corrupt", "missing", "deep", "not_object", "hostile_tools"]))
+    if kind == "hostile_tools":
+        return orjson.dumps(samples.request("acme", "runbook", tools=hostile_tools(draw)))
     if kind == "bytes":
         return draw(st.binary(max_size=200).filter(lambda b: not b.strip().startswith(b"{")))
     if kind == "not_object":

@@ -78,6 +78,7 @@ class Metrics:
         self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
+        self.loop_lag = loop_lag_histogram(r)
 
     def tenant(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id and self._tenant_known(tenant_id) else OTHER_TENANT
@@ -141,3 +142,17 @@ def endpoint_label(endpoint: str) -> str:
         return endpoint.split("?", 1)[0].rsplit("@", 1)[-1]
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+# Event-loop responsiveness. Seconds: a healthy loop answers within a millisecond or two; anything past 0.1 s
+# delays every tenant's messages, acks and heartbeats at once.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def loop_lag_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "atlas_worker_event_loop_lag_seconds",
+        "How late the event loop woke a timer: the time it spent busy with something else.",
+        buckets=LOOP_LAG_BUCKETS,
+        registry=registry,
+    )
