@@ -40,9 +40,14 @@ def _git(*args: str) -> str:
 
 @contextlib.contextmanager
 def checkout_before_tracing() -> Iterator[tuple[Path, str]]:
-    """A temporary worktree of the commit before tracing was added: the code "before this change"."""
-    added = _git("rev-list", "-1", "--diff-filter=A", "HEAD", "--", "worker/tracing.py")
-    before = _git("rev-parse", "--short", f"{added}^")
+    """A temporary worktree of the code "before this change": the newest commit in HEAD's history without
+    worker/tracing.py (on a branch, the main it last merged; on main, the tip before tracing was merged)."""
+    before = next(
+        commit
+        for commit in _git("rev-list", "--date-order", "--max-count=500", "HEAD").split()
+        if not _git("ls-tree", "--name-only", commit, "worker/tracing.py")
+    )
+    before = _git("rev-parse", "--short", before)
     with tempfile.TemporaryDirectory(prefix="bench-before-tracing-") as directory:
         path = Path(directory) / "checkout"
         _git("worktree", "add", "--detach", str(path), before)
