@@ -42,11 +42,10 @@ def _git(*args: str) -> str:
 def checkout_before_tracing() -> Iterator[tuple[Path, str]]:
     """A temporary worktree of the code "before this change": the newest commit in HEAD's history without
     worker/tracing.py (on a branch, the main it last merged; on main, the tip before tracing was merged)."""
-    before = next(
-        commit
-        for commit in _git("rev-list", "--date-order", "--max-count=500", "HEAD").split()
-        if not _git("ls-tree", "--name-only", commit, "worker/tracing.py")
-    )
+    candidates = _git("rev-list", "--date-order", "--max-count=500", "HEAD").split()
+    before = next((c for c in candidates if not _git("ls-tree", "--name-only", c, "worker/tracing.py")), None)
+    if before is None:
+        raise RuntimeError("no commit without worker/tracing.py in the last 500 (a shallow clone?)")
     before = _git("rev-parse", "--short", before)
     with tempfile.TemporaryDirectory(prefix="bench-before-tracing-") as directory:
         path = Path(directory) / "checkout"
