@@ -267,3 +267,35 @@ async def test_otel_environment_exports_spans_over_otlp_http(
     attributes = {a.key: a.value for a in model.attributes}
     assert attributes["gen_ai.provider.name"].string_value == "openai"
     assert attributes["gen_ai.usage.input_tokens"].int_value > 0
+
+
+async def test_reroute_and_dead_letter_carry_the_workers_context_in_the_same_trace(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+) -> None:
+    settings = worker_settings(amqp_url, topology, tenants_dir)
+    cloud = await client.bind_observer(settings.atlas_cloud_exchange)
+    running = await start_worker(settings, tracer_provider=tracer_provider)
+    rerouted, malformed = Upstream(), Upstream()
+    try:
+        await client.publish_request(samples.request("no-byoc-tenant"), headers=rerouted.headers)
+        await client.publish_request(b"{not json", headers=malformed.headers)
+        [to_cloud] = await collect(cloud, 1)
+        [dead_letter] = await collect(await client.channel.get_queue(topology.dead), 1)
+    finally:
+        await running.stop()
+
+    spans = exporter.get_finished_spans()
+    publishes = {s.context.span_id: s for s in named(spans, "publish ")}
+    for message, upstream, exchange in (
+        (to_cloud, rerouted, settings.atlas_cloud_exchange),
+        (dead_letter, malformed, topology.dead),
+    ):
+        trace_id, span_id = traceparent_ids((message.headers or {})["traceparent"])
+        assert trace_id == upstream.trace_id
+        # The publisher's header was replaced by the worker's publish span, not passed through.
+        assert publishes[span_id].name == f"publish {exchange}"
