@@ -122,8 +122,8 @@ class RunningWorker:
         await asyncio.wait_for(self.task, 30)
 
 
-async def start_worker(settings: WorkerSettings) -> RunningWorker:
-    app = WorkerApp(settings)
+async def start_worker(settings: WorkerSettings, **options: Any) -> RunningWorker:
+    app = WorkerApp(settings, **options)
     task = asyncio.create_task(app.run())
     ready = asyncio.create_task(app.ready.wait())
     await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 
 import aio_pika
 import structlog
+from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy
 from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
@@ -23,6 +24,7 @@ from worker.settings import WorkerSettings
 from worker.settle import Settler
 from worker.tenants import TenantRegistry
 from worker.topology import declare, declare_atlas_cloud, topology_spec
+from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
 log = structlog.get_logger("worker.app")
 
@@ -38,6 +40,7 @@ class WorkerApp:
         *,
         on_settled: Callable[[Settled], None] | None = None,
         provider_factories: dict[str, ProviderFactory] | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.registry = TenantRegistry(settings.tenants_dir)
@@ -50,6 +53,8 @@ class WorkerApp:
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self.metrics = Metrics(self._has_config_file)
+        # A caller's tracer provider (tests, embedding) stays the caller's to shut down; else the OTEL_* variables.
+        self._tracer_provider = tracer_provider
         self.breakers = BreakerBoard(settings.breaker, on_change=self._breaker_changed)
 
     def _breaker_changed(self, breaker: CircuitBreaker) -> None:
@@ -98,6 +103,11 @@ class WorkerApp:
         if self._on_settled is not None:
             self._on_settled(settled)
 
+    def _tracing(self) -> Tracing:
+        if self._tracer_provider is not None:
+            return Tracing(self._tracer_provider, genai=self.metrics.genai, capture_content=content_capture_requested())
+        return tracing_from_env(self.metrics.genai)
+
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
@@ -125,6 +135,9 @@ class WorkerApp:
                 ttl_dns_cache=300,
             )
             stack.push_async_callback(session.close)
+            tracing = self._tracing()
+            if self._tracer_provider is None:
+                stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # flushes buffered spans
 
             publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
@@ -139,14 +152,17 @@ class WorkerApp:
                 requests_spec.name, durable=True, arguments=requests_spec.arguments
             )
 
-            providers = ProviderPool(session, self._provider_factories, self.breakers)
-            handler = Handler(self.registry, providers, settings.ladder, draft_egress=settings.draft_egress)
+            providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
+            handler = Handler(
+                self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
+            )
             settler = Settler(
                 publish_channel,
                 settings.topology,
                 settings.atlas_cloud_exchange,
                 trust=HeaderTrust(settings.topology, header_key),
                 max_body_bytes=settings.max_body_bytes,
+                tracing=tracing,
             )
             self.consumer = Consumer(
                 requests,
@@ -155,6 +171,7 @@ class WorkerApp:
                 on_settled=self._settled,
                 publishers=settings.publishers,
                 max_body_bytes=settings.max_body_bytes,
+                tracing=tracing,
             )
             await self.consumer.start()
             self.ready.set()

@@ -19,6 +19,7 @@ from worker.limits import MAX_BODY_BYTES, read_count
 from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
 from worker.publishers import PublisherRules
 from worker.settle import Settler
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.consumer")
 
@@ -129,8 +130,10 @@ class Consumer:
         on_settled: Callable[[Settled], None] | None = None,
         publishers: PublisherRules | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
+        self._tracing = tracing
         self._handler = handler
         self._settler = settler
         self._on_settled = on_settled
@@ -162,6 +165,11 @@ class Consumer:
         self._working.pop(task, None)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        # The settle task starts inside this span, so it inherits the span as its parent.
+        with self._tracing.delivery(message, self._queue.name):
+            await self._process_in_span(message)
+
+    async def _process_in_span(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
         decoded = self._admitted(decode(message.body, self._max_body_bytes), message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
@@ -174,6 +182,7 @@ class Consumer:
         structlog.contextvars.bind_contextvars(
             request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
         )
+        self._tracing.annotate_delivery(ids, ctx.attempts + 1)
         try:
             if request is not None:
                 outcome = await self._handle(request, ctx)

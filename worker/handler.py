@@ -35,6 +35,7 @@ from worker.providers import ProviderPool
 from worker.providers.base import ModelCall, ModelResult
 from worker.providers.guard import CIRCUIT_OPEN, GuardedProvider
 from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.handler")
 
@@ -133,8 +134,10 @@ class Handler:
         ladder: RetryLadder,
         slots: TenantSlots | None = None,
         draft_egress: EgressPolicy | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._tenants = tenants
+        self._tracing = tracing
         self._draft_egress = draft_egress or EgressPolicy(drafts=True)
         self._providers = providers
         self._ladder = ladder
@@ -288,6 +291,7 @@ class Handler:
             ladder=self._ladder,
             retry_after_s=exc.retry_after_s,
         )
+        self._tracing.policy_decided(tenant.fallback.policy.value, exc.error_class.value, attempts, decision)
         error = ErrorInfo(
             code=exc.code, message=exc.message, error_class=exc.error_class.value, retry_after_s=exc.retry_after_s
         )

@@ -5,7 +5,7 @@ import contextlib
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import aio_pika
 import orjson
@@ -19,6 +19,7 @@ from worker.acks import Acknowledger
 from worker.header_trust import HeaderTrust
 from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
@@ -28,6 +29,7 @@ ATLAS_PREFIX = "atlas-"
 # Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
 PASSED_ON = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
 ERROR_MESSAGE_LIMIT = 1000
+SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
 
 
 def _now() -> str:
@@ -45,8 +47,10 @@ class Settler:
         *,
         trust: HeaderTrust | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._channel = channel
+        self._tracing = tracing
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
         self.trust = trust or HeaderTrust(topology)
@@ -57,6 +61,12 @@ class Settler:
     async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
+        with self._tracing.span("settle", SETTLE_SPAN):
+            done = await self._settle(delivery, outcome, ids)
+            self._tracing.annotate({"atlas.settle.result": done})
+            return done
+
+    async def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         # A delivery whose channel closed (the connection dropped while its provider call ran) can no longer
         # be acked: the broker has already queued it again. Publishing its outcome now would answer twice.
         if delivery.channel.is_closed:  # the property itself raises ChannelInvalidStateError once it is closed
@@ -165,14 +175,11 @@ class Settler:
             },
         )
         if delivery.reply_to:
-            await self._exchange("").publish(message, delivery.reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+            exchange, routing_key = "", delivery.reply_to
         else:
-            await self._exchange(self._topology.replies).publish(
-                message,
-                Topology.reply_routing_key(reply.tenant_id, reply.task),
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT_S,
-            )
+            exchange, routing_key = self._topology.replies, Topology.reply_routing_key(reply.tenant_id, reply.task)
+        with self._tracing.publish(exchange, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter, ids: RequestIds) -> None:
         headers = {
@@ -281,7 +288,8 @@ class Settler:
             priority=delivery.priority,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
-        await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+        with self._tracing.publish(exchange_name, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     def _exchange(self, name: str) -> AbstractExchange:
         # Exchange objects publish through the robust channel, so they stay valid across reconnects.

@@ -38,7 +38,7 @@ def exported_metric_names() -> set[str]:
 
 
 def metrics_in(expr: str) -> set[str]:
-    return set(re.findall(r"\batlas_worker_[a-z_]+", expr))
+    return set(re.findall(r"\b(?:atlas_worker|gen_ai_client)_[a-z_]+", expr))
 
 
 def queues_in(expr: str) -> set[str]:

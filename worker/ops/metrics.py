@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from contracts import ProviderSettings, Status, Task
 from worker.consumer import Settled
 from worker.errors import ErrorClass
+from worker.ops.genai_metrics import GenAIMetrics
 from worker.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
 
 OTHER_TENANT: Final = "other"
@@ -85,6 +86,7 @@ class Metrics:
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
+        self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
         self.loop_lag = loop_lag_histogram(r)

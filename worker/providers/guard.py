@@ -3,9 +3,10 @@
 import asyncio
 from collections.abc import Hashable
 
-from worker.breaker import CircuitBreaker
+from worker.breaker import CircuitBreaker, Permit
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.tracing import NO_TRACING, Tracing
 
 # Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up,
 # and so does a body that does not parse: it came back at once, like an answer that does not validate.
@@ -15,9 +16,10 @@ CIRCUIT_OPEN = "circuit_open"  # the error code of a call the breaker refused: t
 
 
 class GuardedProvider:
-    def __init__(self, provider: Provider, breaker: CircuitBreaker) -> None:
+    def __init__(self, provider: Provider, breaker: CircuitBreaker, tracing: Tracing = NO_TRACING) -> None:
         self._provider = provider
         self.breaker = breaker
+        self._tracing = tracing
 
     @property
     def kind(self) -> str:
@@ -49,6 +51,10 @@ class GuardedProvider:
                 code=CIRCUIT_OPEN,
                 retry_after_s=wait_s,
             )
+        with self._tracing.model_call(self, call) as telemetry:  # the GenAI span and metrics of this call
+            return telemetry.answered(await self._bounded(call, permit))
+
+    async def _bounded(self, call: ModelCall, permit: Permit) -> ModelResult:
         try:
             async with asyncio.timeout(call.timeout_s):
                 result = await self._provider.complete(call)
