@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 # Installs are pinned with hashes (requirements/*.txt, from `make lock`); pyproject.toml keeps the ranges.
 RUNTIME_LOCK := requirements/runtime.txt
 DEV_LOCK     := requirements/dev.txt
+OTEL_LOCK    := requirements/otel.txt
 stamp = $(VENV)/.installed-$(1)-$(shell cat pyproject.toml $(2) | cksum | cut -d' ' -f1)
 RUNTIME_STAMP := $(call stamp,runtime,$(RUNTIME_LOCK))
 DEV_STAMP     := $(call stamp,dev,$(DEV_LOCK))
@@ -40,6 +41,9 @@ lock: | $(VENV)/bin/python
 	$(BIN)/pip install --quiet "pip-tools>=7.4"
 	$(PIP_COMPILE) $(if $(UPGRADE),--upgrade) --output-file $(RUNTIME_LOCK) pyproject.toml
 	$(PIP_COMPILE) $(if $(UPGRADE),--upgrade) --extra dev --output-file $(DEV_LOCK) pyproject.toml
+	# The container image's lock: runtime plus the `otel` extra (seeded from the runtime pins, so they agree).
+	test -f $(OTEL_LOCK) || cp $(RUNTIME_LOCK) $(OTEL_LOCK)
+	$(PIP_COMPILE) $(if $(UPGRADE),--upgrade) --extra otel --output-file $(OTEL_LOCK) pyproject.toml
 
 # Runtime dependencies only: the demo needs none of the dev tools.
 demo: install-runtime

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -9,9 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.breaker import BreakerPolicy
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES
 from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
 from worker.log import configure_logging
+from worker.publishers import PublisherRules
+from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_directory
 
@@ -24,6 +30,78 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
+    )
+
+
+def _add_security_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
+    )
+    run.add_argument(
+        "--header-key",
+        metavar="env:NAME|file:/path",
+        help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
+    )
+    run.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="USER=TENANT[,TENANT…]",
+        help="only these AMQP users may publish requests, each for these tenants (* for any); repeatable",
+    )
+    run.add_argument(
+        "--reply-to",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="reply_to names allowed, as shell patterns such as 'replies-*'; repeatable (default: any)",
+    )
+
+
+def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.header_key is not None and not args.header_key.startswith(REFERENCE_PREFIXES):
+        raise StartupError(ExitCode.USAGE, "--header-key takes a reference (env:NAME or file:/path), not the key")
+    try:
+        publishers = PublisherRules.parse(args.publisher, args.reply_to)
+    except ValueError as exc:
+        raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
+    return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
+
+
+def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = BreakerPolicy()
+    parser.add_argument(
+        "--breaker-failure-rate",
+        type=float,
+        default=defaults.failure_rate,
+        help="share of an endpoint's recent requests, last call failed, that opens its circuit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-min-calls",
+        type=int,
+        default=defaults.min_calls,
+        help="requests in the window before the rate is judged (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-window",
+        type=float,
+        default=defaults.window_s,
+        help="seconds of recent requests the rate is judged over (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=defaults.cooldown_s,
+        help="seconds an open circuit refuses calls before probing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-probes",
+        type=int,
+        default=defaults.probes,
+        help="calls let through after the cooldown to decide whether it closes (default: %(default)s)",
     )
 
 
@@ -111,24 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
-    run.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=5,
-        help="consecutive provider failures that open a tenant's circuit (default: 5)",
-    )
-    run.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=30.0,
-        help="seconds an open circuit waits before one probe call (default: 30)",
-    )
+    _add_breaker_flags(run)
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
     run.add_argument(
         "--metrics-host",
         default=WorkerSettings.metrics_host,
         help="address the metrics port binds (default: %(default)s, every interface)",
     )
+    run.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_RESPONSE_BYTES,
+        help="largest provider response, counted before and after decompression (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allow-draft-cidr",
+        dest="allow_draft_cidrs",
+        action="append",
+        type=_cidr,
+        default=[],
+        metavar="CIDR",
+        help="a loopback or private range that Test Connection drafts from messages may reach (repeatable; "
+        "default: none, metadata and link-local addresses stay refused)",
+    )
+    _add_security_flags(run)
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -200,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from worker.app import WorkerApp
 
@@ -214,8 +312,16 @@ def _run(args: argparse.Namespace) -> int:
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        breaker_failures=args.breaker_failures,
-        breaker_cooldown_s=args.breaker_cooldown,
+        breaker=BreakerPolicy(
+            failure_rate=args.breaker_failure_rate,
+            min_calls=args.breaker_min_calls,
+            window_s=args.breaker_window,
+            cooldown_s=args.breaker_cooldown,
+            probes=args.breaker_probes,
+        ),
+        **_security_settings(args),
+        max_response_bytes=args.max_response_bytes,
+        allow_draft_cidrs=tuple(args.allow_draft_cidrs),
     )
 
     async def main() -> None:

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 RUNTIME = [Requirement(r) for r in PROJECT["dependencies"]]
 DEV = [Requirement(r) for r in PROJECT["optional-dependencies"]["dev"]]
+OTEL = [Requirement(r) for r in PROJECT["optional-dependencies"]["otel"]]
 PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^\s\\;]+)", re.MULTILINE)
 
 
@@ -21,7 +22,9 @@ def pins(lock: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("lock", "requirements"), [("runtime.txt", RUNTIME), ("dev.txt", RUNTIME + DEV)], ids=["runtime", "dev"]
+    ("lock", "requirements"),
+    [("runtime.txt", RUNTIME), ("dev.txt", RUNTIME + DEV), ("otel.txt", RUNTIME + OTEL)],
+    ids=["runtime", "dev", "otel"],
 )
 def test_every_requirement_is_pinned_within_its_range(lock: str, requirements: list[Requirement]) -> None:
     pinned = pins(lock)
@@ -37,7 +40,7 @@ def test_every_requirement_is_pinned_within_its_range(lock: str, requirements: l
     assert not problems, "run `make lock`:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("lock", ["runtime.txt", "dev.txt"])
+@pytest.mark.parametrize("lock", ["runtime.txt", "dev.txt", "otel.txt"])
 def test_every_pin_has_a_hash(lock: str) -> None:
     entries = re.split(r"\n(?=[A-Za-z0-9])", (ROOT / "requirements" / lock).read_text())
     unhashed = [entry.split()[0] for entry in entries if PIN.match(entry) and "--hash=sha256:" not in entry]
@@ -54,6 +57,8 @@ def test_the_image_and_make_install_from_the_locks() -> None:
     dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --no-cache-dir --require-hashes -r /tmp/runtime.txt" in dockerfile
-    assert "COPY requirements/runtime.txt" in dockerfile
+    # The image's lock is the runtime lock plus the `otel` extra, pinned alike.
+    assert "COPY requirements/otel.txt" in dockerfile
+    assert pins("runtime.txt").items() <= pins("otel.txt").items()
     assert "--require-hashes -r $(RUNTIME_LOCK)" in makefile
     assert "--require-hashes -r $(DEV_LOCK)" in makefile

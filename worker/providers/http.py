@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 
 CONTEXT_OVERFLOW_PATTERNS = re.compile(
@@ -120,7 +121,9 @@ def classify_status(status: int, text: str, headers: Mapping[str, str], who: str
 
 
 def transport_error(exc: BaseException, who: str, timeout_s: float) -> ProviderError:
-    """Timeouts and connection failures are transient."""
+    """Timeouts and connection failures are transient; what the egress policy refused is not."""
+    if (refused := egress_error(exc, who)) is not None:
+        return refused
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return ProviderError(ErrorClass.TRANSIENT, f"{who} did not answer within {timeout_s:g}s", code="timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -171,8 +174,10 @@ async def send_json(
         send_headers["Content-Type"] = "application/json"
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s))
     try:
-        async with session.request(method, url, data=data, headers=send_headers, timeout=timeout) as response:
-            payload = await response.read()
+        async with session.request(
+            method, url, data=data, headers=send_headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            payload = await response.read()  # read and capped by the session's egress policy
             if response.status >= 400:
                 raise classify(response.status, payload, response.headers, who)
     except ProviderError:
