@@ -1,9 +1,8 @@
 """Tenant configuration: one TOML file per tenant naming its provider, fallback policy and limits."""
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
-
-import re
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -16,7 +15,7 @@ OLDEST_AZURE_API_VERSION = "2024-02-15-preview"
 MIN_CONTEXT_WINDOW = 32_768
 ROLE_ARN_PATTERN = re.compile(r"arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}")
 # Google retired the PaLM 2 models on Vertex AI; a tenant naming one would fail on every call.
-RETIRED_VERTEX_MODELS = re.compile(r"(text|chat|code|codechat)-bison|text-unicorn|textembedding-gecko")
+RETIRED_VERTEX_MODELS = re.compile(r"(text|chat|code|codechat)-(bison|unicorn|gecko)|textembedding-gecko")
 
 
 def _http_url(value: str) -> str:
@@ -127,7 +126,9 @@ class VertexSettings(_ProviderBase):
     @classmethod
     def _not_retired(cls, value: str) -> str:
         if RETIRED_VERTEX_MODELS.match(value):
-            raise ValueError(f"{value} is a retired PaLM model; use a Gemini model such as gemini-2.0-flash")
+            raise ValueError(
+                f"{value} is a PaLM model, retired by Google in April 2025; use a Gemini model such as gemini-2.5-flash"
+            )
         return value
 
 

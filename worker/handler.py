@@ -47,6 +47,11 @@ class TenantLookup(Protocol):
 
     def problems(self, tenant_id: str) -> object | None: ...
 
+    def case_variant(self, tenant_id: str) -> str | None: ...
+
+    @property
+    def healthy(self) -> bool: ...
+
 
 @dataclass(frozen=True, slots=True)
 class DeliveryContext:
@@ -148,15 +153,7 @@ class Handler:
             return await self._probe(request, ctx)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
-            problems = self._tenants.problems(request.tenant_id)
-            if problems is None:
-                return Reroute(reason="no_byoc_config")
-            error = ErrorInfo(
-                code="tenant_config_invalid",
-                message="the tenant's configuration file does not validate; fix it and replay",
-            )
-            reply = _reply(request, ctx, Status.FAILED, error=error)
-            return Reply(reply, DeadLetter("tenant_config_invalid", error, attempts=ctx.attempts))
+            return self._without_config(request, ctx)
         if request.deadline is not None and request.deadline <= datetime.now(UTC):
             error = ErrorInfo(code="deadline_exceeded", message="the request's deadline passed before it was handled")
             reply = _reply(request, ctx, Status.EXPIRED, error=error, tenant=tenant)
@@ -180,6 +177,29 @@ class Handler:
             return await answer_test_connection(request, ctx, self._tenants, self._providers, self._draft_egress)
         finally:
             self._slots.release_probe(request.tenant_id)
+
+    def _without_config(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        """No loaded config: Atlas Cloud serves the tenant only when the healthy source truly holds none for it."""
+        if self._tenants.problems(request.tenant_id) is not None:
+            error = ErrorInfo(
+                code="tenant_config_invalid",
+                message="the tenant's configuration file does not validate; fix it and replay",
+            )
+            reply = _reply(request, ctx, Status.FAILED, error=error)
+            return Reply(reply, DeadLetter("tenant_config_invalid", error, attempts=ctx.attempts))
+        if (configured := self._tenants.case_variant(request.tenant_id)) is not None:
+            error = ErrorInfo(
+                code="tenant_id_case_mismatch",
+                message=f"tenant_id {request.tenant_id!r} differs only in letter case from the configured "
+                f"tenant {configured!r}; tenant ids are case-sensitive",
+            )
+            reply = _reply(request, ctx, Status.REJECTED, error=error)
+            return Reply(reply, DeadLetter("malformed", error, attempts=ctx.attempts))
+        if not self._tenants.healthy:
+            # The source cannot be read: whether this tenant has a config is unknown, so it waits on the ladder
+            # (no attempt spent) rather than being rerouted. Consumption pauses too; this covers the race.
+            return Defer()
+        return Reroute(reason="no_byoc_config")
 
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request

@@ -75,7 +75,7 @@ def _model_at(loc: tuple[int | str, ...]) -> tuple[type[BaseModel] | None, list[
         part = str(parts.pop(0))
         field = model.model_fields.get(part)
         if field is None:
-            return None, path + [part, *map(str, parts)]
+            return None, [*path, part, *map(str, parts)]
         path.append(part)
         options = _section_models(field.annotation)
         if len(options) > 1 and parts:  # the provider union: the next part is its `kind` tag

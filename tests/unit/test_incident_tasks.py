@@ -51,6 +51,11 @@ class Tenants:
     def problems(self, tenant_id: str) -> object | None:
         return None
 
+    def case_variant(self, tenant_id: str) -> str | None:
+        return None
+
+    healthy = True
+
 
 def tenant(base_url: str, **provider: Any) -> TenantConfig:
     return TenantConfig.model_validate(
