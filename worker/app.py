@@ -22,7 +22,7 @@ from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
-from worker.tenants import TenantRegistry
+from worker.tenants import TenantRegistry, TenantSourceFault, scan_directory
 from worker.topology import declare, declare_atlas_cloud, topology_spec
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
@@ -118,6 +118,10 @@ class WorkerApp:
                 await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
             lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
             stack.callback(lag.cancel)
+            try:
+                scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
+            except TenantSourceFault as fault:
+                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
             self.registry.refresh()
             if self.registry.fault is not None:
                 raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")

@@ -2,7 +2,7 @@
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -35,6 +35,7 @@ from worker.providers import ProviderPool
 from worker.providers.base import ModelCall, ModelResult
 from worker.providers.guard import CIRCUIT_OPEN, GuardedProvider
 from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.tenants import ConfigProblem
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.handler")
@@ -45,7 +46,7 @@ class TenantLookup(Protocol):
 
     def get(self, tenant_id: str) -> TenantConfig | None: ...
 
-    def problems(self, tenant_id: str) -> object | None: ...
+    def problems(self, tenant_id: str) -> Sequence[ConfigProblem] | None: ...
 
     def case_variant(self, tenant_id: str) -> str | None: ...
 
@@ -180,10 +181,12 @@ class Handler:
 
     def _without_config(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         """No loaded config: Atlas Cloud serves the tenant only when the healthy source truly holds none for it."""
-        if self._tenants.problems(request.tenant_id) is not None:
+        if (problems := self._tenants.problems(request.tenant_id)) is not None:
+            # Field and reason only: the file's path is the operator's business, and no problem quotes a secret.
+            why = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems[:3])
             error = ErrorInfo(
                 code="tenant_config_invalid",
-                message="the tenant's configuration file does not validate; fix it and replay",
+                message=f"the tenant's configuration file does not validate ({why}); fix it and replay",
             )
             reply = _reply(request, ctx, Status.FAILED, error=error)
             return Reply(reply, DeadLetter("tenant_config_invalid", error, attempts=ctx.attempts))
