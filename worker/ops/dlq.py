@@ -46,6 +46,7 @@ FAILURE_HEADERS = frozenset(
         Header.HEADERS_DROPPED,
         Header.BODY_TRUNCATED,
         Header.ORIGINAL_BODY_BYTES,
+        Header.HISTORY,
     }
 )
 
