@@ -11,15 +11,17 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
-from contracts import REQUEST_ROUTING_KEY, Header, Topology
+from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
+from worker import history
 from worker.limits import read_count
 from worker.ops.redact import redact, redact_text
+from worker.outcome import DEAD_LETTER_REASONS
 
 REPLAYED_AT = Header.REPLAYED_AT
 REPLAYS = Header.REPLAYS
@@ -51,6 +53,26 @@ FAILURE_HEADERS = frozenset(
 )
 
 
+# Reasons the broker itself records in `x-death` when it dead-letters a message.
+BROKER_REASONS: Final = frozenset({"delivery_limit", "rejected", "expired", "maxlen"})
+KNOWN_REASONS: Final = DEAD_LETTER_REASONS | BROKER_REASONS
+KNOWN_TASKS: Final = frozenset(task.value for task in Task)
+CANDIDATES_SHOWN: Final = 10
+
+
+def filter_problem(task: str | None, reason: str | None) -> str | None:
+    """One line naming the known values, when a `--task` or `--reason` filter could match nothing."""
+    if task is not None and task not in KNOWN_TASKS:
+        return f"unknown --task {task!r}; known: {', '.join(sorted(KNOWN_TASKS))}"
+    if reason is not None and reason not in KNOWN_REASONS:
+        return f"unknown --reason {reason!r}; known: {', '.join(sorted(KNOWN_REASONS))}"
+    return None
+
+
+class Unresolved(Exception):
+    """A name on the command line that names no dead letter, or more than one."""
+
+
 @dataclass(frozen=True)
 class DeadLetterView:
     """One dead letter as an operator sees it."""
@@ -66,9 +88,29 @@ class DeadLetterView:
     headers: dict[str, Any]
     properties: dict[str, Any]
     body: bytes
+    # The worker's story of the request; none on a message the broker dead-lettered, whose headers are the
+    # publisher's and may be forged.
+    history: history.History = ()
 
     def age_s(self, now: datetime) -> float | None:
         return (now - self.dead_lettered_at).total_seconds() if self.dead_lettered_at else None
+
+
+def resolve(views: Sequence[DeadLetterView], name: str) -> DeadLetterView:
+    """The one dead letter `name` names: its id, its request id, or a unique prefix of its id. A name that
+    fits several is refused with the candidates, so an operator never acts on a dead letter by accident."""
+    for matches in (
+        [v for v in views if v.id == name],
+        [v for v in views if v.request_id == name],
+        [v for v in views if v.id.startswith(name)] if name else [],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            listed = ", ".join(v.id for v in matches[:CANDIDATES_SHOWN])
+            more = f" and {len(matches) - CANDIDATES_SHOWN} more" if len(matches) > CANDIDATES_SHOWN else ""
+            raise Unresolved(f"{name!r} names {len(matches)} dead letters: {listed}{more}; give a longer id")
+    raise Unresolved(f"no dead letter with id or request id {name!r}")
 
 
 @dataclass(frozen=True)
@@ -120,12 +162,18 @@ def _body_fields(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
-    """The worker's `atlas-dead-letter-id` when the worker parked the message. A message the broker
-    dead-lettered itself (its latest death is not a retry level's expiry) kept the publisher's headers, so a
-    header there may be forged: such a message is named by a digest of everything it carries instead."""
+def _parked_by_worker(headers: dict[str, Any], last_death: dict[str, Any]) -> bool:
+    """A message the broker dead-lettered itself (its latest death is not a retry level's expiry) kept the
+    publisher's headers, so an `atlas-` header there may be forged."""
     own = _text(headers.get(Header.DEAD_LETTER_ID))
-    if own and (not last_death or _text(last_death.get("reason")) == "expired"):
+    return bool(own) and (not last_death or _text(last_death.get("reason")) == "expired")
+
+
+def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
+    """The worker's `atlas-dead-letter-id` when the worker parked the message; otherwise the message is
+    named by a digest of everything it carries."""
+    own = _text(headers.get(Header.DEAD_LETTER_ID))
+    if own and _parked_by_worker(headers, last_death):
         return own
     carried = orjson.dumps([_plain(headers), _plain(properties)], default=str, option=orjson.OPT_SORT_KEYS)
     return "b-" + hashlib.sha256(body + carried).hexdigest()[:24]
@@ -167,6 +215,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
         headers=headers,
         properties={k: v for k, v in properties.items() if v is not None},
         body=body,
+        history=history.decode(headers.get(Header.HISTORY)) if _parked_by_worker(headers, last_death) else (),
     )
 
 
@@ -375,12 +424,13 @@ def escaped(text: str) -> str:
 
 
 def table(views: Sequence[DeadLetterView], now: datetime) -> str:
-    columns = ("ID", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
+    columns = ("ID", "REQUEST", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
     lines = [
         tuple(
             escaped(redact_text(cell))
             for cell in (
                 v.id,
+                v.request_id or "-",
                 v.tenant or "-",
                 v.task or "-",
                 v.reason,
@@ -391,10 +441,36 @@ def table(views: Sequence[DeadLetterView], now: datetime) -> str:
         )
         for v in views
     ]
+    return _aligned(columns, lines)
+
+
+def _aligned(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(columns[i]), *(len(line[i]) for line in lines)) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in (columns, *lines)
     )
+
+
+def history_table(entries: history.History) -> list[str]:
+    """A dead letter's attempt history as a small table, masked and escaped like every other value."""
+    if not entries:
+        return []
+    columns = ("AT", "CLASS", "CODE", "CALLED", "LEVEL", "NEXT TRY")
+    lines = [
+        tuple(
+            escaped(redact_text(cell))
+            for cell in (
+                e.at.isoformat(),
+                e.error_class or "-",
+                e.code,
+                "yes" if e.provider_called else "no (circuit open)",
+                "-" if e.level is None else str(e.level),
+                e.next_attempt_at.isoformat() if e.next_attempt_at else "-",
+            )
+        )
+        for e in entries
+    ]
+    return ["history (oldest first):", *("  " + line for line in _aligned(columns, lines).split("\n"))]
 
 
 def _plain(value: Any) -> Any:
@@ -443,6 +519,7 @@ def render_detail(view: DeadLetterView) -> str:
         value = shown["headers"][key]
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         out.append(f"  {escaped(key)}: {escaped(text)}")
+    out += history_table(view.history)
     out.append("body:")
     body = shown["body"]
     # JSON escapes newlines inside strings, so the only newlines left are its own layout (and a text body's).
