@@ -57,3 +57,6 @@ def decode(value: Any) -> History:
         return tuple(AttemptRecord.model_validate(e) for e in data[-HISTORY_ENTRIES:])
     except (orjson.JSONDecodeError, ValidationError, TypeError):
         return ()
+
+
+decode_history = decode  # the name importers use beside their own `history` fields

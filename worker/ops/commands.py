@@ -87,17 +87,18 @@ async def _list(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _resolved(dlq: DeadLetterQueue, args: argparse.Namespace) -> tuple[Selection, int]:
-    """The selection with every name resolved to one dead-letter id, and how many dead letters it selects.
-    Raises Unresolved for a name that fits none or several."""
+async def _resolved(dlq: DeadLetterQueue, args: argparse.Namespace) -> tuple[Selection, int, int]:
+    """The selection with every name resolved to one dead-letter id, how many dead letters it selects and
+    how many the queue holds. Raises Unresolved for a name that fits none or several."""
     selection = _selection(args)
     if selection.everything:
-        return selection, await dlq.count()
-    views, _ = await dlq.browse()
+        total = await dlq.count()
+        return selection, total, total
+    views, total = await dlq.browse()
     if selection.ids:
         named = frozenset(resolve(views, name).id for name in selection.ids)
         selection = replace(selection, ids=named)
-    return selection, sum(1 for v in views if selection.matches(v))
+    return selection, sum(1 for v in views if selection.matches(v)), total
 
 
 async def _show(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
@@ -120,13 +121,13 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         print("say which dead letters to replay: IDs, --tenant/--task/--reason, or --all", file=sys.stderr)
         return 2
     try:
-        selection, chosen = await _resolved(dlq, args)
+        selection, chosen, total = await _resolved(dlq, args)
     except Unresolved as exc:
         print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
         return 1
     progress = Progress("replayed", chosen)
     try:
-        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress)
+        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress, expected=total)
     except aio_pika.exceptions.PublishError:
         print(
             f"stopped after {progress.done}: {dlq.topology.requests} did not route a copy to any queue; "
@@ -143,11 +144,10 @@ async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     if selection.is_empty:
         args.all = True
     try:
-        selection, chosen = await _resolved(dlq, args)
+        selection, chosen, total = await _resolved(dlq, args)
     except Unresolved as exc:
         print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
         return 1
-    total = await dlq.count()
     what = "all" if selection.everything else f"{chosen} matching"
     question = f"Delete {what} of the {total} dead letter(s) in {dlq.topology.dead}; this cannot be undone?"
     if not chosen:
@@ -156,7 +156,7 @@ async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     if not args.yes and not _confirm(question):
         print("nothing deleted")
         return 1
-    purged = await dlq.purge(selection, progress=Progress("deleted", chosen))
+    purged = await dlq.purge(selection, progress=Progress("deleted", chosen), expected=total)
     print(f"deleted {purged} dead letter(s) from {dlq.topology.dead}")
     return 0
 

@@ -5,6 +5,7 @@ channel returns them to the queue. Replay publishes a copy to `{ns}.requests` wi
 acks the dead letter only once the copy is confirmed, so a crash mid-replay can duplicate, never lose.
 """
 
+import asyncio
 import hashlib
 import json
 import sys
@@ -18,7 +19,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
-from worker import history
+from worker.history import History, decode_history
 from worker.limits import read_count
 from worker.ops.redact import redact, redact_text
 from worker.outcome import DEAD_LETTER_REASONS
@@ -26,6 +27,7 @@ from worker.outcome import DEAD_LETTER_REASONS
 REPLAYED_AT = Header.REPLAYED_AT
 REPLAYS = Header.REPLAYS
 PUBLISH_TIMEOUT_S = 30.0
+REQUEUE_POLLS, REQUEUE_POLL_S = 50, 0.02  # up to a second for a browse's messages to be back in the queue
 # Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
 FAILURE_HEADERS = frozenset(
     {
@@ -90,7 +92,7 @@ class DeadLetterView:
     body: bytes
     # The worker's story of the request; none on a message the broker dead-lettered, whose headers are the
     # publisher's and may be forged.
-    history: history.History = ()
+    history: History = ()
 
     def age_s(self, now: datetime) -> float | None:
         return (now - self.dead_lettered_at).total_seconds() if self.dead_lettered_at else None
@@ -215,7 +217,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
         headers=headers,
         properties={k: v for k, v in properties.items() if v is not None},
         body=body,
-        history=history.decode(headers.get(Header.HISTORY)) if _parked_by_worker(headers, last_death) else (),
+        history=decode_history(headers.get(Header.HISTORY)) if _parked_by_worker(headers, last_death) else (),
     )
 
 
@@ -294,20 +296,22 @@ class DeadLetterQueue:
         selection: Selection,
         act: Callable[[AbstractIncomingMessage, DeadLetterView], Awaitable[None]],
         progress: Progress | None = None,
+        expected: int = 0,
     ) -> int:
         """Run `act` on each selected dead letter, then ack it. A message whose `act` raises is not acked,
         and neither are the unselected ones: closing the channel returns them all to the queue. An id
-        selects one dead letter at most."""
+        selects one dead letter at most. `expected` is how many a browse just saw: the broker requeues a
+        closed channel's messages asynchronously, so they may reach the queue a moment after its count."""
         channel = await self.connection.channel()
         done = 0
         naming = _Naming()
         unused_ids = set(selection.ids)
         try:
             queue = await self._queue(channel)
-            for _ in range(queue.declaration_result.message_count or 0):
+            for fetched in range(max(queue.declaration_result.message_count or 0, expected)):
                 if selection.ids and not unused_ids:
                     break
-                message = await queue.get(no_ack=False, fail=False)
+                message = await self._next(queue, waiting=fetched < expected)
                 if message is None:
                     break
                 view = naming.unique(describe(message))
@@ -325,7 +329,18 @@ class DeadLetterQueue:
             await channel.close()
         return done
 
-    async def replay(self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None) -> int:
+    @staticmethod
+    async def _next(queue: AbstractQueue, *, waiting: bool) -> AbstractIncomingMessage | None:
+        """The next message; when one is `waiting` to be requeued, a short bounded wait for it to arrive."""
+        for _ in range(REQUEUE_POLLS if waiting else 1):
+            if (message := await queue.get(no_ack=False, fail=False)) is not None:
+                return message
+            await asyncio.sleep(REQUEUE_POLL_S)
+        return None
+
+    async def replay(
+        self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None, expected: int = 0
+    ) -> int:
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
             exchange = await channel.get_exchange(self.topology.requests, ensure=False)
@@ -348,11 +363,11 @@ class DeadLetterQueue:
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
-            return await self.take(selection, republish, progress)
+            return await self.take(selection, republish, progress, expected)
         finally:
             await channel.close()
 
-    async def purge(self, selection: Selection, progress: Progress | None = None) -> int:
+    async def purge(self, selection: Selection, progress: Progress | None = None, expected: int = 0) -> int:
         if selection.everything:
             channel = await self.connection.channel()
             try:
@@ -365,7 +380,7 @@ class DeadLetterQueue:
         async def drop(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
             return None
 
-        return await self.take(selection, drop, progress)
+        return await self.take(selection, drop, progress, expected)
 
 
 def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
@@ -451,7 +466,7 @@ def _aligned(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     )
 
 
-def history_table(entries: history.History) -> list[str]:
+def history_table(entries: History) -> list[str]:
     """A dead letter's attempt history as a small table, masked and escaped like every other value."""
     if not entries:
         return []
