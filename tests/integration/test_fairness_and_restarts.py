@@ -235,7 +235,7 @@ async def test_a_circuit_that_outlasts_a_request_keeps_the_real_error_and_says_w
     # Its story, in the reply and in the dead letter: one real call parked on level 0, then one refusal.
     story = [(h["code"], h["provider_called"], h.get("level")) for h in first["provenance"]["history"]]
     assert story == [("provider_unavailable", True, 0), ("circuit_open", False, None)]
-    assert orjson.loads(dead_letters["first"][Header.HISTORY]) == first["provenance"]["history"]
+    assert orjson.loads(str(dead_letters["first"][Header.HISTORY])) == first["provenance"]["history"]
     [called] = first["provenance"]["history"][:1]
     assert datetime.fromisoformat(called["next_attempt_at"]) > datetime.fromisoformat(called["at"])
     # A request with a deadline before the next probe expires; one without has its patience as a bound.

@@ -235,7 +235,7 @@ async def test_forged_worker_headers_on_a_fresh_publish_neither_skip_the_ladder_
     assert Header.REROUTED_FROM_TENANT not in dead.headers
     assert dead.headers[Header.DEAD_LETTER_ID] != "forged-id"
     # The story is the worker's own, carried across both ladder hops: three real calls, no forged entry.
-    story = orjson.loads(dead.headers[Header.HISTORY])
+    story = orjson.loads(str(dead.headers[Header.HISTORY]))
     assert [(e["code"], e["provider_called"], e.get("level")) for e in story] == [
         ("provider_unavailable", True, 0),
         ("provider_unavailable", True, 1),
