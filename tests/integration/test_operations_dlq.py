@@ -293,7 +293,7 @@ async def test_an_ambiguous_prefix_and_unknown_filter_values_are_refused_naming_
     assert (await atlas_worker("topology", "declare", "--namespace", topology.namespace, amqp_url=amqp_url)).code == 0
     dead = await client.channel.get_exchange(topology.dead, ensure=False)
     for own_id in ("abc1111", "abc2222"):
-        headers = {Header.REASON: "exhausted", Header.DEAD_LETTER_ID: own_id}
+        headers: dict[str, Any] = {Header.REASON: "exhausted", Header.DEAD_LETTER_ID: own_id}
         await dead.publish(aio_pika.Message(orjson.dumps(samples.request("acme")), headers=headers), "")
     await wait_for_dead_letters(client, 2)
 
