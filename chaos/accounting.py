@@ -22,6 +22,7 @@ class Observation:
     correlation_ok: bool = True
     error_code: str = "-"  # detail that may differ between copies (e.g. the last failure of a retried request)
     rank: tuple[int, int] = (0, 0)  # (settle_seq, -redeliveries): the README's rule, highest is authoritative
+    circuit_ended: bool = False  # an open circuit ended the request (its code is the last real error's)
 
 
 def _rank(settle_seq: Any, redeliveries: Any) -> tuple[int, int]:
@@ -35,7 +36,8 @@ def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
     reply: dict[str, Any] = orjson.loads(body)
     result = reply.get("result")
     digest = hashlib.sha256(orjson.dumps(result, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12] if result else "-"
-    error = (reply.get("error") or {}).get("code") or "-"
+    error_info = reply.get("error") or {}
+    error = error_info.get("code") or "-"
     request_id = reply.get("request_id")
     provenance = reply.get("provenance") or {}
     return Observation(
@@ -46,6 +48,7 @@ def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
         correlation_ok=correlation_id == request_id,
         error_code=error,
         rank=_rank(provenance.get("settle_seq"), provenance.get("redeliveries")),
+        circuit_ended=error == "circuit_open" or error_info.get("stopped_because") == "circuit_open",
     )
 
 
@@ -59,7 +62,13 @@ def observe_copy(sink: str, body: bytes, headers: Mapping[str, Any]) -> Observat
     rank = _rank(headers.get("atlas-settle-seq"), headers.get("atlas-redeliveries"))
     code = str(headers.get("atlas-error-code", "-"))
     return Observation(
-        sink, request.get("request_id"), request.get("tenant_id"), (sink, reason), error_code=code, rank=rank
+        sink,
+        request.get("request_id"),
+        request.get("tenant_id"),
+        (sink, reason),
+        error_code=code,
+        rank=rank,
+        circuit_ended=reason == "circuit_open",
     )
 
 
@@ -118,7 +127,7 @@ def account(
         # A dead letter belongs with a failed/expired reply, never with an answer or a reroute.
         if len(outcomes) > 1 or (dead and (replies_ok or any(o.sink == "cloud" for o in authoritative))):
             result.inconsistent.append(request_id)
-        if request_id in healthy and any(o.error_code == "circuit_open" for o in authoritative):
+        if request_id in healthy and any(o.circuit_ended for o in authoritative):
             result.circuit_failed_healthy.append(request_id)
         if policies.get(tenant_id) in BYOC_ONLY and any(o.sink == "cloud" for o in found):
             result.cloud_leaks.append(request_id)

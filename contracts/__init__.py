@@ -10,7 +10,9 @@ from .incident import (
     TimelineEvent,
 )
 from .messages import (
+    HISTORY_ENTRIES,
     SCHEMA_VERSION,
+    AttemptRecord,
     ChatMessage,
     ConnectionReport,
     ErrorInfo,
@@ -52,9 +54,11 @@ from .topology import (
 __all__ = [
     "DEFAULT_ATLAS_CLOUD_EXCHANGE",
     "DEFAULT_NAMESPACE",
+    "HISTORY_ENTRIES",
     "REQUEST_ROUTING_KEY",
     "SCHEMA_VERSION",
     "Alert",
+    "AttemptRecord",
     "AzureOpenAISettings",
     "BedrockSettings",
     "ChatMessage",

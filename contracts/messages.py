@@ -103,6 +103,21 @@ class Usage(Contract):
     currency: str | None = None
 
 
+HISTORY_ENTRIES = 10
+StoppedBecause = Literal["attempts_exhausted", "deadline", "circuit_open"]
+
+
+class AttemptRecord(Contract):
+    """One failed try in a request's history: what happened, and when the next try was due."""
+
+    at: datetime
+    error_class: str | None = None
+    code: str
+    provider_called: bool = Field(description="False when an open circuit refused the call before it was sent.")
+    level: int | None = Field(default=None, description="The retry-ladder level the request was parked on.")
+    next_attempt_at: datetime | None = Field(default=None, description="When the request was due back.")
+
+
 class Provenance(Contract):
     """Where the answer came from and what the worker did to get it."""
 
@@ -133,6 +148,11 @@ class Provenance(Contract):
         default=0,
         description="Broker redeliveries in this reply's history; breaks a settle_seq tie (fewer wins).",
     )
+    history: list[AttemptRecord] = Field(
+        default_factory=list,
+        max_length=HISTORY_ENTRIES,
+        description=f"The request's failed tries, oldest first: at most the last {HISTORY_ENTRIES}.",
+    )
 
 
 class Timings(Contract):
@@ -161,8 +181,13 @@ class ErrorInfo(Contract):
     retry_after_s: float | None = None
     last_provider_error: LastProviderError | None = Field(
         default=None,
-        description="When the request ended without calling the provider (`circuit_open`), the provider's "
-        "last real error for it, if an earlier attempt met one.",
+        description="When the request ended without calling the provider, the provider's last real error "
+        "for it, if an earlier attempt met one (`code` then repeats it).",
+    )
+    stopped_because: StoppedBecause | None = Field(
+        default=None,
+        description="Why retrying stopped: `attempts_exhausted`, `deadline` (the next try would miss it), or "
+        "`circuit_open` (the circuit stayed open past the time the request's attempts could take).",
     )
 
 

@@ -256,7 +256,7 @@ def next_steps(namespace: str, tenants_dir: Path, *, kept: bool) -> str:
     tenants = os.path.relpath(tenants_dir)
     commands = [
         f"{WORKER} dlq list --namespace {namespace}",
-        f"{WORKER} dlq show ID --namespace {namespace}           # ID from the list",
+        f"{WORKER} dlq show ID --namespace {namespace}           # ID, request id or ID prefix",
         f"{WORKER} dlq replay --all --namespace {namespace}",
         f"{WORKER} tenants validate {tenants}",
         f"{WORKER} topology declare --namespace {namespace} --retry-base 1 --retry-factor 2 --retry-levels 3",

@@ -245,22 +245,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
     dlq_commands = commands.nested(dlq, "dlq_command")
-    dlq_list = dlq_commands.add_parser("list", help="a table of dead letters: id, tenant, task, reason, attempts, age")
+    dlq_list = dlq_commands.add_parser(
+        "list", help="a table of dead letters: id, request id, tenant, task, reason, attempts, age"
+    )
     dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
     dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     dlq_show = dlq_commands.add_parser("show", help="one dead letter's properties, headers and body (secrets masked)")
-    dlq_show.add_argument("id", help="the ID column of `dlq list`")
+    dlq_show.add_argument("id", metavar="NAME", help="a dead letter's ID, request id, or unique ID prefix")
     dlq_show.add_argument("--json", action="store_true", help="print JSON")
     dlq_replay = dlq_commands.add_parser(
         "replay", help="publish dead letters back to {namespace}.requests; each is removed once the copy is confirmed"
     )
-    dlq_replay.add_argument("ids", nargs="*", metavar="ID", help="dead letters to replay (see `dlq list`)")
+    dlq_replay.add_argument(
+        "ids", nargs="*", metavar="ID", help="dead letters to replay: IDs, request ids or unique ID prefixes"
+    )
     dlq_replay.add_argument("--all", action="store_true", help="replay every dead letter")
     dlq_replay.add_argument(
         "--keep-attempts", action="store_true", help="keep the attempt count instead of starting from zero"
     )
     dlq_purge = dlq_commands.add_parser("purge", help="delete dead letters (all, unless IDs or filters are given)")
-    dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these")
+    dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these (IDs, request ids, ID prefixes)")
     dlq_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     for sub in (dlq_list, dlq_show, dlq_replay, dlq_purge):
         _add_broker_flags(sub)

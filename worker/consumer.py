@@ -14,6 +14,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
+from worker import history
 from worker.handler import DeliveryContext, Handler
 from worker.limits import MAX_BODY_BYTES, read_count
 from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
@@ -115,6 +116,7 @@ def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any],
         last_error=_last_error(believed),
         settle_seq=read_count(believed, Header.SETTLE_SEQ),
         redeliveries=read_count(believed, Header.REDELIVERIES) + bool(message.redelivered),
+        history=history.decode(believed.get(Header.HISTORY)),
     )
 
 

@@ -10,6 +10,7 @@ from typing import Protocol
 import structlog
 
 from contracts import (
+    AttemptRecord,
     ErrorInfo,
     InferenceReply,
     InferenceRequest,
@@ -22,7 +23,7 @@ from contracts import (
     Timings,
     Usage,
 )
-from worker import budget
+from worker import budget, history
 from worker.connection_test import answer_test_connection
 from worker.cost import priced_usage
 from worker.egress import EgressPolicy
@@ -65,6 +66,7 @@ class DeliveryContext:
     last_error: LastProviderError | None = None  # the provider's last real error for it, from our headers
     settle_seq: int = 0  # times a worker put it back on the ladder, from our header
     redeliveries: int = 0  # broker redeliveries in its history, this delivery's included
+    history: tuple[AttemptRecord, ...] = ()  # its failed tries so far, from our header
 
 
 @dataclass(slots=True)
@@ -316,7 +318,11 @@ class Handler:
         )
         self._tracing.policy_decided(tenant.fallback.policy.value, exc.error_class.value, attempts, decision)
         error = ErrorInfo(
-            code=exc.code, message=exc.message, error_class=exc.error_class.value, retry_after_s=exc.retry_after_s
+            code=exc.code,
+            message=exc.message,
+            error_class=exc.error_class.value,
+            retry_after_s=exc.retry_after_s,
+            stopped_because=decision.stopped_because,
         )
         log.info(
             "provider_failed",
@@ -326,14 +332,24 @@ class Handler:
             decision=decision.action.value,
             reason=decision.reason,
         )
+        told = self._told(call, exc, decision, provider_called=True)
         if decision.action is Action.RETRY:
             assert decision.retry_level is not None
             delay = self._ladder.delays_s[decision.retry_level]
-            return Retry(decision.retry_level, attempts, error, tenant.provider.kind, delay_s=delay)
+            return Retry(decision.retry_level, attempts, error, tenant.provider.kind, delay_s=delay, history=told)
         reason = (
             "exhausted" if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED) else "permanent_error"
         )
-        return self._ended(call, decision, error, attempts, reason)
+        return self._ended(call, decision, error, attempts, reason, told)
+
+    def _told(
+        self, call: _Call, exc: ProviderError, decision: Decision, *, provider_called: bool
+    ) -> tuple[AttemptRecord, ...]:
+        """The request's history with this try added: the ladder level and when it is due back, if it is."""
+        level = decision.retry_level if decision.action in (Action.RETRY, Action.WAIT) else None
+        delay = self._ladder.delays_s[level] if level is not None else None
+        entry = history.record(exc, provider_called=provider_called, level=level, delay_s=delay)
+        return history.extended(call.ctx.history, entry)
 
     def _refused_by_circuit(self, call: _Call, exc: ProviderError) -> Outcome:
         """The circuit refused the call, so the provider was not called: no attempt is spent. Under
@@ -355,36 +371,52 @@ class Handler:
             decision=decision.action.value,
             reason=decision.reason,
         )
-        message = exc.message
-        if decision.dead_letter:
-            message = f"not tried: {exc.message}, which is past {decision.reason}"
-        error = ErrorInfo(
-            code=exc.code,
-            message=message,
-            error_class=exc.error_class.value,
-            retry_after_s=exc.retry_after_s,
-            last_provider_error=ctx.last_error,
-        )
+        told = self._told(call, exc, decision, provider_called=False)
         if decision.action is Action.WAIT:
             assert decision.retry_level is not None
             delay = self._ladder.delays_s[decision.retry_level]
+            error = ErrorInfo(code=exc.code, message=exc.message, error_class=exc.error_class.value)
             return Retry(
-                decision.retry_level, ctx.attempts, error, tenant.provider.kind, refused_by_circuit=True, delay_s=delay
+                decision.retry_level,
+                ctx.attempts,
+                error,
+                tenant.provider.kind,
+                refused_by_circuit=True,
+                delay_s=delay,
+                history=told,
             )
-        return self._ended(call, decision, error, ctx.attempts, CIRCUIT_OPEN)
+        return self._ended(
+            call, decision, _refusal_error(exc, decision, ctx.last_error), ctx.attempts, CIRCUIT_OPEN, told
+        )
 
-    def _ended(self, call: _Call, decision: Decision, error: ErrorInfo, attempts: int, reason: str) -> Outcome:
+    def _ended(
+        self,
+        call: _Call,
+        decision: Decision,
+        error: ErrorInfo,
+        attempts: int,
+        reason: str,
+        told: tuple[AttemptRecord, ...],
+    ) -> Outcome:
         """A decision that ends the request here: reroute, or reply (and dead-letter when it says so)."""
         kind = call.tenant.provider.kind
         if decision.action is Action.REROUTE:
             return Reroute(reason=error.error_class or reason, error=error, provider_kind=kind, attempts=attempts)
         assert decision.status is not None
         reply = _reply(
-            call.request, call.ctx, decision.status, error=error, tenant=call.tenant, attempts=attempts, call=call
+            call.request,
+            call.ctx,
+            decision.status,
+            error=error,
+            tenant=call.tenant,
+            attempts=attempts,
+            call=call,
+            told=told,
         )
         dead = None
         if decision.dead_letter:
-            dead = DeadLetter("expired" if decision.status is Status.EXPIRED else reason, error, kind, attempts)
+            reason = "expired" if decision.status is Status.EXPIRED else reason
+            dead = DeadLetter(reason, error, kind, attempts, history=told)
         return Reply(reply, dead)
 
     def _patience_left_s(self, call: _Call) -> float:
@@ -394,6 +426,28 @@ class Handler:
         first = call.ctx.first_failure_at
         waited = (datetime.now(UTC) - first).total_seconds() if first is not None else 0.0
         return patience - waited
+
+
+def _refusal_error(exc: ProviderError, decision: Decision, last: LastProviderError | None) -> ErrorInfo:
+    """The final error of a request an open circuit refused: the provider's last real error leads, when an
+    earlier try met one, and `stopped_because` says that the circuit ended the retrying."""
+    refused = f"not tried: {exc.message}, which is past {decision.reason}"
+    if last is None:
+        return ErrorInfo(
+            code=exc.code,
+            message=refused,
+            error_class=exc.error_class.value,
+            retry_after_s=exc.retry_after_s,
+            stopped_because=decision.stopped_because,
+        )
+    return ErrorInfo(
+        code=last.code,
+        message=f"{last.message}; then {refused}",
+        error_class=last.error_class,
+        retry_after_s=exc.retry_after_s,
+        last_provider_error=last,
+        stopped_because=decision.stopped_because,
+    )
 
 
 def _time_left_s(request: InferenceRequest) -> float | None:
@@ -412,6 +466,7 @@ def _reply(
     tenant: TenantConfig | None = None,
     attempts: int | None = None,
     call: _Call | None = None,
+    told: tuple[AttemptRecord, ...] | None = None,
 ) -> InferenceReply:
     """The reply; `call` supplies what the provider calls did (usage, model, prompt, budget, trimming)."""
     now = datetime.now(UTC)
@@ -439,6 +494,7 @@ def _reply(
             prompt_budget_tokens=prepared.budget.prompt_tokens if prepared else None,
             settle_seq=ctx.settle_seq,
             redeliveries=ctx.redeliveries,
+            history=list(told if told is not None else ctx.history) if status is not Status.OK else [],
         ),
         timings=Timings(
             received_at=ctx.received_at,

@@ -42,6 +42,8 @@ VOUCHED: Final = (
     Header.ERROR_MESSAGE,
     Header.PROVIDER_KIND,
     Header.LAST_FAILURE_AT,
+    # The request's failed tries: a forged one on a fresh publish would tell the operator a false story.
+    Header.HISTORY,
 )
 MIN_KEY_BYTES: Final = 16
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Final
 
-from contracts import ErrorInfo, InferenceReply
+from contracts import AttemptRecord, ErrorInfo, InferenceReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,8 @@ class DeadLetter:
     error: ErrorInfo
     provider_kind: str | None = None
     attempts: int = 0
+    # The request's failed tries including this one; empty leaves the history it arrived with.
+    history: tuple[AttemptRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class Retry:
     # so the attempt count and the last provider error on the message stay as they were.
     refused_by_circuit: bool = False
     delay_s: float = 0.0  # the level's delay: when the next attempt is due, for the logs
+    history: tuple[AttemptRecord, ...] = ()  # the request's failed tries, this one included
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from contracts import FallbackPolicy, Status
+from contracts.messages import StoppedBecause
 from worker.errors import ErrorClass
 from worker.ladder import RetryLadder
 
@@ -47,6 +48,7 @@ class Decision:
     dead_letter: bool = False
     retry_level: int | None = None
     reason: str = ""
+    stopped_because: StoppedBecause | None = None  # why retrying ended, when it did
 
 
 def decide(
@@ -69,10 +71,22 @@ def decide(
     if error_class in MISCONFIGURED:
         return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="provider misconfigured")
     if attempts >= max_attempts:
-        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason=f"gave up after {attempts} attempts")
+        return Decision(
+            Action.REPLY,
+            Status.FAILED,
+            dead_letter=True,
+            reason=f"gave up after {attempts} attempts",
+            stopped_because="attempts_exhausted",
+        )
     level = ladder.level_for(attempts, retry_after_s)
     if time_left_s is not None and ladder.delays_s[level] >= time_left_s:
-        return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="next retry would miss the deadline")
+        return Decision(
+            Action.REPLY,
+            Status.EXPIRED,
+            dead_letter=True,
+            reason="next retry would miss the deadline",
+            stopped_because="deadline",
+        )
     return Decision(Action.RETRY, retry_level=level, reason=f"retry {attempts + 1} of {max_attempts}")
 
 
@@ -96,9 +110,17 @@ def decide_refused(
     level = ladder.level_for(0, wait_s)  # the first level at least as long as the rest of the cooldown
     delay = ladder.delays_s[level]
     if time_left_s is not None and max(delay, wait_s) >= time_left_s:  # the probe, or its return, is too late
-        return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="the request's deadline")
+        return Decision(
+            Action.REPLY, Status.EXPIRED, dead_letter=True, reason="the request's deadline", stopped_because="deadline"
+        )
     # Patience is the soft bound: the next probe must fall within it. Half-open (no wait) never ends a
     # request here: its probes are bounded by the tenant's timeout, and their outcome decides.
     if wait_s > 0 and wait_s >= patience_left_s:
-        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="the time its attempts could take")
+        return Decision(
+            Action.REPLY,
+            Status.FAILED,
+            dead_letter=True,
+            reason="the time its attempts could take",
+            stopped_because="circuit_open",
+        )
     return Decision(Action.WAIT, retry_level=level, reason=f"circuit open; next probe in {wait_s:.1f}s")

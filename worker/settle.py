@@ -15,6 +15,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
+from worker import history
 from worker.acks import Acknowledger
 from worker.header_trust import HeaderTrust
 from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
@@ -104,6 +105,8 @@ class Settler:
             headers[Header.CIRCUIT_WAITS] = read_count(believed, Header.CIRCUIT_WAITS) + 1
         else:
             headers |= self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind)
+        if outcome.history:
+            headers[Header.HISTORY] = history.encode(outcome.history)
         await self._publish_copy(delivery, ids, self._topology.retry, str(outcome.level), headers)
         return "circuit_wait" if outcome.refused_by_circuit else "retried"
 
@@ -156,7 +159,10 @@ class Settler:
                     ids,
                 )
             return "dead_lettered"
-        return "replied+dead_lettered" if dead else "replied"
+        if dead is None:
+            return "replied"
+        # Count what happened: a message with no one to answer (reply None) was only dead-lettered.
+        return "replied+dead_lettered" if reply is not None else "dead_lettered"
 
     async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
         body = orjson.dumps(reply.model_dump(mode="json", exclude_none=True))
@@ -195,6 +201,8 @@ class Settler:
         if last is not None:
             headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
             headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = last.message[:ERROR_MESSAGE_LIMIT]
+        if dead.history:  # else the history it arrived with (vouched for) travels on
+            headers[Header.HISTORY] = history.encode(dead.history)
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:

@@ -186,7 +186,7 @@ async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
     assert sum(1 for r in answered if r["provenance"]["settle_seq"] > 0) >= 5  # put back on the ladder
 
 
-async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside_the_real_error(
+async def test_a_circuit_that_outlasts_a_request_keeps_the_real_error_and_says_why_retrying_stopped(
     amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
 ) -> None:
     # Patience 0.2 + 0.4 + 0.8 + 1.6 = 3 s on the ladder for 5 attempts; the circuit stays open 60 s.
@@ -222,23 +222,33 @@ async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside
     [warning] = [e for e in logs if e["event"] == "patience_shorter_than_cooldown"]
     assert (warning["tenant_id"], warning["patience_s"], warning["breaker_cooldown_s"]) == ("acme", 3.0, 60)
     assert len(fake_openai.requests) == 1  # only the first call reached the provider
-    # The request whose call failed met the circuit it opened on its retry: it ends on circuit grounds,
-    # after one real attempt, with the provider's error beside the refusal.
+    # The request whose call failed met the circuit it opened on its retry: the provider's real error leads
+    # its final error, and `stopped_because` says the circuit ended the retrying, after one real attempt.
     assert first["status"] == "failed"
     assert first["provenance"]["attempts"] == 1
-    assert first["error"]["code"] == "circuit_open"
+    assert first["error"]["code"] == "provider_unavailable"
+    assert first["error"]["stopped_because"] == "circuit_open"
     assert "past the time its attempts could take" in first["error"]["message"]
     assert first["error"]["last_provider_error"]["code"] == "provider_unavailable"
     assert dead_letters["first"][Header.REASON] == "circuit_open"
+    assert dead_letters["first"][Header.ERROR_CODE] == "provider_unavailable"
     assert dead_letters["first"][Header.LAST_PROVIDER_ERROR_CODE] == "provider_unavailable"
     assert dead_letters["first"][Header.ATTEMPTS] == 1
+    # Its story, in the reply and in the dead letter: one real call parked on level 0, then one refusal.
+    story = [(h["code"], h["provider_called"], h.get("level")) for h in first["provenance"]["history"]]
+    assert story == [("provider_unavailable", True, 0), ("circuit_open", False, None)]
+    assert orjson.loads(str(dead_letters["first"][Header.HISTORY])) == first["provenance"]["history"]
+    [called] = first["provenance"]["history"][:1]
+    assert datetime.fromisoformat(called["next_attempt_at"]) > datetime.fromisoformat(called["at"])
     # A request with a deadline before the next probe expires; one without has its patience as a bound.
     assert answered["dated"]["status"] == "expired"
     assert "past the request's deadline" in answered["dated"]["error"]["message"]
     assert dead_letters["dated"][Header.REASON] == "expired"
     assert answered["undated"]["status"] == "failed"
-    assert answered["undated"]["error"]["code"] == "circuit_open"
-    assert "last_provider_error" not in answered["undated"]["error"]  # it never reached the provider
+    assert answered["undated"]["error"]["code"] == "circuit_open"  # it never reached the provider
+    assert answered["undated"]["error"]["stopped_because"] == "circuit_open"
+    assert "last_provider_error" not in answered["undated"]["error"]
+    assert answered["dated"]["error"]["stopped_because"] == "deadline"
     assert {r["provenance"]["attempts"] for r in answered.values()} == {0}
 
 

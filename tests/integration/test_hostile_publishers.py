@@ -200,6 +200,7 @@ FORGED = {
     Header.REROUTED_FROM_TENANT: "victim",
     Header.REROUTED_AT: "2001-01-01T00:00:00+00:00",
     Header.DEAD_LETTER_ID: "forged-id",
+    Header.HISTORY: '[{"at":"2001-01-01T00:00:00Z","code":"forged_code","provider_called":true}]',
 }
 
 
@@ -233,6 +234,14 @@ async def test_forged_worker_headers_on_a_fresh_publish_neither_skip_the_ladder_
     assert str(dead.headers[Header.FIRST_FAILURE_AT]) > "2026"
     assert Header.REROUTED_FROM_TENANT not in dead.headers
     assert dead.headers[Header.DEAD_LETTER_ID] != "forged-id"
+    # The story is the worker's own, carried across both ladder hops: three real calls, no forged entry.
+    story = orjson.loads(str(dead.headers[Header.HISTORY]))
+    assert [(e["code"], e["provider_called"], e.get("level")) for e in story] == [
+        ("provider_unavailable", True, 0),
+        ("provider_unavailable", True, 1),
+        ("provider_unavailable", True, None),
+    ]
+    assert json_body(reply)["provenance"]["history"] == story
 
 
 async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believed(

@@ -77,12 +77,12 @@ async def test_list_shows_each_dead_letter_with_its_reason_and_show_masks_secret
 
     assert listed.code == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["ID", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE"]
-    by_reason = {line.split()[3]: line.split() for line in rows}
+    assert header.split() == ["ID", "REQUEST", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE"]
+    by_reason = {line.split()[4]: line.split() for line in rows}
     assert set(by_reason) == {"exhausted", "malformed"}
-    assert by_reason["exhausted"][1:4] == ["retrier", "summary", "exhausted"]
-    assert by_reason["exhausted"][5] == "1"
-    assert by_reason["malformed"][1:5] == ["-", "-", "malformed", "invalid_json"]
+    assert by_reason["exhausted"][1:5] == [failing["request_id"], "retrier", "summary", "exhausted"]
+    assert by_reason["exhausted"][6] == "1"
+    assert by_reason["malformed"][1:6] == ["-", "-", "-", "malformed", "invalid_json"]
     assert "2 shown of 2" in listed.stderr
     # Listing took nothing away.
     assert await dead_count(client) == 2
@@ -109,7 +109,7 @@ async def test_list_shows_each_dead_letter_with_its_reason_and_show_masks_secret
 
     missing = await dlq(amqp_url, topology, "show", "no-such-id")
     assert missing.code == 1
-    assert "no dead letter with id 'no-such-id'" in missing.stderr
+    assert "no dead letter with id or request id 'no-such-id'" in missing.stderr
 
 
 async def test_replay_of_one_dead_letter_is_answered_once_the_provider_is_back(
@@ -202,13 +202,16 @@ async def test_purge_asks_first_deletes_by_filter_and_empties_the_queue(
 
     declined = await dlq(amqp_url, topology, "purge", stdin="n\n")
     assert declined.code == 1
-    assert "this cannot be undone" in declined.stdout
+    assert f"Delete all of the 130 dead letter(s) in {topology.dead}; this cannot be undone?" in declined.stdout
+    assert await dead_count(client) == 130
+    declined = await dlq(amqp_url, topology, "purge", "--tenant", "globex", stdin="n\n")
+    assert f"Delete 10 matching of the 130 dead letter(s) in {topology.dead}" in declined.stdout
     assert await dead_count(client) == 130
 
     by_tenant = await dlq(amqp_url, topology, "purge", "--tenant", "acme", "--yes")
     assert by_tenant.code == 0, by_tenant.stderr
     assert "deleted 120 dead letter(s)" in by_tenant.stdout
-    assert "deleted 100/130" in by_tenant.stderr  # progress on long operations
+    assert "deleted 100/120" in by_tenant.stderr  # progress on long operations, out of those that match
     assert await dead_count(client) == 10
 
     confirmed = await dlq(amqp_url, topology, "purge", stdin="y\n")
@@ -235,3 +238,81 @@ async def test_replay_that_cannot_be_routed_removes_nothing(
     assert replayed.code == 1
     assert "the rest are still dead letters" in replayed.stderr
     assert await dead_count(client) == 1
+
+
+async def test_dead_letters_are_found_by_request_id_or_a_unique_id_prefix_and_tell_their_story(
+    amqp_url: str,
+    client: BrokerClient,
+    worker: RunningWorker,
+    fake_openai: FakeOpenAI,
+    tenants_dir: Path,
+    topology: Topology,
+) -> None:
+    write_tenant(tenants_dir, "retrier", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
+    worker.app.registry.refresh()
+    fake_openai.always = Fault("server_error")
+    bodies = [samples.request("retrier", "summary") for _ in range(3)]
+    for body in bodies:
+        await client.publish_request(body)
+    await wait_for_dead_letters(client, 3)
+    rows = json.loads((await dlq(amqp_url, topology, "list", "--json")).stdout)
+    ids = {r["request_id"]: r["id"] for r in rows}
+    target = bodies[0]["request_id"]
+
+    by_request = await dlq(amqp_url, topology, "show", target)
+    assert by_request.code == 0, by_request.stderr
+    assert f"id:      {ids[target]}" in by_request.stdout
+    # The story: two real calls, the first parked on ladder level 0 with its next try, the last not retried.
+    story = by_request.stdout.split("history (oldest first):\n", 1)[1].split("\nbody:", 1)[0].splitlines()
+    assert story[0].split() == ["AT", "CLASS", "CODE", "CALLED", "LEVEL", "NEXT", "TRY"]
+    first, last = (line.split() for line in story[1:])
+    assert first[1:5] == ["transient", "provider_unavailable", "yes", "0"]
+    assert first[5] > first[0]  # the next try was due after the failure
+    assert last[1:] == ["transient", "provider_unavailable", "yes", "-", "-"]
+    assert len(story) == 3
+
+    prefix = ids[target][:8]
+    by_prefix = await dlq(amqp_url, topology, "show", prefix)
+    assert by_prefix.code == 0, by_prefix.stderr
+    assert f"id:      {ids[target]}" in by_prefix.stdout
+
+    fake_openai.always = None
+    replayed = await dlq(amqp_url, topology, "replay", target)
+    assert replayed.code == 0, replayed.stderr
+    assert "replayed 1 dead letter(s)" in replayed.stdout
+    purged = await dlq(amqp_url, topology, "purge", bodies[1]["request_id"], "--yes")
+    assert purged.code == 0, purged.stderr
+    assert "deleted 1 dead letter(s)" in purged.stdout
+    left = json.loads((await dlq(amqp_url, topology, "list", "--json")).stdout)
+    assert [r["request_id"] for r in left] == [bodies[2]["request_id"]]
+
+
+async def test_an_ambiguous_prefix_and_unknown_filter_values_are_refused_naming_the_candidates(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    assert (await atlas_worker("topology", "declare", "--namespace", topology.namespace, amqp_url=amqp_url)).code == 0
+    dead = await client.channel.get_exchange(topology.dead, ensure=False)
+    for own_id in ("abc1111", "abc2222"):
+        headers: dict[str, Any] = {Header.REASON: "exhausted", Header.DEAD_LETTER_ID: own_id}
+        await dead.publish(aio_pika.Message(orjson.dumps(samples.request("acme")), headers=headers), "")
+    await wait_for_dead_letters(client, 2)
+
+    for command in ("show", "replay", "purge"):
+        ambiguous = await dlq(amqp_url, topology, command, "abc", *(("--yes",) if command == "purge" else ()))
+        assert ambiguous.code == 1, command
+        assert "'abc' names 2 dead letters: abc1111, abc2222; give a longer id" in ambiguous.stderr
+    assert await dead_count(client) == 2
+    declined = await dlq(amqp_url, topology, "purge", "abc2", stdin="n\n")
+    assert f"Delete 1 matching of the 2 dead letter(s) in {topology.dead}" in declined.stdout
+    assert (await dlq(amqp_url, topology, "purge", "abc2", "--yes")).code == 0
+    assert [r["id"] for r in json.loads((await dlq(amqp_url, topology, "list", "--json")).stdout)] == ["abc1111"]
+
+    for args in (("list", "--reason", "exhausteed"), ("purge", "--task", "rcaa", "--yes")):
+        refused = await dlq(amqp_url, topology, *args)
+        assert refused.code == 2
+        [line] = refused.stderr.splitlines()
+        assert line.startswith(f"unknown {args[1]} ")
+        known_values = ("exhausted", "delivery_limit") if args[1] == "--reason" else ("rca", "runbook")
+        assert all(value in line for value in known_values)
+    known = await dlq(amqp_url, topology, "list", "--reason", "delivery_limit")
+    assert known.code == 0, known.stderr

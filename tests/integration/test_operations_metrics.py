@@ -147,3 +147,24 @@ async def test_breaker_gauge_turns_half_open_when_the_cooldown_passes_without_tr
 
     assert later.value("atlas_worker_breaker_state", tenant="acme", state="open") == 0
     assert len(broken_openai.requests) == 1
+
+
+async def test_a_malformed_message_with_no_one_to_answer_counts_as_dead_lettered_only(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    port = free_port()
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, metrics_port=port))
+    try:
+        dead = await client.channel.get_queue(topology.dead)
+        await client.publish_request(b"{not json")  # no reply_to, and no tenant to route a reply by
+        await collect(dead, 1)
+        after = await scrape_until(port, lambda s: s.value("atlas_worker_settled_total") >= 1)
+    finally:
+        await running.stop()
+
+    settled = "atlas_worker_settled_total"
+    assert after.value(settled) == 1
+    assert after.value(settled, result="dead_lettered") == 1
+    assert after.value(settled, result="replied+dead_lettered") == 0
+    assert after.value("atlas_worker_dead_letters_total", reason="malformed") == 1
+    assert after.value("atlas_worker_unroutable_total") == 0

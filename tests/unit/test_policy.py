@@ -131,3 +131,22 @@ def test_a_refused_call_waits_for_the_probe_unless_the_deadline_or_patience_pass
     )
     got = (decision.action, decision.status, decision.dead_letter, decision.retry_level)
     assert got == (expected.action, expected.status, expected.dead_letter, expected.retry_level)
+
+
+def test_a_decision_that_ends_retrying_says_why() -> None:
+    def stopped(**kwargs: float | int | None) -> str | None:
+        return decide(ErrorClass.TRANSIENT, RETRY, max_attempts=4, ladder=LADDER, **kwargs).stopped_because  # type: ignore[arg-type]
+
+    assert stopped(attempts=4, time_left_s=None) == "attempts_exhausted"
+    assert stopped(attempts=1, time_left_s=0.5) == "deadline"
+    assert stopped(attempts=1, time_left_s=None) is None  # it goes on retrying
+
+    def refused(time_left_s: float | None, patience_left_s: float) -> str | None:
+        decision = decide_refused(
+            RETRY, wait_s=10.0, time_left_s=time_left_s, patience_left_s=patience_left_s, ladder=LADDER
+        )
+        return decision.stopped_because
+
+    assert refused(12.0, 100.0) == "deadline"
+    assert refused(None, 9.0) == "circuit_open"
+    assert refused(None, 100.0) is None

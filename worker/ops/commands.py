@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import aio_pika
@@ -12,7 +13,18 @@ from contracts import Topology
 from worker.exit_codes import broker_error, first_connection
 from worker.ladder import RetryLadder
 from worker.ops.definitions import declare_everything, definitions, render
-from worker.ops.dlq import DeadLetterQueue, Progress, Selection, detail, render_detail, row, table
+from worker.ops.dlq import (
+    DeadLetterQueue,
+    Progress,
+    Selection,
+    Unresolved,
+    detail,
+    filter_problem,
+    render_detail,
+    resolve,
+    row,
+    table,
+)
 from worker.topology import TopologySpec, topology_spec
 
 
@@ -36,6 +48,9 @@ def _confirm(question: str) -> bool:
 
 
 async def _dlq(args: argparse.Namespace) -> int:
+    if problem := filter_problem(args.task, args.reason):
+        print(problem, file=sys.stderr)
+        return 2
     topology = Topology(args.namespace)
     try:
         with first_connection():
@@ -72,11 +87,26 @@ async def _list(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _resolved(dlq: DeadLetterQueue, args: argparse.Namespace) -> tuple[Selection, int, int]:
+    """The selection with every name resolved to one dead-letter id, how many dead letters it selects and
+    how many the queue holds. Raises Unresolved for a name that fits none or several."""
+    selection = _selection(args)
+    if selection.everything:
+        total = await dlq.count()
+        return selection, total, total
+    views, total = await dlq.browse()
+    if selection.ids:
+        named = frozenset(resolve(views, name).id for name in selection.ids)
+        selection = replace(selection, ids=named)
+    return selection, sum(1 for v in views if selection.matches(v)), total
+
+
 async def _show(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     views, _ = await dlq.browse()
-    found = [v for v in views if v.id == args.id]
-    if not found:
-        print(f"no dead letter with id {args.id!r} in {dlq.topology.dead}", file=sys.stderr)
+    try:
+        found = [resolve(views, args.id)]
+    except Unresolved as exc:
+        print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps([detail(v) for v in found], indent=2, ensure_ascii=False))
@@ -90,10 +120,14 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     if selection.is_empty:
         print("say which dead letters to replay: IDs, --tenant/--task/--reason, or --all", file=sys.stderr)
         return 2
-    total = await dlq.count()
-    progress = Progress("replayed", total)
     try:
-        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress)
+        selection, chosen, total = await _resolved(dlq, args)
+    except Unresolved as exc:
+        print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
+        return 1
+    progress = Progress("replayed", chosen)
+    try:
+        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress, expected=total)
     except aio_pika.exceptions.PublishError:
         print(
             f"stopped after {progress.done}: {dlq.topology.requests} did not route a copy to any queue; "
@@ -102,23 +136,27 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         )
         return 1
     print(f"replayed {replayed} dead letter(s) to {dlq.topology.requests}")
-    if selection.ids and not replayed:
-        print(f"no dead letter with id {', '.join(sorted(selection.ids))} in {dlq.topology.dead}", file=sys.stderr)
-        return 1
     return 0
 
 
 async def _purge(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
     selection = _selection(args)
     if selection.is_empty:
-        selection = Selection(everything=True)
-    total = await dlq.count()
-    what = "every dead letter" if selection.everything else "the matching dead letters"
-    question = f"Delete {what} from {dlq.topology.dead} (it holds {total}); this cannot be undone?"
+        args.all = True
+    try:
+        selection, chosen, total = await _resolved(dlq, args)
+    except Unresolved as exc:
+        print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
+        return 1
+    what = "all" if selection.everything else f"{chosen} matching"
+    question = f"Delete {what} of the {total} dead letter(s) in {dlq.topology.dead}; this cannot be undone?"
+    if not chosen:
+        print(f"no dead letters match in {dlq.topology.dead}; nothing deleted")
+        return 0
     if not args.yes and not _confirm(question):
         print("nothing deleted")
         return 1
-    purged = await dlq.purge(selection, progress=Progress("deleted", total))
+    purged = await dlq.purge(selection, progress=Progress("deleted", chosen), expected=total)
     print(f"deleted {purged} dead letter(s) from {dlq.topology.dead}")
     return 0
 

@@ -5,25 +5,29 @@ channel returns them to the queue. Replay publishes a copy to `{ns}.requests` wi
 acks the dead letter only once the copy is confirmed, so a crash mid-replay can duplicate, never lose.
 """
 
+import asyncio
 import hashlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
-from contracts import REQUEST_ROUTING_KEY, Header, Topology
+from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
+from worker.history import History, decode_history
 from worker.limits import read_count
 from worker.ops.redact import redact, redact_text
+from worker.outcome import DEAD_LETTER_REASONS
 
 REPLAYED_AT = Header.REPLAYED_AT
 REPLAYS = Header.REPLAYS
 PUBLISH_TIMEOUT_S = 30.0
+REQUEUE_POLLS, REQUEUE_POLL_S = 50, 0.02  # up to a second for a browse's messages to be back in the queue
 # Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
 FAILURE_HEADERS = frozenset(
     {
@@ -46,8 +50,29 @@ FAILURE_HEADERS = frozenset(
         Header.HEADERS_DROPPED,
         Header.BODY_TRUNCATED,
         Header.ORIGINAL_BODY_BYTES,
+        Header.HISTORY,
     }
 )
+
+
+# Reasons the broker itself records in `x-death` when it dead-letters a message.
+BROKER_REASONS: Final = frozenset({"delivery_limit", "rejected", "expired", "maxlen"})
+KNOWN_REASONS: Final = DEAD_LETTER_REASONS | BROKER_REASONS
+KNOWN_TASKS: Final = frozenset(task.value for task in Task)
+CANDIDATES_SHOWN: Final = 10
+
+
+def filter_problem(task: str | None, reason: str | None) -> str | None:
+    """One line naming the known values, when a `--task` or `--reason` filter could match nothing."""
+    if task is not None and task not in KNOWN_TASKS:
+        return f"unknown --task {task!r}; known: {', '.join(sorted(KNOWN_TASKS))}"
+    if reason is not None and reason not in KNOWN_REASONS:
+        return f"unknown --reason {reason!r}; known: {', '.join(sorted(KNOWN_REASONS))}"
+    return None
+
+
+class Unresolved(Exception):
+    """A name on the command line that names no dead letter, or more than one."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +90,29 @@ class DeadLetterView:
     headers: dict[str, Any]
     properties: dict[str, Any]
     body: bytes
+    # The worker's story of the request; none on a message the broker dead-lettered, whose headers are the
+    # publisher's and may be forged.
+    history: History = ()
 
     def age_s(self, now: datetime) -> float | None:
         return (now - self.dead_lettered_at).total_seconds() if self.dead_lettered_at else None
+
+
+def resolve(views: Sequence[DeadLetterView], name: str) -> DeadLetterView:
+    """The one dead letter `name` names: its id, its request id, or a unique prefix of its id. A name that
+    fits several is refused with the candidates, so an operator never acts on a dead letter by accident."""
+    for matches in (
+        [v for v in views if v.id == name],
+        [v for v in views if v.request_id == name],
+        [v for v in views if v.id.startswith(name)] if name else [],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            listed = ", ".join(v.id for v in matches[:CANDIDATES_SHOWN])
+            more = f" and {len(matches) - CANDIDATES_SHOWN} more" if len(matches) > CANDIDATES_SHOWN else ""
+            raise Unresolved(f"{name!r} names {len(matches)} dead letters: {listed}{more}; give a longer id")
+    raise Unresolved(f"no dead letter with id or request id {name!r}")
 
 
 @dataclass(frozen=True)
@@ -119,12 +164,18 @@ def _body_fields(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
-    """The worker's `atlas-dead-letter-id` when the worker parked the message. A message the broker
-    dead-lettered itself (its latest death is not a retry level's expiry) kept the publisher's headers, so a
-    header there may be forged: such a message is named by a digest of everything it carries instead."""
+def _parked_by_worker(headers: dict[str, Any], last_death: dict[str, Any]) -> bool:
+    """A message the broker dead-lettered itself (its latest death is not a retry level's expiry) kept the
+    publisher's headers, so an `atlas-` header there may be forged."""
     own = _text(headers.get(Header.DEAD_LETTER_ID))
-    if own and (not last_death or _text(last_death.get("reason")) == "expired"):
+    return bool(own) and (not last_death or _text(last_death.get("reason")) == "expired")
+
+
+def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
+    """The worker's `atlas-dead-letter-id` when the worker parked the message; otherwise the message is
+    named by a digest of everything it carries."""
+    own = _text(headers.get(Header.DEAD_LETTER_ID))
+    if own and _parked_by_worker(headers, last_death):
         return own
     carried = orjson.dumps([_plain(headers), _plain(properties)], default=str, option=orjson.OPT_SORT_KEYS)
     return "b-" + hashlib.sha256(body + carried).hexdigest()[:24]
@@ -166,6 +217,7 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
         headers=headers,
         properties={k: v for k, v in properties.items() if v is not None},
         body=body,
+        history=decode_history(headers.get(Header.HISTORY)) if _parked_by_worker(headers, last_death) else (),
     )
 
 
@@ -244,20 +296,22 @@ class DeadLetterQueue:
         selection: Selection,
         act: Callable[[AbstractIncomingMessage, DeadLetterView], Awaitable[None]],
         progress: Progress | None = None,
+        expected: int = 0,
     ) -> int:
         """Run `act` on each selected dead letter, then ack it. A message whose `act` raises is not acked,
         and neither are the unselected ones: closing the channel returns them all to the queue. An id
-        selects one dead letter at most."""
+        selects one dead letter at most. `expected` is how many a browse just saw: the broker requeues a
+        closed channel's messages asynchronously, so they may reach the queue a moment after its count."""
         channel = await self.connection.channel()
         done = 0
         naming = _Naming()
         unused_ids = set(selection.ids)
         try:
             queue = await self._queue(channel)
-            for _ in range(queue.declaration_result.message_count or 0):
+            for fetched in range(max(queue.declaration_result.message_count or 0, expected)):
                 if selection.ids and not unused_ids:
                     break
-                message = await queue.get(no_ack=False, fail=False)
+                message = await self._next(queue, waiting=fetched < expected)
                 if message is None:
                     break
                 view = naming.unique(describe(message))
@@ -275,7 +329,18 @@ class DeadLetterQueue:
             await channel.close()
         return done
 
-    async def replay(self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None) -> int:
+    @staticmethod
+    async def _next(queue: AbstractQueue, *, waiting: bool) -> AbstractIncomingMessage | None:
+        """The next message; when one is `waiting` to be requeued, a short bounded wait for it to arrive."""
+        for _ in range(REQUEUE_POLLS if waiting else 1):
+            if (message := await queue.get(no_ack=False, fail=False)) is not None:
+                return message
+            await asyncio.sleep(REQUEUE_POLL_S)
+        return None
+
+    async def replay(
+        self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None, expected: int = 0
+    ) -> int:
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         try:
             exchange = await channel.get_exchange(self.topology.requests, ensure=False)
@@ -298,11 +363,11 @@ class DeadLetterQueue:
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
-            return await self.take(selection, republish, progress)
+            return await self.take(selection, republish, progress, expected)
         finally:
             await channel.close()
 
-    async def purge(self, selection: Selection, progress: Progress | None = None) -> int:
+    async def purge(self, selection: Selection, progress: Progress | None = None, expected: int = 0) -> int:
         if selection.everything:
             channel = await self.connection.channel()
             try:
@@ -315,7 +380,7 @@ class DeadLetterQueue:
         async def drop(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
             return None
 
-        return await self.take(selection, drop, progress)
+        return await self.take(selection, drop, progress, expected)
 
 
 def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
@@ -374,12 +439,13 @@ def escaped(text: str) -> str:
 
 
 def table(views: Sequence[DeadLetterView], now: datetime) -> str:
-    columns = ("ID", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
+    columns = ("ID", "REQUEST", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
     lines = [
         tuple(
             escaped(redact_text(cell))
             for cell in (
                 v.id,
+                v.request_id or "-",
                 v.tenant or "-",
                 v.task or "-",
                 v.reason,
@@ -390,10 +456,36 @@ def table(views: Sequence[DeadLetterView], now: datetime) -> str:
         )
         for v in views
     ]
+    return _aligned(columns, lines)
+
+
+def _aligned(columns: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(columns[i]), *(len(line[i]) for line in lines)) for i in range(len(columns))]
     return "\n".join(
         "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in (columns, *lines)
     )
+
+
+def history_table(entries: History) -> list[str]:
+    """A dead letter's attempt history as a small table, masked and escaped like every other value."""
+    if not entries:
+        return []
+    columns = ("AT", "CLASS", "CODE", "CALLED", "LEVEL", "NEXT TRY")
+    lines = [
+        tuple(
+            escaped(redact_text(cell))
+            for cell in (
+                e.at.isoformat(),
+                e.error_class or "-",
+                e.code,
+                "yes" if e.provider_called else "no (circuit open)",
+                "-" if e.level is None else str(e.level),
+                e.next_attempt_at.isoformat() if e.next_attempt_at else "-",
+            )
+        )
+        for e in entries
+    ]
+    return ["history (oldest first):", *("  " + line for line in _aligned(columns, lines).split("\n"))]
 
 
 def _plain(value: Any) -> Any:
@@ -442,6 +534,7 @@ def render_detail(view: DeadLetterView) -> str:
         value = shown["headers"][key]
         text = value if isinstance(value, str) else json.dumps(value, default=str)
         out.append(f"  {escaped(key)}: {escaped(text)}")
+    out += history_table(view.history)
     out.append("body:")
     body = shown["body"]
     # JSON escapes newlines inside strings, so the only newlines left are its own layout (and a text body's).
