@@ -63,3 +63,4 @@ class Header:
     REROUTED_FROM_TENANT: Final = "atlas-rerouted-from-tenant"
     REROUTED_AT: Final = "atlas-rerouted-at"
     RETRY_LEVEL: Final = "atlas-retry-level"
+    REDACTED: Final = "atlas-redacted"  # true on a dead letter whose body had secrets masked before it was parked

@@ -15,6 +15,7 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.acks import Acknowledger
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.redaction import redact_body, redact_text
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
@@ -121,6 +122,8 @@ class Settler:
         return "replied+dead_lettered" if dead else "replied"
 
     async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
+        if reply.error is not None:  # the last look before it leaves: error messages may quote anything
+            reply = reply.model_copy(update={"error": _masked(reply.error)})
         body = orjson.dumps(reply.model_dump(mode="json", exclude_none=True))
         message = aio_pika.Message(
             body,
@@ -153,7 +156,11 @@ class Settler:
             Header.DEAD_LETTERED_AT: _now(),
             **self._failure_headers(delivery, dead.error, dead.provider_kind),
         }
-        await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
+        # A parked body is read by operators and kept for days: a draft's literal keys must not be in it.
+        body = redact_body(delivery.body)
+        if body is not None:
+            headers[Header.REDACTED] = True
+        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, body=body)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
         headers: dict[str, Any] = {
@@ -201,7 +208,7 @@ class Settler:
         now = _now()
         result: dict[str, Any] = {
             Header.ERROR_CODE: error.code,
-            Header.ERROR_MESSAGE: error.message[:ERROR_MESSAGE_LIMIT],
+            Header.ERROR_MESSAGE: redact_text(error.message)[:ERROR_MESSAGE_LIMIT],
             Header.FIRST_FAILURE_AT: first if isinstance(first, str) else now,
             Header.LAST_FAILURE_AT: now,
             Header.ORIGINAL_EXCHANGE: headers.get(Header.ORIGINAL_EXCHANGE, delivery.exchange or ""),
@@ -220,12 +227,14 @@ class Settler:
         exchange_name: str,
         routing_key: str,
         extra: dict[str, Any],
+        *,
+        body: bytes | None = None,
     ) -> None:
-        """Republish the original body and properties with extra headers (the body is never changed)."""
+        """Republish the original body (or `body`, its redacted copy) and properties with extra headers."""
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         headers = {**_passable_headers(delivery), **{k: v for k, v in identity.items() if v is not None}, **extra}
         message = aio_pika.Message(
-            delivery.body,
+            delivery.body if body is None else body,
             headers=headers,
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
@@ -246,6 +255,10 @@ class Settler:
         if exchange is None:
             exchange = self._exchanges[name] = Exchange(self._channel, name, durable=True)
         return exchange
+
+
+def _masked(error: ErrorInfo) -> ErrorInfo:
+    return error.model_copy(update={"message": redact_text(error.message)})
 
 
 def _passable_headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from contracts import Topology
 from worker.ladder import RetryLadder
 from worker.ops.definitions import declare_everything, definitions, render
 from worker.ops.dlq import DeadLetterQueue, Progress, Selection, detail, render_detail, row, table
-from worker.ops.redact import redact_text
+from worker.redaction import redact_text
 from worker.topology import topology_spec
 
 

@@ -18,7 +18,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
 from contracts import REQUEST_ROUTING_KEY, Header, Topology
-from worker.ops.redact import redact, redact_text
+from worker.redaction import redact, redact_text
 
 REPLAYED_AT = "atlas-replayed-at"
 REPLAYS = "atlas-replays"

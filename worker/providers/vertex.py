@@ -16,6 +16,7 @@ from contracts import ToolCall, VertexSettings
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult
 from worker.providers.http import classify_status, json_object, malformed, retry_after_seconds, send_json
+from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -293,7 +294,7 @@ class VertexProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._base
+        return redact_url(self._base)
 
     @property
     def model(self) -> str:
