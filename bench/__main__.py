@@ -10,11 +10,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import concurrency, ladder, latency, memory, throughput
+from bench import concurrency, ladder, latency, memory, throughput, tracing_overhead
 from bench.stats import spread, table, verdict
 from worker.ladder import RetryLadder
 
-NAMES = ("throughput", "latency", "concurrency", "ladder", "memory")
+NAMES = ("throughput", "latency", "concurrency", "ladder", "memory", "tracing")
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,27 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool) -> list[
         met.append(ok)
         print(table(["requests answered", "worker RSS"], [[str(n), f"{rss:.1f} MiB"] for n, rss in m.checkpoints]))
         print(f"growth {100 * m.growth:+.1f} %; target within 10 %: {verdict(ok)}\n")
+    if "tracing" in only:
+        met += await _tracing(sizes, logs)
     return met
+
+
+async def _tracing(sizes: Sizes, logs: Path) -> list[bool]:
+    rounds = max(1, sizes.throughput_rounds - 2)
+    print(
+        f"## 6. Tracing overhead: worker CPU per message, {sizes.throughput_messages} messages × {rounds} rounds, "
+        "alternating the code before tracing, tracing off, tracing on (100 % sampled, OTLP/HTTP to a local sink)",
+        flush=True,
+    )
+    r = await tracing_overhead.run(sizes.throughput_messages, rounds, 64, logs)
+    off_ok, on_ok = r.ratio("off").median <= 1.01, r.ratio("on").median <= 1.10
+    rows = [[mode, r.cpu(mode).show("{:.3f} ms")] for mode in tracing_overhead.MODES]
+    rows += [["off / before (per pair)", r.ratio("off").show("{:.3f}×")]]
+    rows += [["on / before (per pair)", r.ratio("on").show("{:.3f}×")]]
+    print(table([f"vs {r.baseline_commit}", "CPU per message median (min–max)"], rows))
+    print(f"exports received with tracing on: {r.spans_received}")
+    print(f"targets off ≤ 1.01×: {verdict(off_ok)}; on ≤ 1.10×: {verdict(on_ok)}\n")
+    return [off_ok, on_ok]
 
 
 def cli() -> int:

@@ -150,8 +150,11 @@ async def preload(ns: Namespace, bodies: Sequence[tuple[str, bytes]], reply_to: 
 class Process:
     """A subprocess whose stderr goes to a log file; `ready()` waits for a marker line in it."""
 
-    def __init__(self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.argv = list(argv)
+        self.cwd = cwd  # another checkout's directory runs that checkout's code
         self.log_path = log_path
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
@@ -168,7 +171,7 @@ class Process:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv,
-                cwd=ROOT,
+                cwd=self.cwd,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -67,7 +67,7 @@ async def run(ladder: RetryLadder, requests: int, logs: Path) -> list[LevelResul
                         tenants,
                         prefetch=64,
                         ladder=ladder,
-                        extra=["--breaker-failures", "1000000"],
+                        extra=["--breaker-min-calls", "1000000"],
                     ),
                     logs / "ladder-worker.log",
                 )

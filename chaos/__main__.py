@@ -1,4 +1,5 @@
-"""`python -m chaos [--requests N] [--rate R]`: the soak, then its accounting; exits 1 if an invariant fails."""
+"""`python -m chaos [--mode healing|keyed] [--requests N] [--rate R]`: the soak, then its accounting; exits 1
+if an invariant fails."""
 
 import argparse
 import asyncio
@@ -13,7 +14,7 @@ from chaos.accounting import account, canary_hits
 
 
 def report(result: soak.SoakResult) -> bool:
-    accounting = account(result.published, soak.TENANTS, result.observations)
+    accounting = account(result.published, soak.TENANTS, result.observations, result.healthy)
     hits = canary_hits(result.canaries.values(), result.blobs)
     leaked = sum(hits.values())
     left = sum(result.left_in_queues.values())
@@ -55,15 +56,22 @@ def report(result: soak.SoakResult) -> bool:
     checks = [
         ("every request has a terminal outcome (0 lost)", len(accounting.lost) == 0, f"{len(accounting.lost)} lost"),
         (
-            "exactly one distinct outcome per request",
+            "exactly one authoritative outcome per request",
             not accounting.inconsistent,
             f"{len(accounting.inconsistent)} with differing outcomes",
         ),
         (
-            "duplicates from kills/cuts are identical (status and result)",
+            "0 healthy requests failed on circuit grounds",
+            not accounting.circuit_failed_healthy,
+            f"{len(accounting.circuit_failed_healthy)} of {len(result.healthy)} fated to succeed",
+        ),
+        (
+            "duplicates: 0 unexplained (identical / explained by settle_seq)",
             accounting.duplicates_differing == 0,
-            f"{accounting.duplicate_requests} requests had {accounting.duplicate_deliveries} duplicate deliveries"
-            f" ({accounting.duplicates_other_error} of them ending on a different last error)",
+            f"{accounting.duplicate_requests} requests had {accounting.duplicate_deliveries} duplicate deliveries:"
+            f" {accounting.duplicates_identical} identical ({accounting.duplicates_other_error} naming another"
+            f" last error), {accounting.duplicates_explained} explained, {accounting.duplicates_differing}"
+            " unexplained",
         ),
         ("nothing left in requests/retry queues", left == 0, f"{left} left"),
         (
@@ -113,14 +121,28 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=100.0, help="requests published per second")
     parser.add_argument(
-        "--breaker-cooldown", type=float, default=1.0, help="seconds an open circuit waits (worker flag; default 1)"
+        "--mode",
+        choices=["healing", "keyed"],
+        default="healing",
+        help="healing: retried faulty requests heal after 1-2 calls; keyed: a faulty request fails every call",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=None,
+        help="seconds an open circuit waits (worker flag; default 1 in healing mode, the worker's own in keyed)",
     )
     parser.add_argument("--logs", type=Path, default=None, help="where worker logs go (default: a temp dir)")
     args = parser.parse_args()
     logs = args.logs or Path(tempfile.mkdtemp(prefix="chaos-"))
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"chaos soak: {args.requests} requests at {args.rate:g}/s, tenants {', '.join(soak.TENANTS)}", flush=True)
-    result = asyncio.run(soak.run(args.requests, args.rate, logs, args.breaker_cooldown))
+    keyed = args.mode == "keyed"
+    cooldown = args.breaker_cooldown if args.breaker_cooldown is not None or keyed else 1.0
+    print(
+        f"chaos soak ({args.mode}): {args.requests} requests at {args.rate:g}/s, tenants {', '.join(soak.TENANTS)}",
+        flush=True,
+    )
+    result = asyncio.run(soak.run(args.requests, args.rate, logs, cooldown, keyed=keyed))
     ok = report(result)
     print("\nALL INVARIANTS HOLD" if ok else "\nINVARIANT VIOLATED")
     return 0 if ok else 1

@@ -2,7 +2,7 @@
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,14 @@ class Observation:
     outcome: tuple[str, ...]  # what must be identical across duplicates: (sink, status or reason, result digest)
     correlation_ok: bool = True
     error_code: str = "-"  # detail that may differ between copies (e.g. the last failure of a retried request)
+    rank: tuple[int, int] = (0, 0)  # (settle_seq, -redeliveries): the README's rule, highest is authoritative
+
+
+def _rank(settle_seq: Any, redeliveries: Any) -> tuple[int, int]:
+    def count(value: Any) -> int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    return count(settle_seq), -count(redeliveries)
 
 
 def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
@@ -29,6 +37,7 @@ def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
     digest = hashlib.sha256(orjson.dumps(result, option=orjson.OPT_SORT_KEYS)).hexdigest()[:12] if result else "-"
     error = (reply.get("error") or {}).get("code") or "-"
     request_id = reply.get("request_id")
+    provenance = reply.get("provenance") or {}
     return Observation(
         "reply",
         request_id,
@@ -36,6 +45,7 @@ def observe_reply(body: bytes, correlation_id: str | None) -> Observation:
         ("reply", str(reply.get("status")), digest),
         correlation_ok=correlation_id == request_id,
         error_code=error,
+        rank=_rank(provenance.get("settle_seq"), provenance.get("redeliveries")),
     )
 
 
@@ -46,7 +56,11 @@ def observe_copy(sink: str, body: bytes, headers: Mapping[str, Any]) -> Observat
     except orjson.JSONDecodeError:
         request = {}
     reason = str(headers.get("atlas-reason", "-"))
-    return Observation(sink, request.get("request_id"), request.get("tenant_id"), (sink, reason))
+    rank = _rank(headers.get("atlas-settle-seq"), headers.get("atlas-redeliveries"))
+    code = str(headers.get("atlas-error-code", "-"))
+    return Observation(
+        sink, request.get("request_id"), request.get("tenant_id"), (sink, reason), error_code=code, rank=rank
+    )
 
 
 @dataclass
@@ -56,8 +70,11 @@ class Accounting:
     inconsistent: list[str] = field(default_factory=list)  # more than one distinct terminal outcome
     duplicate_requests: int = 0
     duplicate_deliveries: int = 0
-    duplicates_differing: int = 0  # requests delivered more than once whose copies do not all agree
+    duplicates_identical: int = 0  # every copy agrees (status and result)
+    duplicates_explained: int = 0  # copies differ, but one outranks the others by the README's rule
+    duplicates_differing: int = 0  # copies differ and the rule designates no single one: unexplained
     duplicates_other_error: int = 0  # copies agree on status and result but name a different last error
+    circuit_failed_healthy: list[str] = field(default_factory=list)  # fated to succeed, ended on circuit_open
     cloud_leaks: list[str] = field(default_factory=list)  # BYOC-only tenants seen on the Atlas Cloud exchange
     bad_correlation: int = 0
     unknown: int = 0  # observations for request ids that were never published
@@ -69,9 +86,13 @@ class Accounting:
 
 
 def account(
-    published: Mapping[str, str], policies: Mapping[str, str], observations: Iterable[Observation]
+    published: Mapping[str, str],
+    policies: Mapping[str, str],
+    observations: Iterable[Observation],
+    healthy: Collection[str] = frozenset(),
 ) -> Accounting:
-    """`published`: request_id → tenant_id; `policies`: tenant_id → fallback policy ("none" if unconfigured)."""
+    """`published`: request_id → tenant_id; `policies`: tenant_id → fallback policy ("none" if unconfigured);
+    `healthy`: request ids whose provider fate lets them succeed within their attempts."""
     seen: dict[str, list[Observation]] = defaultdict(list)
     result = Accounting(len(published))
     for obs in observations:
@@ -87,29 +108,49 @@ def account(
         if not terminal:
             result.lost.append(request_id)
             continue
-        outcomes = {o.outcome for o in terminal}
-        replies_ok = any(o.outcome[:2] == ("reply", "ok") for o in terminal)
-        dead = [o for o in found if o.sink == "dead"]
+        _count_duplicates(result, terminal, found)
+        # The authoritative history (README, delivery guarantees): the copies of the highest rank.
+        top = max(o.rank for o in terminal)
+        authoritative = [o for o in terminal if o.rank == top]
+        dead = [o for o in found if o.sink == "dead" and o.rank == top]
+        outcomes = {o.outcome for o in authoritative}
+        replies_ok = any(o.outcome[:2] == ("reply", "ok") for o in authoritative)
         # A dead letter belongs with a failed/expired reply, never with an answer or a reroute.
-        if len(outcomes) > 1 or (dead and (replies_ok or any(o.sink == "cloud" for o in terminal))):
+        if len(outcomes) > 1 or (dead and (replies_ok or any(o.sink == "cloud" for o in authoritative))):
             result.inconsistent.append(request_id)
-        extra = len(terminal) - 1 + (max(0, len(dead) - 1) if terminal[0].sink != "dead" else 0)
-        if extra:
-            result.duplicate_requests += 1
-            result.duplicate_deliveries += extra
-            if len(outcomes) > 1:
-                result.duplicates_differing += 1
-            elif len({o.error_code for o in terminal}) > 1:
-                result.duplicates_other_error += 1
+        if request_id in healthy and any(o.error_code == "circuit_open" for o in authoritative):
+            result.circuit_failed_healthy.append(request_id)
         if policies.get(tenant_id) in BYOC_ONLY and any(o.sink == "cloud" for o in found):
             result.cloud_leaks.append(request_id)
-        label = " ".join(terminal[0].outcome[:2]) if terminal[0].sink != "reply" else terminal[0].outcome[1]
-        if terminal[0].sink == "reply" and terminal[0].error_code != "-":
-            label += f" ({terminal[0].error_code})"
+        first = authoritative[0]
+        label = " ".join(first.outcome[:2]) if first.sink != "reply" else first.outcome[1]
+        if first.sink == "reply" and first.error_code != "-":
+            label += f" ({first.error_code})"
         if dead:
             label += " + dead letter"
         result.by_tenant.setdefault(tenant_id, Counter())[label] += 1
     return result
+
+
+def _count_duplicates(result: Accounting, terminal: list[Observation], found: list[Observation]) -> None:
+    """Classify a request seen more than once: identical, explained by the rank rule, or unexplained."""
+    dead = [o for o in found if o.sink == "dead"]
+    extra = len(terminal) - 1 + (max(0, len(dead) - 1) if terminal[0].sink != "dead" else 0)
+    if not extra:
+        return
+    result.duplicate_requests += 1
+    result.duplicate_deliveries += extra
+    outcomes = {o.outcome for o in terminal}
+    if len(outcomes) == 1:
+        result.duplicates_identical += 1
+        if len({o.error_code for o in terminal}) > 1:
+            result.duplicates_other_error += 1
+        return
+    top = max(o.rank for o in terminal)
+    if len({o.outcome for o in terminal if o.rank == top}) == 1:
+        result.duplicates_explained += 1
+    else:
+        result.duplicates_differing += 1
 
 
 def canary_hits(canaries: Iterable[str], blobs: Iterable[bytes]) -> dict[str, int]:

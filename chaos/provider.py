@@ -1,13 +1,15 @@
 """An OpenAI-compatible tenant endpoint that fails about 30 % of requests, deterministically per request.
 
-Which requests fail, and how, follows from a hash of the prompt (so each request's fate is fixed): 5xx, 429
-with retry-after, a hang past the tenant's timeout, or a garbage 200 body. A faulty request keeps failing
-for its first `faulty_calls` calls (or for ever), so when a kill makes the worker process a request twice,
-both runs meet the same provider behaviour and must reach the same answer.
+Which requests fail, and how, follows from a hash of the request id the soak writes into each prompt (so
+each request's fate is fixed, and the soak can recompute it): 5xx, 429 with retry-after, a hang past the
+tenant's timeout, or a garbage 200 body. A faulty request keeps failing for its first `faulty_calls` calls
+(or for ever), so when a kill makes the worker process a request twice, both runs meet the same provider
+behaviour and must reach the same answer.
 """
 
 import asyncio
 import hashlib
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,7 @@ from aiohttp import web
 from demo.standin_model import completion
 
 FAULTS = ("server_error", "rate_limit", "hang", "garbage")
+FATE_KEY = re.compile(r"\[(chaos-\d+)\]")  # the request id the soak puts in each incident title
 
 
 def _error(status: int, message: str, **headers: str) -> web.Response:
@@ -50,9 +53,9 @@ class FaultyProvider:
         if self._runner is not None:
             await self._runner.cleanup()
 
-    def fate(self, prompt: str) -> tuple[str | None, int | None]:
-        """(fault kind or None, how many calls fail) for a prompt; the same prompt always gets the same."""
-        digest = hashlib.sha256(prompt.encode()).digest()
+    def fate(self, key: str) -> tuple[str | None, int | None]:
+        """(fault kind or None, how many calls fail) for a request id; the same id always gets the same."""
+        digest = hashlib.sha256(key.encode()).digest()
         draw = int.from_bytes(digest[:4], "big") / 2**32
         if draw >= self.fault_rate:
             return None, 0
@@ -64,9 +67,11 @@ class FaultyProvider:
             return _error(401, "Incorrect API key provided.")
         body: dict[str, Any] = orjson.loads(await request.read())
         prompt = "\n".join(str(m.get("content") or "") for m in body.get("messages", []))
-        kind, faulty = self.fate(prompt)
-        self.calls[prompt] += 1
-        if kind is not None and (faulty is None or self.calls[prompt] <= faulty):
+        found = FATE_KEY.search(prompt)
+        key = found.group(1) if found else prompt
+        kind, faulty = self.fate(key)
+        self.calls[key] += 1
+        if kind is not None and (faulty is None or self.calls[key] <= faulty):
             self.served[kind] += 1
             return await self._fault(kind)
         self.served["ok"] += 1

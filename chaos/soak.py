@@ -54,6 +54,7 @@ class SoakResult:
     keys_used: dict[str, bool] = field(default_factory=dict)  # tenant → its provider saw its key, never a wrong one
     settled_after_last_cut: list[int] = field(default_factory=list)  # per worker, with no restart since the cut
     metrics_scraped: int = 0
+    healthy: set[str] = field(default_factory=set)  # request ids whose fate lets them succeed within attempts
     wall_s: float = 0.0
     logs: Path = Path()
 
@@ -83,9 +84,25 @@ def _free_port() -> int:
         return port
 
 
+def _healthy(request_id: str, provider: FaultyProvider, policy: str) -> bool:
+    """Would this request succeed within its attempts, given the fate its provider keeps for it?"""
+    kind, faulty_calls = provider.fate(request_id)
+    if kind is None:
+        return True
+    return policy == "queue_and_retry" and faulty_calls is not None and faulty_calls < MAX_ATTEMPTS
+
+
 async def run(
-    requests: int, rate: float, logs: Path, breaker_cooldown_s: float = 1.0, settle_timeout_s: float = 240.0
+    requests: int,
+    rate: float,
+    logs: Path,
+    breaker_cooldown_s: float | None = 1.0,
+    settle_timeout_s: float = 240.0,
+    *,
+    keyed: bool = False,
 ) -> SoakResult:
+    """`keyed`: every faulty request fails on every call, and healthy ones never do (issue 12's shape);
+    otherwise retried faulty requests heal after 1 or 2 calls. `breaker_cooldown_s` None: the worker's default."""
     result = SoakResult(logs=logs)
     started = time.monotonic()
     providers: dict[str, FaultyProvider] = {}
@@ -99,9 +116,9 @@ async def run(
         result.canaries[tenant] = key
         env_name = f"CHAOS_KEY_{tenant.upper().replace('-', '_')}"
         env[env_name] = key
-        retries = policy == "queue_and_retry"
+        heals = policy == "queue_and_retry" and not keyed
         # Retried requests heal after 1 or 2 failed calls or never (max_attempts 4 dead-letters those).
-        provider = FaultyProvider(key, hang_s=TIMEOUT_S + 2, faulty_calls=(1, 2, None) if retries else (None,))
+        provider = FaultyProvider(key, hang_s=TIMEOUT_S + 2, faulty_calls=(1, 2, None) if heals else (None,))
         providers[tenant] = provider
         _write_tenant(tenants_dir, tenant, policy, await provider.start(), env_name)
 
@@ -140,6 +157,7 @@ async def run(
                 (cloud, await cloud.consume(sink("cloud"), no_ack=True)),
             ]
 
+            cooldown_flag = [] if breaker_cooldown_s is None else ["--breaker-cooldown", f"{breaker_cooldown_s:g}"]
             for n in range(2):
                 argv = worker_argv(
                     via_proxy,
@@ -147,9 +165,7 @@ async def run(
                     tenants_dir,
                     prefetch=64,
                     ladder=LADDER,
-                    # A cooldown on the scale of the ladder (0.2–1.6 s): with the default 30 s, every retry of a
-                    # tenant whose circuit opened would meet it still open and use up its attempts.
-                    extra=["--metrics-port", str(metrics_ports[n]), "--breaker-cooldown", f"{breaker_cooldown_s:g}"],
+                    extra=["--metrics-port", str(metrics_ports[n]), *cooldown_flag],
                 )
                 workers.append(Process(argv, logs / f"worker-{n + 1}.log", env=env))
             for worker in workers:
@@ -198,6 +214,8 @@ async def run(
                     tenant = tenants[i % len(tenants)]
                     request_id, body = _request_body(i, tenant)
                     result.published[request_id] = tenant
+                    if tenant in providers and _healthy(request_id, providers[tenant], TENANTS[tenant]):
+                        result.healthy.add(request_id)
                     pending.append(
                         asyncio.ensure_future(
                             ns.requests.publish(request_message(body, replies.name, request_id), REQUEST_ROUTING_KEY)

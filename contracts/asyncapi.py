@@ -56,11 +56,13 @@ def _schemas() -> dict[str, Any]:
     )
     schemas: dict[str, Any] = dict(sorted(top["$defs"].items()))
     schemas["RequestHeaders"] = _headers(
-        "Publishers set none of these; the worker writes them when it parks a request for a retry.",
+        "Publishers set none of these (the worker ignores them unless it vouches for them); the worker writes "
+        "them when it parks a request for a retry.",
         {
             Header.ATTEMPTS: _FAILURE_FIELDS[Header.ATTEMPTS],
             Header.RETRY_LEVEL: ("integer", "The retry level the request waited on."),
             Header.DEFERRALS: ("integer", "Times the request waited for the tenant's concurrency limit."),
+            Header.SIGNATURE: ("object", "With a header key: an HMAC-SHA256 per worker header, by header name."),
         },
     )
     schemas["ReplyHeaders"] = _headers(
@@ -78,10 +80,14 @@ def _schemas() -> dict[str, Any]:
         {
             Header.REASON: (
                 "string",
-                "malformed | tenant_config_invalid | exhausted | expired | permanent_error | internal_error | "
-                "reply_unroutable | reroute_unroutable",
+                "malformed | publisher_refused | tenant_config_invalid | exhausted | expired | permanent_error | "
+                "internal_error | reply_unroutable | reroute_unroutable",
             ),
             Header.DEAD_LETTERED_AT: ("string", "ISO 8601 time the worker dead-lettered it."),
+            Header.DEAD_LETTER_ID: ("string", "Unique id the worker assigned; what `atlas-worker dlq` calls it."),
+            Header.HEADERS_DROPPED: ("integer", "Publisher headers left off so the copy fits one frame."),
+            Header.BODY_TRUNCATED: ("boolean", "The body is only a prefix of an oversized request body."),
+            Header.ORIGINAL_BODY_BYTES: ("integer", "The oversized request body's size in bytes."),
             **_FAILURE_FIELDS,
         },
     )

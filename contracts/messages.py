@@ -124,6 +124,15 @@ class Provenance(Contract):
     prompt_budget_tokens: int | None = Field(
         default=None, description="Estimated tokens the prompt was allowed, after reserving room for the answer."
     )
+    settle_seq: int = Field(
+        default=0,
+        description="Times the request was put back on the retry ladder before this reply. Of two replies to "
+        "one request, the one with the higher settle_seq is authoritative.",
+    )
+    redeliveries: int = Field(
+        default=0,
+        description="Broker redeliveries in this reply's history; breaks a settle_seq tie (fewer wins).",
+    )
 
 
 class Timings(Contract):
@@ -135,6 +144,14 @@ class Timings(Contract):
     total_ms: float = 0.0
 
 
+class LastProviderError(Contract):
+    """The last error the tenant's provider itself returned for this request."""
+
+    code: str
+    message: str
+    error_class: str | None = None
+
+
 class ErrorInfo(Contract):
     """Why a request did not end `ok`. Never holds secrets."""
 
@@ -142,6 +159,11 @@ class ErrorInfo(Contract):
     message: str
     error_class: str | None = None
     retry_after_s: float | None = None
+    last_provider_error: LastProviderError | None = Field(
+        default=None,
+        description="When the request ended without calling the provider (`circuit_open`), the provider's "
+        "last real error for it, if an earlier attempt met one.",
+    )
 
 
 ToolCallingSupport = Literal["yes", "no", "forced_only", "unknown"]

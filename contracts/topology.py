@@ -64,3 +64,15 @@ class Header:
     REROUTED_AT: Final = "atlas-rerouted-at"
     RETRY_LEVEL: Final = "atlas-retry-level"
     REDACTED: Final = "atlas-redacted"  # true on a dead letter whose body had secrets masked before it was parked
+    REPLAYS: Final = "atlas-replays"  # times `dlq replay` sent this request back
+    REPLAYED_AT: Final = "atlas-replayed-at"
+    DEAD_LETTER_ID: Final = "atlas-dead-letter-id"  # assigned by the worker; what `dlq` calls a dead letter's id
+    SIGNATURE: Final = "atlas-signature"  # the worker's HMAC over its own headers, when a header key is set
+    HEADERS_DROPPED: Final = "atlas-headers-dropped"  # publisher headers left off a copy to keep it in one frame
+    BODY_TRUNCATED: Final = "atlas-body-truncated"  # the copy carries only a prefix of an oversized body
+    ORIGINAL_BODY_BYTES: Final = "atlas-original-body-bytes"  # the oversized body's size
+    SETTLE_SEQ: Final = "atlas-settle-seq"  # times a worker put this request back on the ladder (any reason)
+    REDELIVERIES: Final = "atlas-redeliveries"  # broker redeliveries in this copy's history
+    CIRCUIT_WAITS: Final = "atlas-circuit-waits"  # times an open circuit parked the request without a call
+    LAST_PROVIDER_ERROR_CODE: Final = "atlas-last-provider-error-code"  # beside a circuit_open dead letter
+    LAST_PROVIDER_ERROR_MESSAGE: Final = "atlas-last-provider-error-message"

@@ -2,11 +2,17 @@
 
 It reads the incident text the worker sends and builds deterministic, plausible answers: a summary from the
 first lines, an RCA citing the evidence tags it finds, runbook tool calls filled from the tools' schemas.
-Run it with `python -m demo.standin_model --port 8089`.
+Run it with `python -m demo.standin_model --port 8089` (`--port 0`: any free port, printed on the first line).
+
+To show the fallback policies it also plays an unhealthy model: under `/down/v1` every call fails with 503,
+under `/flaky/v1` the first two calls with a given prompt fail with 503 and the third is answered.
 """
 
 import argparse
+import asyncio
+import hashlib
 import re
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -146,8 +152,26 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+FLAKY_FAILURES = 2  # calls with one prompt that `/flaky/v1` fails before it answers
+_CALLS = web.AppKey("calls", Counter[str])
+
+
+def _unavailable() -> web.Response:
+    error = {"message": "stand-in model: unavailable (a demo of a provider outage)", "type": "server_error"}
+    return web.json_response({"error": error}, status=503)
+
+
 async def _chat(request: web.Request) -> web.Response:
     body = await request.json(loads=orjson.loads)
+    mode = request.match_info.get("mode")
+    if mode == "down":
+        return _unavailable()
+    if mode == "flaky":
+        calls = request.app[_CALLS]
+        prompt = hashlib.sha256(orjson.dumps(body.get("messages", []))).hexdigest()
+        calls[prompt] += 1
+        if calls[prompt] <= FLAKY_FAILURES:
+            return _unavailable()
     return web.json_response(completion(body), dumps=lambda o: orjson.dumps(o).decode())
 
 
@@ -159,9 +183,21 @@ async def _models(request: web.Request) -> web.Response:
 
 def make_app() -> web.Application:
     app = web.Application()
+    app[_CALLS] = Counter()
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
+    app.router.add_post("/{mode:down|flaky}/v1/chat/completions", _chat)
+    app.router.add_get("/{mode:down|flaky}/v1/models", _models)
     return app
+
+
+async def serve(host: str, port: int) -> None:
+    runner = web.AppRunner(make_app())
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    bound = runner.addresses[0][1]
+    print(f"stand-in model (NOT a real LLM) on http://{host}:{bound}/v1", flush=True)
+    await asyncio.Event().wait()  # until the process is stopped
 
 
 def main() -> None:
@@ -169,8 +205,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
     args = parser.parse_args()
-    print(f"stand-in model (NOT a real LLM) on http://{args.host}:{args.port}/v1", flush=True)
-    web.run_app(make_app(), host=args.host, port=args.port, print=None)
+    try:
+        asyncio.run(serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        where = f"{args.host}:{args.port}"
+        raise SystemExit(f"error: the stand-in model cannot listen on {where}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from contracts import Topology
 from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
 from tests.fakes.openai_server import FakeOpenAI
 from worker.app import WorkerApp
+from worker.breaker import BreakerPolicy
 from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings
@@ -70,17 +71,19 @@ def write_tenant(
     max_attempts: int = 3,
     timeout_s: float = 5,
     max_concurrency: int = 16,
-    api_key: str = "env:TEST_FAKE_OPENAI_KEY",
+    api_key: str | None = "env:TEST_FAKE_OPENAI_KEY",
     model: str = "fake-model",
 ) -> Path:
+    """A tenant file for the OpenAI fake; `api_key=None` writes none (an endpoint that needs no key)."""
     path = directory / f"{tenant_id}.toml"
+    key_line = "" if api_key is None else f'api_key = "{api_key}"'
     path.write_text(f"""
 tenant_id = "{tenant_id}"
 [provider]
 kind = "openai_compatible"
 base_url = "{base_url}"
 model = "{model}"
-api_key = "{api_key}"
+{key_line}
 [fallback]
 policy = "{policy}"
 max_attempts = {max_attempts}
@@ -106,7 +109,7 @@ def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **over
         grace_s=5.0,
         tenants_poll_s=0.2,
         ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
-        breaker_failures=1000,  # tests that are about the breaker lower this
+        breaker=BreakerPolicy(min_calls=1000),  # tests that are about the breaker pass their own
     )
     return WorkerSettings(**(base | overrides))
 
@@ -121,8 +124,8 @@ class RunningWorker:
         await asyncio.wait_for(self.task, 30)
 
 
-async def start_worker(settings: WorkerSettings) -> RunningWorker:
-    app = WorkerApp(settings)
+async def start_worker(settings: WorkerSettings, **options: Any) -> RunningWorker:
+    app = WorkerApp(settings, **options)
     task = asyncio.create_task(app.run())
     ready = asyncio.create_task(app.ready.wait())
     await asyncio.wait({task, ready}, timeout=30, return_when=asyncio.FIRST_COMPLETED)

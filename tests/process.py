@@ -33,7 +33,7 @@ class WorkerProcess:
             "2",
             "--retry-levels",
             "4",
-            "--breaker-failures",  # tests about the breaker pass their own
+            "--breaker-min-calls",  # tests about the breaker pass their own
             "1000",
             *extra,
         ]

@@ -2,13 +2,22 @@
 
 import argparse
 import asyncio
+import ipaddress
 import signal
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
+from worker.breaker import BreakerPolicy
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES
+from worker.exit_codes import ExitCode, StartupError
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
 from worker.log import configure_logging
+from worker.publishers import PublisherRules
+from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_directory
 
@@ -24,13 +33,132 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security_flags(run: argparse.ArgumentParser) -> None:
+    run.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=MAX_BODY_BYTES,
+        help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
+    )
+    run.add_argument(
+        "--header-key",
+        metavar="env:NAME|file:/path",
+        help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
+    )
+    run.add_argument(
+        "--publisher",
+        action="append",
+        default=[],
+        metavar="USER=TENANT[,TENANT…]",
+        help="only these AMQP users may publish requests, each for these tenants (* for any); repeatable",
+    )
+    run.add_argument(
+        "--reply-to",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="reply_to names allowed, as shell patterns such as 'replies-*'; repeatable (default: any)",
+    )
+
+
+def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
+    if args.header_key is not None and not args.header_key.startswith(REFERENCE_PREFIXES):
+        raise StartupError(ExitCode.USAGE, "--header-key takes a reference (env:NAME or file:/path), not the key")
+    try:
+        publishers = PublisherRules.parse(args.publisher, args.reply_to)
+    except ValueError as exc:
+        raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
+    return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
+
+
+def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = BreakerPolicy()
+    parser.add_argument(
+        "--breaker-failure-rate",
+        type=float,
+        default=defaults.failure_rate,
+        help="share of an endpoint's recent requests, last call failed, that opens its circuit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-min-calls",
+        type=int,
+        default=defaults.min_calls,
+        help="requests in the window before the rate is judged (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-window",
+        type=float,
+        default=defaults.window_s,
+        help="seconds of recent requests the rate is judged over (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=defaults.cooldown_s,
+        help="seconds an open circuit refuses calls before probing (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--breaker-probes",
+        type=int,
+        default=defaults.probes,
+        help="calls let through after the cooldown to decide whether it closes (default: %(default)s)",
+    )
+
+
+LOG_LEVEL_DEFAULT = "info"
+
+
+def _global_options() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name. SUPPRESS, so that a subcommand's parser does
+    not overwrite a value given before the subcommand with its own default; `main` fills the defaults in."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--log-level",
+        default=argparse.SUPPRESS,
+        choices=["debug", "info", "warning", "error"],
+        help=f"(default: {LOG_LEVEL_DEFAULT})",
+    )
+    options.add_argument(
+        "--log-format",
+        default=argparse.SUPPRESS,
+        choices=["json", "console"],
+        help="console on a terminal, else JSON lines (the default)",
+    )
+    return options
+
+
+def _version() -> str:
+    try:
+        return version("atlas-inference-worker")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class _Commands:
+    """Subcommands that all take the global options, at any depth."""
+
+    def __init__(
+        self, subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]", common: argparse.ArgumentParser
+    ) -> None:
+        self._subparsers = subparsers
+        self._common = common
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self._subparsers.add_parser(name, parents=[self._common], **kwargs)
+
+    def nested(self, parser: argparse.ArgumentParser, dest: str) -> "_Commands":
+        return _Commands(parser.add_subparsers(dest=dest, required=True, metavar="SUBCOMMAND"), self._common)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    common = _global_options()
     parser = argparse.ArgumentParser(
         prog="atlas-worker",
         description="Answers incident inference requests from RabbitMQ with each tenant's own LLM.",
+        parents=[common],
     )
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
 
     run = commands.add_parser("run", help="consume requests and publish replies until SIGTERM")
     _add_broker_flags(run)
@@ -61,19 +189,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
     run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
     run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
-    run.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=5,
-        help="consecutive provider failures that open a tenant's circuit (default: 5)",
-    )
-    run.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=30.0,
-        help="seconds an open circuit waits before one probe call (default: 30)",
-    )
+    _add_breaker_flags(run)
     run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    run.add_argument(
+        "--metrics-host",
+        default=WorkerSettings.metrics_host,
+        help="address the metrics port binds (default: %(default)s, every interface)",
+    )
+    run.add_argument(
+        "--max-response-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_RESPONSE_BYTES,
+        help="largest provider response, counted before and after decompression (default: %(default)s)",
+    )
+    run.add_argument(
+        "--allow-draft-cidr",
+        dest="allow_draft_cidrs",
+        action="append",
+        type=_cidr,
+        default=[],
+        metavar="CIDR",
+        help="a loopback or private range that Test Connection drafts from messages may reach (repeatable; "
+        "default: none, metadata and link-local addresses stay refused)",
+    )
+    _add_security_flags(run)
     run.set_defaults(func=_run)
 
     test = commands.add_parser(
@@ -93,13 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     test.set_defaults(func=_test_connection)
 
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
-    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="SUBCOMMAND")
+    tenant_commands = commands.nested(tenants, "tenants_command")
     validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
     validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
     validate.set_defaults(func=_validate_tenants)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="SUBCOMMAND")
+    dlq_commands = commands.nested(dlq, "dlq_command")
     dlq_list = dlq_commands.add_parser("list", help="a table of dead letters: id, tenant, task, reason, attempts, age")
     dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
     dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -127,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_show.set_defaults(tenant=None, task=None, reason=None)
 
     topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
-    topology_commands = topology.add_subparsers(dest="topology_command", required=True, metavar="SUBCOMMAND")
+    topology_commands = commands.nested(topology, "topology_command")
     topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
     topology_definitions = topology_commands.add_parser(
         "definitions", help="print RabbitMQ definitions JSON (for rabbitmqctl import_definitions)"
@@ -145,6 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _cidr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a CIDR such as 10.0.0.0/8") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from worker.app import WorkerApp
 
@@ -158,19 +311,29 @@ def _run(args: argparse.Namespace) -> int:
         delivery_limit=args.delivery_limit,
         ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
         metrics_port=args.metrics_port,
-        breaker_failures=args.breaker_failures,
-        breaker_cooldown_s=args.breaker_cooldown,
+        metrics_host=args.metrics_host,
+        breaker=BreakerPolicy(
+            failure_rate=args.breaker_failure_rate,
+            min_calls=args.breaker_min_calls,
+            window_s=args.breaker_window,
+            cooldown_s=args.breaker_cooldown,
+            probes=args.breaker_probes,
+        ),
+        **_security_settings(args),
+        max_response_bytes=args.max_response_bytes,
+        allow_draft_cidrs=tuple(args.allow_draft_cidrs),
     )
 
     async def main() -> None:
         app = WorkerApp(settings)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, app.stop)
+            # The first signal drains; a second one returns in-flight work to the queue at once.
+            loop.add_signal_handler(sig, lambda: app.stop(force=app.stopping))
         await app.run()
 
     asyncio.run(main())
-    return 0
+    return ExitCode.OK
 
 
 def _test_connection(args: argparse.Namespace) -> int:
@@ -182,10 +345,10 @@ def _test_connection(args: argparse.Namespace) -> int:
         tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)
     except DraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
     report = asyncio.run(check_tenant(tenant, args.timeout))
     print(report.model_dump_json(indent=2) if args.json else render(report))
-    return 1 if report.verdict == "not_ready" else 0
+    return ExitCode.FAILED if report.verdict == "not_ready" else ExitCode.OK
 
 
 def _validate_tenants(args: argparse.Namespace) -> int:
@@ -213,10 +376,24 @@ def _topology(args: argparse.Namespace) -> int:
     return topology_command(args)
 
 
+def _log_as_json(log_format: str | None) -> bool:
+    # A person at a terminal reads console lines; anything else (a file, a pipe, a log shipper) gets JSON.
+    return log_format == "json" if log_format else not sys.stderr.isatty()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
-    code: int = args.func(args)
+    configure_logging(
+        getattr(args, "log_level", LOG_LEVEL_DEFAULT), json=_log_as_json(getattr(args, "log_format", None))
+    )
+    try:
+        code: int = args.func(args)
+    except StartupError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:  # Ctrl-C in a command that has no signal handling of its own (`run` has)
+        print("interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     return code
 
 

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import structlog
 
 from contracts import (
@@ -46,6 +45,7 @@ from worker.connection_guard import (
     secret_fields,
     with_guarded_session,
 )
+from worker.egress import EgressPolicy, egress_session
 from worker.errors import ErrorClass, ProviderError
 from worker.model_requirements import (
     context_check,
@@ -390,12 +390,12 @@ async def check_connection(
 
 
 async def check_draft_from_message(
-    settings: ProviderSettings, timeout_s: float = DEFAULT_TIMEOUT_S
+    settings: ProviderSettings, policy: EgressPolicy, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ConnectionReport:
-    """A configuration from a message: literal secrets only, no link-local or metadata endpoints."""
+    """A configuration from a message: literal secrets only, every connection under the draft egress policy."""
     refuse_secret_references(settings)
-    await refuse_unsafe_endpoints(settings)
-    return await with_guarded_session(lambda build: check_connection(settings, build, timeout_s))
+    await refuse_unsafe_endpoints(settings, policy)
+    return await with_guarded_session(policy, lambda build: check_connection(settings, build, timeout_s))
 
 
 async def answer_test_connection(
@@ -403,6 +403,7 @@ async def answer_test_connection(
     ctx: "DeliveryContext",
     tenants: "TenantLookup",
     providers: ProviderPool,
+    draft_egress: EgressPolicy,
 ) -> Outcome:
     """The queue's `test_connection` task: always a reply, never a retry, reroute or fallback."""
     started = time.monotonic()
@@ -415,7 +416,7 @@ async def answer_test_connection(
         return Reply(_reply(request, ctx, Status.FAILED, error=error))
     try:
         if request.provider is not None:
-            report = await check_draft_from_message(request.provider)
+            report = await check_draft_from_message(request.provider, draft_egress)
         elif tenant is not None:
             report = await check_connection(tenant.provider, providers.build, min(tenant.limits.timeout_s, 60.0))
         else:
@@ -502,7 +503,7 @@ def load_stored(tenants_dir: Path, tenant_id: str) -> TenantConfig:
 
 
 async def check_tenant(tenant: TenantConfig, timeout_s: float | None) -> ConnectionReport:
-    """Test Connection as the operator runs it: the worker's own network and secrets, no extra guards."""
-    async with aiohttp.ClientSession() as session:
+    """Test Connection as the operator runs it: the worker's own network and secrets, the stored-tenant policy."""
+    async with egress_session(EgressPolicy()) as session:
         pool = ProviderPool(session)
         return await check_connection(tenant.provider, pool.build, timeout_s or min(tenant.limits.timeout_s, 60.0))

@@ -4,7 +4,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -13,21 +13,25 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
 from worker.handler import DeliveryContext, Handler
-from worker.outcome import DeadLetter, Outcome, Reply, RequestIds
+from worker.limits import MAX_BODY_BYTES, read_count
+from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
+from worker.publishers import PublisherRules
 from worker.settle import Settler
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.consumer")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+__all__ = ["MAX_BODY_BYTES", "Consumer", "Malformed", "Settled", "decode"]
 
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
-    """A delivery that is not a valid request; what we could still read helps the publisher match it."""
+    """A delivery the worker will not handle (not a valid request, or refused by the publisher rules); what we
+    could still read helps the publisher match the rejection."""
 
-    code: str  # invalid_json | invalid_request | unknown_task | body_too_large
+    code: str  # invalid_json | invalid_request | unknown_task | body_too_large | publisher_refused
     message: str
     request_id: str | None = None
     tenant_id: str | None = None
@@ -44,9 +48,9 @@ class Settled:
     duration_ms: float
 
 
-def decode(body: bytes) -> InferenceRequest | Malformed:
-    if len(body) > MAX_BODY_BYTES:
-        return Malformed("body_too_large", f"body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+def decode(body: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> InferenceRequest | Malformed:
+    if len(body) > max_body_bytes:
+        return Malformed("body_too_large", f"body is {len(body)} bytes; the limit is {max_body_bytes}")
     try:
         return InferenceRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -82,8 +86,8 @@ def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
     return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task)
 
 
-def _first_failure_at(message: AbstractIncomingMessage) -> datetime | None:
-    value = (message.headers or {}).get(Header.FIRST_FAILURE_AT)
+def _first_failure_at(believed: dict[str, Any]) -> datetime | None:
+    value = believed.get(Header.FIRST_FAILURE_AT)
     if not isinstance(value, str):
         return None
     try:
@@ -93,9 +97,25 @@ def _first_failure_at(message: AbstractIncomingMessage) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
-def _attempts(message: AbstractIncomingMessage) -> int:
-    value = (message.headers or {}).get(Header.ATTEMPTS)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _last_error(believed: dict[str, Any]) -> LastProviderError | None:
+    """The provider error our headers recorded at the last real attempt (circuit waits do not overwrite it)."""
+    code, text, error_class = (believed.get(h) for h in (Header.ERROR_CODE, Header.ERROR_MESSAGE, Header.ERROR_CLASS))
+    if not isinstance(code, str) or not isinstance(text, str):
+        return None
+    return LastProviderError(code=code, message=text, error_class=error_class if isinstance(error_class, str) else None)
+
+
+def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], started: float) -> DeliveryContext:
+    """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
+    return DeliveryContext(
+        attempts=read_count(believed, Header.ATTEMPTS),
+        received_at=datetime.now(UTC),
+        received_monotonic=started,
+        first_failure_at=_first_failure_at(believed),
+        last_error=_last_error(believed),
+        settle_seq=read_count(believed, Header.SETTLE_SEQ),
+        redeliveries=read_count(believed, Header.REDELIVERIES) + bool(message.redelivered),
+    )
 
 
 class Consumer:
@@ -108,13 +128,20 @@ class Consumer:
         settler: Settler,
         *,
         on_settled: Callable[[Settled], None] | None = None,
+        publishers: PublisherRules | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
+        self._tracing = tracing
         self._handler = handler
         self._settler = settler
         self._on_settled = on_settled
+        self._publishers = publishers or PublisherRules()
+        self._max_body_bytes = max_body_bytes
         self._tag: str | None = None
-        self._working: set[asyncio.Task[None]] = set()  # handling; cancellable on shutdown
+        # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
+        self._working: dict[asyncio.Task[None], str | None] = {}
         self._settling: set[asyncio.Task[str]] = set()  # never cancelled
 
     @property
@@ -131,24 +158,37 @@ class Consumer:
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         # Handled in a task of our own, so a broker channel closing does not cancel a provider call midway.
         task = asyncio.create_task(self._process(message))
-        self._working.add(task)
-        task.add_done_callback(self._working.discard)
+        self._working[task] = None
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: "asyncio.Task[None]") -> None:
+        self._working.pop(task, None)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
+        # The settle task starts inside this span, so it inherits the span as its parent.
+        with self._tracing.delivery(message, self._queue.name):
+            await self._process_in_span(message)
+
+    async def _process_in_span(self, message: AbstractIncomingMessage) -> None:
         started = time.monotonic()
-        ctx = DeliveryContext(_attempts(message), datetime.now(UTC), started, _first_failure_at(message))
-        decoded = decode(message.body)
+        decoded = self._admitted(decode(message.body, self._max_body_bytes), message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
+        believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
+        ctx = delivery_context(message, believed, started)
         ids = _ids(decoded)
+        this = asyncio.current_task()
+        if this is not None and this in self._working:
+            self._working[this] = ids.request_id
         structlog.contextvars.bind_contextvars(
             request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
         )
+        self._tracing.annotate_delivery(ids, ctx.attempts + 1)
         try:
             if request is not None:
                 outcome = await self._handle(request, ctx)
             else:
                 assert isinstance(decoded, Malformed)
-                outcome = _rejected(decoded, ctx, has_reply_to=bool(message.reply_to))
+                outcome = _rejected(decoded, ctx, reply=self._may_reply(message))
         except asyncio.CancelledError:
             await self._settler.return_to_queue(message)
             raise
@@ -167,6 +207,21 @@ class Consumer:
             await self._settler.return_to_queue(message)
             return
         self._report(Settled(ids, outcome, done, (time.monotonic() - started) * 1000))
+
+    def _admitted(
+        self, decoded: InferenceRequest | Malformed, message: AbstractIncomingMessage
+    ) -> InferenceRequest | Malformed:
+        """The request, unless the operator's publisher rules refuse who sent it, for whom, or where to reply."""
+        if not isinstance(decoded, InferenceRequest) or not self._publishers.active:
+            return decoded
+        refusal = self._publishers.refusal(message.user_id, decoded.tenant_id, message.reply_to)
+        if refusal is None:
+            return decoded
+        log.warning("publisher_refused", user_id=message.user_id, reason=refusal)
+        return Malformed("publisher_refused", refusal, decoded.request_id, decoded.tenant_id, decoded.task.value)
+
+    def _may_reply(self, message: AbstractIncomingMessage) -> bool:
+        return bool(message.reply_to) and self._publishers.reply_to_allowed(message.reply_to or "")
 
     async def _handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         try:
@@ -199,6 +254,13 @@ class Consumer:
                 fields["error_code"] = reply.error.code
         elif isinstance(outcome, Reply) and outcome.dead_letter:
             fields |= {"status": Status.REJECTED.value, "error_code": outcome.dead_letter.error.code}
+        elif isinstance(outcome, Retry):
+            due = datetime.now(UTC) + timedelta(seconds=outcome.delay_s)
+            fields |= {
+                "error_code": outcome.error.code,
+                "retry_level": outcome.level,
+                "next_attempt_at": due.isoformat(),
+            }
         log.info("request_settled", **fields)
         if self._on_settled is not None:
             self._on_settled(settled)
@@ -212,13 +274,13 @@ class Consumer:
             except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
                 log.warning("consumer_cancel_failed", error=str(exc))
 
-    async def drain(self, grace_s: float) -> int:
-        """Stop consuming, let in-flight work finish for `grace_s`, return the rest to the queue.
-        Returns how many deliveries were returned unfinished."""
+    async def drain(self, grace_s: float, *, force: asyncio.Event | None = None) -> list[str | None]:
+        """Stop consuming, let in-flight work finish for `grace_s` (or until `force` is set), return the rest
+        to the queue. Returns the request ids of the deliveries returned unfinished (None: not readable)."""
         await self.stop_consuming()
         if self._working:
-            await asyncio.wait(set(self._working), timeout=grace_s)
-        unfinished = [t for t in self._working if not t.done()]
+            await _wait_unless(set(self._working), grace_s, force)
+        unfinished = {t: request_id for t, request_id in self._working.items() if not t.done()}
         for task in unfinished:
             task.cancel()
         if unfinished:
@@ -226,7 +288,21 @@ class Consumer:
         if self._settling:
             await asyncio.wait(set(self._settling))
         await self._settler.flush_acks()
-        return len(unfinished)
+        return list(unfinished.values())
+
+
+async def _wait_unless(tasks: set["asyncio.Task[None]"], timeout_s: float, force: asyncio.Event | None) -> None:
+    """Until every task is done, `timeout_s` passes, or `force` is set."""
+    if force is None:
+        await asyncio.wait(tasks, timeout=timeout_s)
+        return
+    everything = asyncio.create_task(asyncio.wait(tasks))  # cancelling this wait leaves the tasks running
+    forced = asyncio.create_task(force.wait())
+    try:
+        await asyncio.wait({everything, forced}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        everything.cancel()
+        forced.cancel()
 
 
 def _timings(ctx: DeliveryContext) -> Timings:
@@ -237,11 +313,11 @@ def _timings(ctx: DeliveryContext) -> Timings:
     )
 
 
-def _rejected(bad: Malformed, ctx: DeliveryContext, *, has_reply_to: bool) -> Reply:
+def _rejected(bad: Malformed, ctx: DeliveryContext, *, reply: bool) -> Reply:
     error = ErrorInfo(code=bad.code, message=bad.message)
-    reply = None
-    if has_reply_to:
-        reply = InferenceReply(
+    rejection = None
+    if reply:
+        rejection = InferenceReply(
             request_id=bad.request_id,
             tenant_id=bad.tenant_id,
             task=bad.task,
@@ -249,4 +325,5 @@ def _rejected(bad: Malformed, ctx: DeliveryContext, *, has_reply_to: bool) -> Re
             error=error,
             timings=_timings(ctx),
         )
-    return Reply(reply, DeadLetter("malformed", error, attempts=ctx.attempts))
+    reason = "publisher_refused" if bad.code == "publisher_refused" else "malformed"
+    return Reply(rejection, DeadLetter(reason, error, attempts=ctx.attempts))

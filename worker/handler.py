@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -12,6 +13,7 @@ from contracts import (
     ErrorInfo,
     InferenceReply,
     InferenceRequest,
+    LastProviderError,
     Provenance,
     ReplyResult,
     Status,
@@ -23,14 +25,17 @@ from contracts import (
 from worker import budget
 from worker.connection_test import answer_test_connection
 from worker.cost import priced_usage
+from worker.egress import EgressPolicy
 from worker.errors import ErrorClass, ProviderError
 from worker.ladder import RetryLadder
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
-from worker.policy import Action, decide
+from worker.policy import Action, Decision, decide, decide_refused
 from worker.prompts import REPAIR_VERSION, PreparedCall, build_call, repair_call
 from worker.providers import ProviderPool
-from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.providers.base import ModelCall, ModelResult
+from worker.providers.guard import CIRCUIT_OPEN, GuardedProvider
 from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.handler")
 
@@ -51,6 +56,9 @@ class DeliveryContext:
     received_at: datetime
     received_monotonic: float
     first_failure_at: datetime | None = None  # when this request first failed, from our header
+    last_error: LastProviderError | None = None  # the provider's last real error for it, from our headers
+    settle_seq: int = 0  # times a worker put it back on the ladder, from our header
+    redeliveries: int = 0  # broker redeliveries in its history, this delivery's included
 
 
 @dataclass(slots=True)
@@ -72,21 +80,50 @@ class _Call:
         return priced_usage(self.input_tokens, self.output_tokens, self.tenant.pricing)
 
 
+# Test Connection probes of a tenant without a stored configuration (a draft in the message) share this cap.
+PROBES_PER_UNCONFIGURED_TENANT = 2
+# Probes in flight across all tenants: tenant ids in messages are the publisher's to choose, so without a
+# worker-wide cap a flood of distinct ids could still fill every prefetched delivery with hanging probes.
+PROBES_IN_FLIGHT = 8
+
+
 class TenantSlots:
-    """Per-tenant count of provider calls in flight, capped by `limits.max_concurrency`."""
+    """Per-tenant count of provider calls and probes in flight, capped by `limits.max_concurrency`."""
 
     def __init__(self) -> None:
         self._in_flight: dict[str, int] = {}
+        self._probes = 0
 
     def try_acquire(self, tenant: TenantConfig) -> bool:
-        used = self._in_flight.get(tenant.tenant_id, 0)
-        if used >= tenant.limits.max_concurrency:
-            return False
-        self._in_flight[tenant.tenant_id] = used + 1
-        return True
+        return self._take(tenant.tenant_id, tenant.limits.max_concurrency)
 
     def release(self, tenant: TenantConfig) -> None:
-        self._in_flight[tenant.tenant_id] -= 1
+        self._give(tenant.tenant_id)
+
+    def try_acquire_probe(self, tenant_id: str, limit: int) -> bool:
+        """A Test Connection probe takes one of the tenant's slots, and one of the worker's few probe slots."""
+        if self._probes >= PROBES_IN_FLIGHT or not self._take(tenant_id, limit):
+            return False
+        self._probes += 1
+        return True
+
+    def release_probe(self, tenant_id: str) -> None:
+        self._probes -= 1
+        self._give(tenant_id)
+
+    def _take(self, key: str, limit: int) -> bool:
+        used = self._in_flight.get(key, 0)
+        if used >= limit:
+            return False
+        self._in_flight[key] = used + 1
+        return True
+
+    def _give(self, key: str) -> None:
+        left = self._in_flight[key] - 1
+        if left:
+            self._in_flight[key] = left
+        else:
+            del self._in_flight[key]  # publisher-chosen tenant ids must not accumulate
 
 
 class Handler:
@@ -96,15 +133,19 @@ class Handler:
         providers: ProviderPool,
         ladder: RetryLadder,
         slots: TenantSlots | None = None,
+        draft_egress: EgressPolicy | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._tenants = tenants
+        self._tracing = tracing
+        self._draft_egress = draft_egress or EgressPolicy(drafts=True)
         self._providers = providers
         self._ladder = ladder
         self._slots = slots or TenantSlots()
 
     async def handle(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         if request.task is Task.TEST_CONNECTION:
-            return await answer_test_connection(request, ctx, self._tenants, self._providers)
+            return await self._probe(request, ctx)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
             problems = self._tenants.problems(request.tenant_id)
@@ -128,6 +169,18 @@ class Handler:
         finally:
             self._slots.release(tenant)
 
+    async def _probe(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        """Test Connection, counted against the tenant's concurrency like any request: a flood of probes at a
+        hanging endpoint is deferred instead of holding every delivery the worker has prefetched."""
+        tenant = self._tenants.get(request.tenant_id)
+        limit = tenant.limits.max_concurrency if tenant else PROBES_PER_UNCONFIGURED_TENANT
+        if not self._slots.try_acquire_probe(request.tenant_id, limit):
+            return Defer()
+        try:
+            return await answer_test_connection(request, ctx, self._tenants, self._providers, self._draft_egress)
+        finally:
+            self._slots.release_probe(request.tenant_id)
+
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request
         try:
@@ -141,12 +194,14 @@ class Handler:
         except ProviderError as exc:
             return self._failed(call, explain_provider_error(request, exc))
 
-    async def _complete(self, provider: Provider, call: _Call, model_call: ModelCall) -> ModelResult:
+    async def _complete(self, provider: GuardedProvider, call: _Call, model_call: ModelCall) -> ModelResult:
         started = time.monotonic()
         try:
-            result = await provider.complete(model_call)
+            result = await provider.complete(
+                model_call, subject=call.request.request_id, failed_before=call.ctx.attempts > 0
+            )
         except ProviderError as exc:
-            if exc.code != "circuit_open":  # an open circuit refuses before anything is sent
+            if exc.code != CIRCUIT_OPEN:  # an open circuit refuses before anything is sent
                 call.model_calls += 1
             raise
         finally:
@@ -157,7 +212,7 @@ class Handler:
         call.model = result.model or call.model
         return result
 
-    async def _complete_fitted(self, provider: Provider, call: _Call) -> ModelResult:
+    async def _complete_fitted(self, provider: GuardedProvider, call: _Call) -> ModelResult:
         """The call; after a context overflow, exactly one more with a tighter budget, if that changes the call."""
         assert call.prepared is not None
         first = call.prepared
@@ -174,12 +229,12 @@ class Handler:
             call.prepared = smaller
             return await self._complete(provider, call, smaller.call)
 
-    async def _answer(self, provider: Provider, call: _Call, result: ModelResult) -> Outcome:
+    async def _answer(self, provider: GuardedProvider, call: _Call, result: ModelResult) -> Outcome:
         """Validate the answer; an RCA with invalid or truncated JSON gets exactly one repair attempt."""
         assert call.prepared is not None
         prepared = call.prepared
         try:
-            return self._ok(call, interpret(call.request, result, prepared.citable))
+            return self._ok(call, await _interpret(call.request, result, prepared.citable))
         except TaskFailure as failure:
             if not (failure.repairable and call.request.task is Task.RCA):
                 raise
@@ -190,7 +245,7 @@ class Handler:
         call.repaired = True
         call.prompt_version = f"{prepared.prompt_version}+{REPAIR_VERSION}"
         result = await self._complete(provider, call, repair)
-        return self._ok(call, interpret(call.request, result, prepared.citable))
+        return self._ok(call, await _interpret(call.request, result, prepared.citable))
 
     def _ok(self, call: _Call, result: ReplyResult) -> Outcome:
         reply = _reply(
@@ -223,67 +278,105 @@ class Handler:
         return Reply(reply, dead)
 
     def _failed(self, call: _Call, exc: ProviderError) -> Outcome:
+        if exc.code == CIRCUIT_OPEN and not call.model_calls:
+            return self._refused_by_circuit(call, exc)
         tenant, ctx = call.tenant, call.ctx
-        attempts = ctx.attempts + (0 if self._attempt_spared(call, exc) else 1)
-        time_left = None
-        if call.request.deadline is not None:
-            time_left = (call.request.deadline - datetime.now(UTC)).total_seconds()
+        attempts = ctx.attempts + 1
         decision = decide(
             exc.error_class,
             tenant.fallback.policy,
             attempts=attempts,
             max_attempts=tenant.fallback.max_attempts,
-            time_left_s=time_left,
+            time_left_s=_time_left_s(call.request),
             ladder=self._ladder,
             retry_after_s=exc.retry_after_s,
         )
+        self._tracing.policy_decided(tenant.fallback.policy.value, exc.error_class.value, attempts, decision)
         error = ErrorInfo(
             code=exc.code, message=exc.message, error_class=exc.error_class.value, retry_after_s=exc.retry_after_s
         )
-        kind = tenant.provider.kind
         log.info(
             "provider_failed",
             error_class=exc.error_class.value,
             code=exc.code,
-            attempt=attempts,
+            attempts_made=attempts,
             decision=decision.action.value,
             reason=decision.reason,
         )
         if decision.action is Action.RETRY:
             assert decision.retry_level is not None
-            return Retry(decision.retry_level, attempts, error, kind)
+            delay = self._ladder.delays_s[decision.retry_level]
+            return Retry(decision.retry_level, attempts, error, tenant.provider.kind, delay_s=delay)
+        reason = (
+            "exhausted" if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED) else "permanent_error"
+        )
+        return self._ended(call, decision, error, attempts, reason)
+
+    def _refused_by_circuit(self, call: _Call, exc: ProviderError) -> Outcome:
+        """The circuit refused the call, so the provider was not called: no attempt is spent. Under
+        queue_and_retry the request waits for the circuit's next probe while its deadline allows."""
+        tenant, ctx = call.tenant, call.ctx
+        wait_s = exc.retry_after_s or 0.0
+        decision = decide_refused(
+            tenant.fallback.policy,
+            wait_s=wait_s,
+            time_left_s=_time_left_s(call.request),
+            patience_left_s=self._patience_left_s(call),
+            ladder=self._ladder,
+        )
+        log.info(
+            "circuit_refused",
+            endpoint=self._providers.get(tenant).endpoint,
+            next_probe_in_s=round(wait_s, 3),
+            attempts_made=ctx.attempts,
+            decision=decision.action.value,
+            reason=decision.reason,
+        )
+        message = exc.message
+        if decision.dead_letter:
+            message = f"not tried: {exc.message}, which is past {decision.reason}"
+        error = ErrorInfo(
+            code=exc.code,
+            message=message,
+            error_class=exc.error_class.value,
+            retry_after_s=exc.retry_after_s,
+            last_provider_error=ctx.last_error,
+        )
+        if decision.action is Action.WAIT:
+            assert decision.retry_level is not None
+            delay = self._ladder.delays_s[decision.retry_level]
+            return Retry(
+                decision.retry_level, ctx.attempts, error, tenant.provider.kind, refused_by_circuit=True, delay_s=delay
+            )
+        return self._ended(call, decision, error, ctx.attempts, CIRCUIT_OPEN)
+
+    def _ended(self, call: _Call, decision: Decision, error: ErrorInfo, attempts: int, reason: str) -> Outcome:
+        """A decision that ends the request here: reroute, or reply (and dead-letter when it says so)."""
+        kind = call.tenant.provider.kind
         if decision.action is Action.REROUTE:
-            return Reroute(reason=exc.error_class.value, error=error, provider_kind=kind, attempts=attempts)
+            return Reroute(reason=error.error_class or reason, error=error, provider_kind=kind, attempts=attempts)
         assert decision.status is not None
         reply = _reply(
-            call.request,
-            ctx,
-            decision.status,
-            error=error,
-            tenant=tenant,
-            attempts=attempts,
-            call=call,
+            call.request, call.ctx, decision.status, error=error, tenant=call.tenant, attempts=attempts, call=call
         )
         dead = None
         if decision.dead_letter:
-            reason = {Status.EXPIRED: "expired"}.get(decision.status) or (
-                "exhausted" if exc.error_class in (ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED) else "permanent_error"
-            )
-            dead = DeadLetter(reason, error, kind, attempts)
+            dead = DeadLetter("expired" if decision.status is Status.EXPIRED else reason, error, kind, attempts)
         return Reply(reply, dead)
 
-    def _attempt_spared(self, call: _Call, exc: ProviderError) -> bool:
-        """An open circuit means the provider was not called: that costs the request no attempt, as long as
-        it has not already waited as long as its attempts could take, each on its ladder level plus one
-        cooldown of the circuit (so a provider that stays down still ends in a dead letter, not a loop)."""
-        if exc.code != "circuit_open" or call.model_calls:
-            return False
+    def _patience_left_s(self, call: _Call) -> float:
+        """What remains of the time the request's attempts could take on the ladder, from its first failure
+        (or now, if this refusal is its first): a request with no deadline waits for a circuit that long."""
+        patience = self._ladder.span_s(call.tenant.fallback.max_attempts)
         first = call.ctx.first_failure_at
-        if first is None:
-            return True
-        max_attempts = call.tenant.fallback.max_attempts
-        patience = self._ladder.span_s(max_attempts) + max_attempts * self._providers.breakers.cooldown_s
-        return (datetime.now(UTC) - first).total_seconds() < patience
+        waited = (datetime.now(UTC) - first).total_seconds() if first is not None else 0.0
+        return patience - waited
+
+
+def _time_left_s(request: InferenceRequest) -> float | None:
+    if request.deadline is None:
+        return None
+    return (request.deadline - datetime.now(UTC)).total_seconds()
 
 
 def _reply(
@@ -321,6 +414,8 @@ def _reply(
             repaired=call.repaired if call else False,
             context_window=prepared.budget.context_window if prepared else None,
             prompt_budget_tokens=prepared.budget.prompt_tokens if prepared else None,
+            settle_seq=ctx.settle_seq,
+            redeliveries=ctx.redeliveries,
         ),
         timings=Timings(
             received_at=ctx.received_at,
@@ -347,9 +442,24 @@ async def _prepare(
         large = (
             items > LARGE_INCIDENT_ITEMS or sum(len(line.message) for line in incident.logs) > LARGE_INCIDENT_LOG_CHARS
         )
-    if large:
+    if large or _declares_tools(request):
         return await asyncio.to_thread(build_call, request, tenant, fitted)
     return build_call(request, tenant, fitted)
+
+
+async def _interpret(
+    request: InferenceRequest, result: ModelResult, citable: Mapping[str, frozenset[int]] | None
+) -> ReplyResult:
+    if _declares_tools(request):
+        return await asyncio.to_thread(interpret, request, result, citable)
+    return interpret(request, result, citable)
+
+
+def _declares_tools(request: InferenceRequest) -> bool:
+    """A runbook with the publisher's own tool schemas: checking them and validating arguments against them runs
+    off the event loop, within `worker.tool_schemas`' time budget (the platform's default tools are small, fixed
+    and checked by the tests)."""
+    return request.task is Task.RUNBOOK and bool(request.tools)
 
 
 def _configured_model(tenant: TenantConfig) -> str | None:

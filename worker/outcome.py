@@ -1,6 +1,7 @@
 """What handling a delivery decided; `settle` turns exactly one of these into publishes and an ack."""
 
 from dataclasses import dataclass
+from typing import Final
 
 from contracts import ErrorInfo, InferenceReply
 
@@ -14,11 +15,28 @@ class RequestIds:
     task: str | None
 
 
+# Every reason the worker dead-letters for; metrics count these and fold anything else into `other`.
+DEAD_LETTER_REASONS: Final = frozenset(
+    {
+        "malformed",
+        "publisher_refused",
+        "tenant_config_invalid",
+        "expired",
+        "exhausted",
+        "permanent_error",
+        "circuit_open",
+        "internal_error",
+        "reply_unroutable",
+        "reroute_unroutable",
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Park the original message on `{ns}.dead` for an operator, with the reason in headers."""
 
-    reason: str  # malformed | unknown_tenant_config | exhausted | expired | permanent_error | …
+    reason: str  # one of DEAD_LETTER_REASONS
     error: ErrorInfo
     provider_kind: str | None = None
     attempts: int = 0
@@ -40,6 +58,10 @@ class Retry:
     attempts: int
     error: ErrorInfo
     provider_kind: str | None = None
+    # An open circuit refused the call: the request waits for its next probe. The provider was not called,
+    # so the attempt count and the last provider error on the message stay as they were.
+    refused_by_circuit: bool = False
+    delay_s: float = 0.0  # the level's delay: when the next attempt is due, for the logs
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,11 @@ Pure and broker-free. The table, as promised to tenants (README "Failure policy"
 
 The last row never leaves the tenant's network: a request the tenant's model rejected as wrong or
 unsafe would be just as wrong for Atlas Cloud, so it is not rerouted.
+
+A call refused by an open circuit is no provider attempt (`decide_refused`): under `queue_and_retry` the
+request waits on the ladder for the circuit's next probe and ends only when that probe would come after
+its deadline (or its patience, when it has no deadline); `fail_closed` answers `unavailable` at once and
+`atlas_cloud` reroutes, as for any availability failure.
 """
 
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ REQUEST_IS_WRONG = frozenset({ErrorClass.BAD_REQUEST, ErrorClass.CONTENT_FILTERE
 class Action(StrEnum):
     REPLY = "reply"  # reply with `status`; dead-letter too when `dead_letter`
     RETRY = "retry"  # park on ladder level `retry_level`
+    WAIT = "wait"  # park on ladder level `retry_level` for an open circuit's next probe; costs no attempt
     REROUTE = "reroute"  # republish to the Atlas Cloud exchange
 
 
@@ -68,3 +74,31 @@ def decide(
     if time_left_s is not None and ladder.delays_s[level] >= time_left_s:
         return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="next retry would miss the deadline")
     return Decision(Action.RETRY, retry_level=level, reason=f"retry {attempts + 1} of {max_attempts}")
+
+
+def decide_refused(
+    policy: FallbackPolicy,
+    *,
+    wait_s: float,
+    time_left_s: float | None,
+    patience_left_s: float,
+    ladder: RetryLadder,
+) -> Decision:
+    """What to do when an open circuit refused the call; its next probe is `wait_s` away.
+
+    `time_left_s` is what remains of the request's deadline (None: it has none), `patience_left_s` what
+    remains of the time its attempts could take on the ladder, counted from its first failure.
+    """
+    if policy is FallbackPolicy.FAIL_CLOSED:
+        return Decision(Action.REPLY, Status.UNAVAILABLE, reason="circuit open; policy fail_closed")
+    if policy is FallbackPolicy.ATLAS_CLOUD:
+        return Decision(Action.REROUTE, reason="circuit open; policy atlas_cloud")
+    level = ladder.level_for(0, wait_s)  # the first level at least as long as the rest of the cooldown
+    delay = ladder.delays_s[level]
+    if time_left_s is not None and max(delay, wait_s) >= time_left_s:  # the probe, or its return, is too late
+        return Decision(Action.REPLY, Status.EXPIRED, dead_letter=True, reason="the request's deadline")
+    # Patience is the soft bound: the next probe must fall within it. Half-open (no wait) never ends a
+    # request here: its probes are bounded by the tenant's timeout, and their outcome decides.
+    if wait_s > 0 and wait_s >= patience_left_s:
+        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="the time its attempts could take")
+    return Decision(Action.WAIT, retry_level=level, reason=f"circuit open; next probe in {wait_s:.1f}s")

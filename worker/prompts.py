@@ -9,17 +9,18 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
-from jsonschema import Draft202012Validator, SchemaError
 from pydantic import BaseModel
 
 from contracts import InferenceRequest, RcaResult, Task, TenantConfig, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from worker import budget as budgets
+from worker import tool_schemas
 from worker.budget import Budget
 from worker.evidence import IncidentView
 from worker.providers.base import ModelCall, OutputSchema, ToolSpec, Turn
 from worker.strict_schema import strict_json_schema
 from worker.tasks import TaskFailure
+from worker.tool_schemas import ToolSchemaError
 
 PROMPT_VERSIONS: dict[Task, str] = {
     Task.RCA: "rca/1",
@@ -98,20 +99,23 @@ def rca_output_schema() -> OutputSchema:
 
 
 def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
-    """The request's tool declarations, or the platform defaults; rejects declarations that cannot be checked."""
-    declarations = tuple(request.tools or DEFAULT_RUNBOOK_TOOLS)
+    """The request's tool declarations, or the platform defaults; rejects declarations that break a tool-schema
+    rule (`worker.tool_schemas`). CPU-bound for a publisher's schemas: the handler calls it off the event loop."""
+    if not request.tools:
+        return DEFAULT_RUNBOOK_TOOLS
+    declarations = tuple(request.tools)
     names = [d.name for d in declarations]
     if len(set(names)) != len(names):
         raise TaskFailure("invalid_tools", "tool names must be unique", rejected=True)
-    for declaration in declarations:
-        try:
-            Draft202012Validator.check_schema(declaration.parameters)
-        except SchemaError as exc:
-            message = f"parameters of tool {declaration.name!r} are not a valid JSON Schema: {exc.message}"
-            raise TaskFailure("invalid_tools", message, rejected=True) from None
-        if declaration.parameters.get("type") != "object":
-            message = f"parameters of tool {declaration.name!r} must be a JSON Schema of type 'object'"
-            raise TaskFailure("invalid_tools", message, rejected=True)
+    checking = declarations[0].name
+    try:
+        with tool_schemas.budget():  # one budget for all of the request's tools
+            for declaration in declarations:
+                checking = declaration.name
+                tool_schemas.check_parameters(declaration.parameters)
+    except ToolSchemaError as exc:
+        message = f"parameters of tool {checking!r} break rule {exc.rule}: {exc.message}"
+        raise TaskFailure("invalid_tools", message, rejected=True) from None
     return declarations
 
 

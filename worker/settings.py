@@ -5,7 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
+from worker.breaker import BreakerPolicy
+from worker.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
 from worker.ladder import RetryLadder
+from worker.limits import MAX_BODY_BYTES
+from worker.publishers import PublisherRules
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -29,9 +33,26 @@ class WorkerSettings:
     delivery_limit: int = 20
     ladder: RetryLadder = field(default_factory=RetryLadder)
     tenants_poll_s: float = 2.0
-    breaker_failures: int = 5
-    breaker_cooldown_s: float = 30.0
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"  # every interface: Prometheus scrapes the pod or container from outside
+    connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's
+    max_body_bytes: int = MAX_BODY_BYTES
+    header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
+    publishers: PublisherRules = field(default_factory=PublisherRules)
+    loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    allow_draft_cidrs: tuple[str, ...] = ()  # private ranges a draft from a message may reach (none by default)
+
+    @property
+    def tenant_egress(self) -> EgressPolicy:
+        """Stored tenants: their own networks stay reachable, metadata and link-local never."""
+        return EgressPolicy(max_response_bytes=self.max_response_bytes)
+
+    @property
+    def draft_egress(self) -> EgressPolicy:
+        """Drafts from messages: additionally no loopback, and private ranges only where the operator allows."""
+        return EgressPolicy.for_drafts(self.allow_draft_cidrs, self.max_response_bytes)
 
     @property
     def topology(self) -> Topology:

@@ -2,8 +2,10 @@
 
 import asyncio
 import contextlib
+import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import aio_pika
 import orjson
@@ -14,14 +16,21 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.acks import Acknowledger
+from worker.header_trust import HeaderTrust
+from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
 from worker.redaction import redact_body, redact_text
+from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0
+ATLAS_PREFIX = "atlas-"
+# Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
+PASSED_ON = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
 ERROR_MESSAGE_LIMIT = 1000
+SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
 
 
 def _now() -> str:
@@ -31,16 +40,34 @@ def _now() -> str:
 class Settler:
     """Publishes replies, retries, reroutes and dead letters with confirms, then acks the delivery."""
 
-    def __init__(self, channel: AbstractChannel, topology: Topology, atlas_cloud_exchange: str) -> None:
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        topology: Topology,
+        atlas_cloud_exchange: str,
+        *,
+        trust: HeaderTrust | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        tracing: Tracing = NO_TRACING,
+    ) -> None:
         self._channel = channel
+        self._tracing = tracing
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
+        self.trust = trust or HeaderTrust(topology)
+        self._max_body_bytes = max_body_bytes
         self._exchanges: dict[str, AbstractExchange] = {}
         self._acks = Acknowledger()
 
     async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
+        with self._tracing.span("settle", SETTLE_SPAN):
+            done = await self._settle(delivery, outcome, ids)
+            self._tracing.annotate({"atlas.settle.result": done})
+            return done
+
+    async def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
         # A delivery whose channel closed (the connection dropped while its provider call ran) can no longer
         # be acked: the broker has already queued it again. Publishing its outcome now would answer twice.
         if delivery.channel.is_closed:  # the property itself raises ChannelInvalidStateError once it is closed
@@ -49,26 +76,37 @@ class Settler:
             case Reply(reply=reply, dead_letter=dead):
                 done = await self._reply_and_dead_letter(delivery, reply, dead, ids)
             case Retry():
-                await self._publish_copy(
-                    delivery,
-                    ids,
-                    self._topology.retry,
-                    str(outcome.level),
-                    {
-                        Header.ATTEMPTS: outcome.attempts,
-                        Header.RETRY_LEVEL: outcome.level,
-                        **self._failure_headers(delivery, outcome.error, outcome.provider_kind),
-                    },
-                )
-                done = "retried"
+                done = await self._retry(delivery, outcome, ids)
             case Defer():
-                deferrals = _int_header(delivery, Header.DEFERRALS) + 1
-                await self._publish_copy(delivery, ids, self._topology.retry, "0", {Header.DEFERRALS: deferrals})
+                believed = self.trust.believed(delivery.headers, ids.request_id)
+                headers = {
+                    Header.DEFERRALS: read_count(believed, Header.DEFERRALS) + 1,
+                    **_lineage_headers(delivery, believed, put_back=True),
+                }
+                await self._publish_copy(delivery, ids, self._topology.retry, "0", headers)
                 done = "deferred"
             case Reroute():
                 done = await self._reroute(delivery, outcome, ids)
         self._acks.ack(delivery)
         return done
+
+    async def _retry(self, delivery: AbstractIncomingMessage, outcome: Retry, ids: RequestIds) -> str:
+        believed = self.trust.believed(delivery.headers, ids.request_id)
+        headers: dict[str, Any] = {
+            Header.ATTEMPTS: outcome.attempts,
+            Header.RETRY_LEVEL: outcome.level,
+            **_lineage_headers(delivery, believed, put_back=True),
+        }
+        if outcome.refused_by_circuit:
+            # No provider call was made: the last real error stays on the message (believed headers travel on
+            # in `_publish_copy`); the wait starts the patience.
+            first = believed.get(Header.FIRST_FAILURE_AT)
+            headers[Header.FIRST_FAILURE_AT] = first if isinstance(first, str) else _now()
+            headers[Header.CIRCUIT_WAITS] = read_count(believed, Header.CIRCUIT_WAITS) + 1
+        else:
+            headers |= self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind)
+        await self._publish_copy(delivery, ids, self._topology.retry, str(outcome.level), headers)
+        return "circuit_wait" if outcome.refused_by_circuit else "retried"
 
     async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
         """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
@@ -140,26 +178,30 @@ class Settler:
             },
         )
         if delivery.reply_to:
-            await self._exchange("").publish(message, delivery.reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+            exchange, routing_key = "", delivery.reply_to
         else:
-            await self._exchange(self._topology.replies).publish(
-                message,
-                Topology.reply_routing_key(reply.tenant_id, reply.task),
-                mandatory=True,
-                timeout=PUBLISH_TIMEOUT_S,
-            )
+            exchange, routing_key = self._topology.replies, Topology.reply_routing_key(reply.tenant_id, reply.task)
+        with self._tracing.publish(exchange, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter, ids: RequestIds) -> None:
         headers = {
             Header.REASON: dead.reason,
             Header.ATTEMPTS: dead.attempts,
             Header.DEAD_LETTERED_AT: _now(),
-            **self._failure_headers(delivery, dead.error, dead.provider_kind),
+            # The worker's, never the publisher's message_id: `dlq` acts on exactly the dead letter it names.
+            Header.DEAD_LETTER_ID: uuid.uuid4().hex,
+            **self._failure_headers(delivery, ids, dead.error, dead.provider_kind),
+            **_lineage_headers(delivery, self.trust.believed(delivery.headers, ids.request_id), put_back=False),
         }
         # A parked body is read by operators and kept for days: a draft's literal keys must not be in it.
         body = redact_body(delivery.body)
         if body is not None:
             headers[Header.REDACTED] = True
+        last = dead.error.last_provider_error
+        if last is not None:
+            headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
+            headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = redact_text(last.message)[:ERROR_MESSAGE_LIMIT]
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers, body=body)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
@@ -169,7 +211,7 @@ class Settler:
             Header.REROUTED_AT: _now(),
         }
         if outcome.error is not None:
-            headers |= self._failure_headers(delivery, outcome.error, outcome.provider_kind)
+            headers |= self._failure_headers(delivery, ids, outcome.error, outcome.provider_kind)
             headers[Header.ATTEMPTS] = outcome.attempts
         try:
             await self._publish_copy(
@@ -201,9 +243,9 @@ class Settler:
         return "rerouted"
 
     def _failure_headers(
-        self, delivery: AbstractIncomingMessage, error: ErrorInfo, provider_kind: str | None
+        self, delivery: AbstractIncomingMessage, ids: RequestIds, error: ErrorInfo, provider_kind: str | None
     ) -> dict[str, Any]:
-        headers = delivery.headers or {}
+        headers = self.trust.believed(delivery.headers, ids.request_id)  # history only from the worker itself
         first = headers.get(Header.FIRST_FAILURE_AT)
         now = _now()
         result: dict[str, Any] = {
@@ -230,12 +272,21 @@ class Settler:
         *,
         body: bytes | None = None,
     ) -> None:
-        """Republish the original body (or `body`, its redacted copy) and properties with extra headers."""
+        """Republish the original body (or `body`, its redacted copy) and properties with extra headers. The
+        body is otherwise never changed, only cut to a prefix when it is over the size limit; publisher headers
+        are left off when they would not fit."""
+        body, cut = bounded_body(delivery.body if body is None else body, self._max_body_bytes)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
-        headers = {**_passable_headers(delivery), **{k: v for k, v in identity.items() if v is not None}, **extra}
+        ours = {
+            **self.trust.believed(delivery.headers, ids.request_id),
+            **{k: v for k, v in identity.items() if v is not None},
+            **extra,
+            **cut,
+        }
+        ours |= self.trust.signature(ids.request_id, ours)
         message = aio_pika.Message(
-            delivery.body if body is None else body,
-            headers=headers,
+            body,
+            headers=bounded_headers(_publisher_headers(delivery.headers), ours),
             content_type=delivery.content_type,
             content_encoding=delivery.content_encoding,
             correlation_id=delivery.correlation_id,
@@ -247,7 +298,8 @@ class Settler:
             priority=delivery.priority,
             delivery_mode=DeliveryMode.PERSISTENT,
         )
-        await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+        with self._tracing.publish(exchange_name, routing_key, message.headers, delivery.headers):
+            await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
     def _exchange(self, name: str) -> AbstractExchange:
         # Exchange objects publish through the robust channel, so they stay valid across reconnects.
@@ -258,18 +310,26 @@ class Settler:
 
 
 def _masked(error: ErrorInfo) -> ErrorInfo:
-    return error.model_copy(update={"message": redact_text(error.message)})
+    update: dict[str, Any] = {"message": redact_text(error.message)}
+    if error.last_provider_error is not None:
+        last = error.last_provider_error
+        update["last_provider_error"] = last.model_copy(update={"message": redact_text(last.message)})
+    return error.model_copy(update=update)
 
 
-def _passable_headers(delivery: AbstractIncomingMessage) -> dict[str, Any]:
-    """Headers that can be re-encoded as they came; anything odd is dropped rather than block settling."""
-    passable: dict[str, Any] = {}
-    for key, value in (delivery.headers or {}).items():
-        if isinstance(value, str | int | float | bool | bytes | datetime | list | dict) or value is None:
-            passable[key] = value
-    return passable
+def _publisher_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
+    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
 
 
-def _int_header(delivery: AbstractIncomingMessage, name: str) -> int:
-    value = (delivery.headers or {}).get(name)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+def _lineage_headers(
+    delivery: AbstractIncomingMessage, believed: Mapping[str, Any], *, put_back: bool
+) -> dict[str, int]:
+    """Where this copy stands in the request's history (README, delivery guarantees): `settle_seq` grows
+    each time a worker puts the request back on the ladder, `redeliveries` each time the broker redelivered
+    it. A redelivered original whose earlier run already put a copy back thus ranks below that copy."""
+    return {
+        Header.SETTLE_SEQ: read_count(believed, Header.SETTLE_SEQ) + put_back,
+        Header.REDELIVERIES: read_count(believed, Header.REDELIVERIES) + bool(delivery.redelivered),
+    }

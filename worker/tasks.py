@@ -3,16 +3,17 @@
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import best_match
 from pydantic import ValidationError
 
 from contracts import IncidentContext, InferenceRequest, RcaResult, ReplyResult, Task, ToolCall, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
+from worker import tool_schemas
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelResult
+from worker.tool_schemas import ToolSchemaError
 
 REPAIRABLE = frozenset({"invalid_output", "truncated_output"})
 # What providers say when a model cannot call tools (Ollama, Bedrock, Gemini, vLLM without a tool parser).
@@ -134,22 +135,28 @@ def _tool_calls(declarations: Sequence[ToolDeclaration], result: ModelResult) ->
             )
         raise TaskFailure("empty_output", "the model returned neither tool calls nor text")
     schemas = {d.name: d.parameters for d in declarations}
-    for position, call in enumerate(result.tool_calls):
-        if call.name not in schemas:
-            raise TaskFailure(
-                "invalid_output", f"tool call {position} is to undeclared tool {call.name!r}", _dump(result.tool_calls)
-            )
-        error = best_match(Draft202012Validator(schemas[call.name]).iter_errors(call.arguments))
-        if error is not None:
-            where = "/".join(map(str, error.absolute_path)) or "(arguments)"
-            raise TaskFailure(
-                "invalid_output",
-                f"tool call {position} to {call.name!r} has invalid arguments at {where}: {error.message}",
-                _dump(result.tool_calls),
-            )
+    try:
+        with tool_schemas.budget():
+            for position, call in enumerate(result.tool_calls):
+                _check_arguments(position, call, schemas, result.tool_calls)
+    except ToolSchemaError as exc:
+        message = f"validating tool-call arguments against the declared tools broke rule {exc.rule}: {exc.message}"
+        raise TaskFailure("invalid_tools", message, rejected=True) from None
     if result.finish is Finish.LENGTH:
         raise TaskFailure("truncated_output", "the runbook was cut off at max_output_tokens", _dump(result.tool_calls))
     return list(result.tool_calls)
+
+
+def _check_arguments(
+    position: int, call: ToolCall, schemas: Mapping[str, Mapping[str, Any]], calls: tuple[ToolCall, ...]
+) -> None:
+    if call.name not in schemas:
+        raise TaskFailure("invalid_output", f"tool call {position} is to undeclared tool {call.name!r}", _dump(calls))
+    problem = tool_schemas.argument_error(schemas[call.name], call.arguments)
+    if problem is not None:
+        raise TaskFailure(
+            "invalid_output", f"tool call {position} to {call.name!r} has invalid arguments {problem}", _dump(calls)
+        )
 
 
 def _first(exc: ValidationError) -> str:

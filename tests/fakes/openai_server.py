@@ -8,7 +8,7 @@ Answers come from the demo stand-in model's deterministic generator, or from scr
 import asyncio
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,6 +80,7 @@ class FakeOpenAI:
     latency_s: float = 0.0
     faults: deque[Fault] = field(default_factory=deque)  # consumed one per request, before answering
     always: Fault | None = None  # applied to every request while set
+    fault_for: Callable[[dict[str, Any]], Fault | None] | None = None  # a fault chosen by the request's content
     requests: list[dict[str, Any]] = field(default_factory=list)
     request_times: list[float] = field(default_factory=list)  # monotonic clock, one per accepted request
     override: dict[str, Any] | None = None  # a full response body to return instead of the generated one
@@ -139,6 +140,8 @@ class FakeOpenAI:
         self.requests.append(body)
         self.request_times.append(time.monotonic())
         fault = self.faults.popleft() if self.faults else self.always
+        if fault is None and self.fault_for is not None:
+            fault = self.fault_for(body)
         if fault is not None:
             return await self._fault(fault)
         if (refused := self._beyond_model(body)) is not None:

@@ -12,10 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contracts import Header, Topology
-from tests import samples
+from contracts.tools import DEFAULT_RUNBOOK_TOOLS
+from tests import hostile_schemas, samples
 from tests.broker import broker_client, collect, delete_namespace, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
+from worker.breaker import BreakerPolicy
+from worker.limits import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.broker
 
@@ -33,6 +36,9 @@ header_value = (
     st.none()
     | st.booleans()
     | st.integers(-(2**40), 2**40)
+    | st.sampled_from([2**63 - 1, -(2**63)])  # the edges of AMQP's int64
+    # Up to four of these come near the 128 KiB frame: the worker's copies must still fit in one.
+    | st.integers(20_000, 30_000).map(lambda size: "h" * size)
     | st.text(max_size=40)
     | st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1))
     | st.decimals(allow_nan=False, allow_infinity=False, places=2, min_value=-1000, max_value=1000)
@@ -40,7 +46,18 @@ header_value = (
     | st.dictionaries(st.text("abc", max_size=5), st.integers(-1000, 1000), max_size=3)
 )
 odd_headers = st.dictionaries(
-    st.sampled_from([Header.ATTEMPTS, Header.DEFERRALS, Header.FIRST_FAILURE_AT, "x-death", "x-custom", "tenant"]),
+    st.sampled_from(
+        [
+            Header.ATTEMPTS,
+            Header.DEFERRALS,
+            Header.FIRST_FAILURE_AT,
+            Header.ORIGINAL_EXCHANGE,
+            Header.DEAD_LETTER_ID,
+            "x-death",
+            "x-custom",
+            "tenant",
+        ]
+    ),
     header_value,
     max_size=4,
 )
@@ -65,9 +82,43 @@ CORRUPTIONS: dict[str, st.SearchStrategy[Any]] = {
 }
 
 
+# Patterns RE2 refuses: lookaround, backreferences, atomic groups.
+NON_RE2_PATTERNS = ["^(?=a)a$", "(?<!b)a", r"^(a)\1$", "(?>a+)b", "(?!x).*"]
+NON_LOCAL_REFS = ["http://127.0.0.1:9/schema.json", "file:///etc/passwd", "other.json", "#anchor", "//127.0.0.1/x"]
+
+
+@st.composite
+def hostile_tool_schema(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["ref", "fanout", "cycle", "deep", "size", "pattern", "pattern_key"]))
+    if kind == "ref":
+        return hostile_schemas.remote_ref(draw(st.sampled_from(NON_LOCAL_REFS)))
+    if kind == "fanout":
+        return hostile_schemas.exponential_chain(levels=draw(st.integers(5, 12)), fan=draw(st.integers(4, 8)))
+    if kind == "cycle":
+        return hostile_schemas.self_cycle()
+    if kind == "deep":
+        return hostile_schemas.deep(draw(st.integers(33, 60)))
+    if kind == "size":
+        return hostile_schemas.oversized(draw(st.integers(65, 400)))
+    pattern = draw(st.sampled_from(NON_RE2_PATTERNS))
+    if kind == "pattern":
+        return {"type": "object", "properties": {"x": {"type": "string", "pattern": pattern}}}
+    return {"type": "object", "patternProperties": {pattern: {}}}
+
+
+def hostile_tools(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """Benign default tools with one hostile schema among them."""
+    tools: list[dict[str, Any]] = [t.model_dump() for t in DEFAULT_RUNBOOK_TOOLS[: draw(st.integers(0, 3))]]
+    hostile = {"name": "hostile", "parameters": draw(hostile_tool_schema())}
+    tools.insert(draw(st.integers(0, len(tools))), hostile)
+    return tools
+
+
 @st.composite
 def malformed_body(draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["bytes", "corrupt", "missing", "deep", "not_object"]))
+    kind = draw(st.sampled_from(["bytes", "corrupt", "missing", "deep", "not_object", "hostile_tools"]))
+    if kind == "hostile_tools":
+        return orjson.dumps(samples.request("acme", "runbook", tools=hostile_tools(draw)))
     if kind == "bytes":
         return draw(st.binary(max_size=200).filter(lambda b: not b.strip().startswith(b"{")))
     if kind == "not_object":
@@ -113,6 +164,9 @@ def test_hostile_input_is_dead_lettered_and_valid_requests_are_still_answered(
         try:
             async with broker_client(amqp_url, topology) as client:
                 replies = await client.reply_queue()
+                reconnects: list[object] = []
+                assert running.app.connection is not None
+                running.app.connection.reconnect_callbacks.add(lambda *args: reconnects.append(args))
                 messages = [(body, headers, False) for body, headers in malformed]
                 messages += [(orjson.dumps(samples.request("acme")), h, True) for h in valid_headers]
                 random.Random(seed).shuffle(messages)
@@ -133,6 +187,9 @@ def test_hostile_input_is_dead_lettered_and_valid_requests_are_still_answered(
                 dead = await client.channel.get_queue(topology.dead)
                 dead_letters = await collect(dead, len(malformed) + 1, 30)
                 assert {m.headers[Header.REASON] for m in dead_letters} == {"malformed"}
+                # Every copy fitted its frame (no connection was lost) and none carries the oversized body whole.
+                assert reconnects == []
+                assert all(len(m.body) <= MAX_BODY_BYTES for m in dead_letters)
                 await asyncio.sleep(0.2)
                 assert await drain_now(dead) == []
                 assert not running.task.done(), "the worker died"
@@ -180,7 +237,7 @@ def test_no_request_of_a_sovereign_tenant_ever_reaches_atlas_cloud(
                 api_key="env:NOT_THE_KEY" if wrong_key else "env:TEST_FAKE_OPENAI_KEY",
             )
         running = await start_worker(
-            worker_settings(amqp_url, topology, directory, breaker_failures=3, breaker_cooldown_s=0.5)
+            worker_settings(amqp_url, topology, directory, breaker=BreakerPolicy(min_calls=3, cooldown_s=0.5))
         )
         try:
             async with broker_client(amqp_url, topology) as client:

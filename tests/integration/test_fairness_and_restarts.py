@@ -1,19 +1,43 @@
 """A tenant whose provider hangs cannot starve others; parked retries survive a kill -9; breakers open."""
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, MutableMapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+import structlog
 
-from contracts import Topology
+from contracts import Header, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_process_lifecycle import wait_until
 from tests.process import WorkerProcess
+from worker.breaker import BreakerPolicy
+from worker.log import configure_logging
 
 pytestmark = pytest.mark.broker
+
+
+@contextlib.contextmanager
+def info_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Capture log events down to `info`, with their request context (tests log warnings, uncaptured)."""
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    try:
+        yield capture.entries
+    finally:
+        configure_logging("warning", cache=False)
 
 
 async def queue_depth(client: BrokerClient, name: str) -> int:
@@ -112,7 +136,7 @@ async def test_open_breaker_applies_the_policy_without_calling_the_provider(
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed", max_concurrency=1)
     fake_openai.always = Fault("server_error")
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=3, breaker_cooldown_s=60)
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=3, cooldown_s=60))
     )
     try:
         replies = await client.reply_queue()
@@ -135,10 +159,10 @@ async def test_open_breaker_applies_the_policy_without_calling_the_provider(
 async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
     amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3, max_concurrency=1)
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=4, max_concurrency=1)
     fake_openai.faults.extend([Fault("server_error"), Fault("server_error")])
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, breaker_failures=1, breaker_cooldown_s=0.5)
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=0.5, probes=1))
     )
     try:
         replies = await client.reply_queue()
@@ -148,9 +172,97 @@ async def test_an_open_circuit_costs_queue_and_retry_requests_no_attempt(
     finally:
         await running.stop()
 
-    # The provider failed twice and then recovered. Requests that met the open circuit were parked without
-    # spending an attempt: with three attempts each, none ran out while five of six met the circuit open.
+    # The provider failed twice and then recovered. Requests that met the open circuit waited for its probes
+    # without spending an attempt (patience 1.4 s on the ladder, longer than the 0.5 s cooldown), so none
+    # ran out although five of six met the circuit open, one of them twice after a failed probe.
     assert {r["status"] for r in answered} == {"ok"}, [
         (r["status"], r["provenance"]["attempts"], (r.get("error") or {}).get("code")) for r in answered
     ]
     assert len(fake_openai.requests) == 6 + 2
+    # Attempts count provider calls only, so together they are the calls the provider saw.
+    assert sum(r["provenance"]["attempts"] for r in answered) == len(fake_openai.requests)
+    assert sum(1 for r in answered if r["provenance"]["settle_seq"] > 0) >= 5  # put back on the ladder
+
+
+async def test_a_circuit_that_outlasts_a_request_ends_it_in_its_own_words_beside_the_real_error(
+    amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
+) -> None:
+    # Patience 0.2 + 0.4 + 0.8 + 1.6 = 3 s on the ladder for 5 attempts; the circuit stays open 60 s.
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=5, max_concurrency=1)
+    fake_openai.faults.append(Fault("server_error"))
+    with info_logs() as logs:
+        running = await start_worker(
+            worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
+        )
+        try:
+            dead = await client.channel.get_queue(topology.dead)
+            replies = await client.reply_queue()
+            await client.publish_request(samples.request("acme", request_id="first"), reply_to=replies.name)
+            [first] = [json_body(m) for m in await collect(replies, 1, timeout_s=30)]
+            soon = (datetime.now(UTC) + timedelta(seconds=20)).isoformat()
+            dated = samples.request("acme", request_id="dated", deadline=soon)
+            await client.publish_request(dated, reply_to=replies.name)
+            await client.publish_request(samples.request("acme", request_id="undated"), reply_to=replies.name)
+            answered = {r["request_id"]: r for r in [json_body(m) for m in await collect(replies, 2, timeout_s=30)]}
+            dead_letters = {m.headers["atlas-request-id"]: m.headers for m in await collect(dead, 3, timeout_s=30)}
+        finally:
+            await running.stop()
+
+    # The one real call is `provider_failed`; each refusal is `circuit_refused`, naming the endpoint.
+    assert [e["request_id"] for e in logs if e["event"] == "provider_failed"] == ["first"]
+    refused = [e for e in logs if e["event"] == "circuit_refused"]
+    assert sorted(e["request_id"] for e in refused) == ["dated", "first", "undated"]
+    assert {e["endpoint"] for e in refused} == {fake_openai.base_url}
+    [retried] = [e for e in logs if e["event"] == "request_settled" and e["outcome"] == "retried"]
+    assert retried["error_code"] == "provider_unavailable"
+    assert datetime.fromisoformat(retried["next_attempt_at"]) > datetime.now(UTC) - timedelta(seconds=30)
+
+    [warning] = [e for e in logs if e["event"] == "patience_shorter_than_cooldown"]
+    assert (warning["tenant_id"], warning["patience_s"], warning["breaker_cooldown_s"]) == ("acme", 3.0, 60)
+    assert len(fake_openai.requests) == 1  # only the first call reached the provider
+    # The request whose call failed met the circuit it opened on its retry: it ends on circuit grounds,
+    # after one real attempt, with the provider's error beside the refusal.
+    assert first["status"] == "failed"
+    assert first["provenance"]["attempts"] == 1
+    assert first["error"]["code"] == "circuit_open"
+    assert "past the time its attempts could take" in first["error"]["message"]
+    assert first["error"]["last_provider_error"]["code"] == "provider_unavailable"
+    assert dead_letters["first"][Header.REASON] == "circuit_open"
+    assert dead_letters["first"][Header.LAST_PROVIDER_ERROR_CODE] == "provider_unavailable"
+    assert dead_letters["first"][Header.ATTEMPTS] == 1
+    # A request with a deadline before the next probe expires; one without has its patience as a bound.
+    assert answered["dated"]["status"] == "expired"
+    assert "past the request's deadline" in answered["dated"]["error"]["message"]
+    assert dead_letters["dated"][Header.REASON] == "expired"
+    assert answered["undated"]["status"] == "failed"
+    assert answered["undated"]["error"]["code"] == "circuit_open"
+    assert "last_provider_error" not in answered["undated"]["error"]  # it never reached the provider
+    assert {r["provenance"]["attempts"] for r in answered.values()} == {0}
+
+
+async def test_one_tenants_always_failing_requests_do_not_open_the_circuit_for_its_healthy_ones(
+    amqp_url: str, client: BrokerClient, fake_openai: FakeOpenAI, topology: Topology, tenants_dir: Path
+) -> None:
+    # A third of the requests fail on every call and are retried four times; counted per call that is
+    # 50 failed calls against 20 successes (counted per call, a breaker opens here), per request 10 of 30.
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=5)
+    fake_openai.fault_for = lambda body: Fault("server_error") if b"[doomed]" in orjson.dumps(body) else None
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=5, cooldown_s=60))
+    )
+    try:
+        replies = await client.reply_queue()
+        for n in range(30):
+            body = samples.request("acme", request_id=f"k-{n}")
+            if n % 3 == 0:
+                body["incident"]["title"] += " [doomed]"
+            await client.publish_request(body, reply_to=replies.name)
+        answered = [json_body(m) for m in await collect(replies, 30, timeout_s=60)]
+    finally:
+        await running.stop()
+
+    outcomes = {(r["request_id"], r["status"], (r.get("error") or {}).get("code")) for r in answered}
+    assert {o for o in outcomes if o[1] != "ok"} == {
+        (f"k-{n}", "failed", "provider_unavailable") for n in range(0, 30, 3)
+    }
+    assert running.app.breakers.states() == {("acme", fake_openai.base_url): "closed"}

@@ -12,6 +12,7 @@ from tests.broker import BrokerClient, collect
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.ops.scrape import free_port, get_json, scrape, scrape_until
+from worker.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 
@@ -117,7 +118,7 @@ async def test_breaker_opening_shows_on_the_breaker_gauge(
     write_tenant(tenants_dir, "acme", broken_openai.base_url, policy="fail_closed")
     port = free_port()
     running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker_failures=1)
+        worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker=BreakerPolicy(min_calls=1))
     )
     try:
         await client.publish_request(samples.request("acme", "summary"))
@@ -127,3 +128,22 @@ async def test_breaker_opening_shows_on_the_breaker_gauge(
 
     assert after.value("atlas_worker_breaker_state", tenant="acme", state="closed") == 0
     assert after.value("atlas_worker_breaker_state", tenant="acme", state="half_open") == 0
+
+
+async def test_breaker_gauge_turns_half_open_when_the_cooldown_passes_without_traffic(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path, broken_openai: FakeOpenAI
+) -> None:
+    write_tenant(tenants_dir, "acme", broken_openai.base_url, policy="fail_closed")
+    port = free_port()
+    policy = BreakerPolicy(min_calls=1, cooldown_s=1.0)
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, breaker=policy))
+    try:
+        await client.publish_request(samples.request("acme", "summary"))
+        await scrape_until(port, lambda s: s.value("atlas_worker_breaker_state", state="open") == 1)
+        # No request arrives after the one that opened it: the gauge still shows what the next would meet.
+        later = await scrape_until(port, lambda s: s.value("atlas_worker_breaker_state", state="half_open") == 1)
+    finally:
+        await running.stop()
+
+    assert later.value("atlas_worker_breaker_state", tenant="acme", state="open") == 0
+    assert len(broken_openai.requests) == 1

@@ -1,12 +1,14 @@
 """No secret is ever echoed: replies, headers, dead letters, `dlq show/list`, log lines and Test Connection reports."""
 
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from contracts import Header, InferenceReply, Status, Topology
 from tests import samples
@@ -15,6 +17,7 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.fixtures import VertexFake, fake_vertex  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
+from worker.breaker import BreakerPolicy
 from worker.log import configure_logging
 
 pytestmark = pytest.mark.broker
@@ -63,11 +66,12 @@ async def test_a_401_body_quoting_the_key_reaches_no_reply_header_or_dlq_output(
     reply, raw = await ask(client, samples.request("acme", "summary"))
 
     assert reply.status is Status.FAILED
-    assert reply.error is not None and reply.error.code == "unauthorized"
+    assert reply.error is not None
+    assert reply.error.code == "unauthorized"
     assert "Incorrect API key provided: ***" in reply.error.message
     assert WRONG_KEY.encode() not in raw
     await wait_for_dead_letters(client, 1)
-    [(headers, body)] = await dead_letters(client)
+    [(headers, _body)] = await dead_letters(client)
     assert "401 from" in headers[Header.ERROR_MESSAGE]
     assert WRONG_KEY not in json.dumps(headers, default=str)
     listed = await dlq(amqp_url, topology, "list", "--json")
@@ -79,13 +83,20 @@ async def test_a_401_body_quoting_the_key_reaches_no_reply_header_or_dlq_output(
 
 @pytest.fixture
 def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
+    """Captured stderr, for a test that sets the worker's JSON logging up on it (in its body: only there is
+    stderr the capture's); the logging set up before comes back after, so later tests never write to it."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers = root.handlers[:]
     yield capsys
-    configure_logging("warning", cache=False)  # as tests/conftest.py set it
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture
 async def breaking_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, breaker_failures=1))
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
+    )
     yield running
     await running.stop()
 
@@ -98,9 +109,10 @@ async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
     json_logs: pytest.CaptureFixture[str],
 ) -> None:
     configure_logging("info", cache=False)  # the worker's own JSON lines, written to the captured stderr
+    fake_openai.api_key = None  # the URL's own credentials are the only ones: no bearer key beside them
     with_password = fake_openai.base_url.replace("://", f"://svc:{URL_PASSWORD}@")
-    write_tenant(tenants_dir, "pw", with_password, api_key="env:TEST_FAKE_OPENAI_KEY")
-    write_tenant(tenants_dir, "qk", f"{fake_openai.base_url}?api-key={URL_KEY}")
+    write_tenant(tenants_dir, "pw", with_password, api_key=None)
+    write_tenant(tenants_dir, "qk", f"{fake_openai.base_url}?api-key={URL_KEY}", api_key=None)
     breaking_worker.app.registry.refresh()
     fake_openai.always = Fault("server_error")
 
@@ -110,16 +122,34 @@ async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
     fake_openai.always = None
     tested, tested_raw = await ask(client, {"request_id": "tc-qk", "tenant_id": "qk", "task": "test_connection"})
 
-    assert second.error is not None and second.error.code == "circuit_open"
+    assert second.error is not None
+    assert second.error.code == "circuit_open"
     assert f"circuit open for {fake_openai.base_url.replace('://', '://***@')}" in second.error.message
     assert {first.status, second.status, keyed.status} == {Status.UNAVAILABLE}
-    assert tested.result is not None and tested.result.connection is not None
+    assert tested.result is not None
+    assert tested.result.connection is not None
     assert tested.result.connection.endpoint == f"{fake_openai.base_url}?api-key=***"
     logs = json_logs.readouterr().err
     assert '"event":"circuit_open"' in logs
     for raw in (first_raw, second_raw, keyed_raw, tested_raw, logs.encode()):
         assert URL_PASSWORD.encode() not in raw
         assert URL_KEY.encode() not in raw
+
+
+async def test_a_password_in_the_url_beside_an_api_key_is_a_config_error_that_names_the_conflict(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    with_password = fake_openai.base_url.replace("://", f"://svc:{URL_PASSWORD}@")
+    write_tenant(tenants_dir, "both", with_password, api_key="env:TEST_FAKE_OPENAI_KEY")
+    worker.app.registry.refresh()
+
+    reply, raw = await ask(client, samples.request("both", "summary"))
+
+    assert reply.error is not None
+    assert reply.error.code == "config_invalid"
+    assert "credentials in its URL and an api_key is set too" in reply.error.message
+    assert URL_PASSWORD.encode() not in raw
+    assert fake_openai.requests == []
 
 
 def vertex_draft(vertex: VertexFake, **changes: Any) -> dict[str, Any]:
@@ -140,7 +170,7 @@ async def test_a_drafts_private_key_is_masked_before_it_is_dead_lettered(
     amqp_url: str,
     client: BrokerClient,
     worker: RunningWorker,
-    fake_vertex: VertexFake,
+    fake_vertex: VertexFake,  # noqa: F811  (the fixture imported above, requested by name)
     topology: Topology,
 ) -> None:
     key_material = orjson.loads(fake_vertex.service_account)["private_key"].splitlines()[5]
@@ -165,7 +195,8 @@ async def test_a_drafts_private_key_is_masked_before_it_is_dead_lettered(
     assert f"{Header.REDACTED}: true" in shown.stdout
     for output in (shown.output, listed.output):
         assert key_material not in output
-        assert "BEGIN PRIVATE KEY-----\\n" not in output and "BEGIN PRIVATE KEY-----\n" not in output
+        assert "BEGIN PRIVATE KEY-----\\n" not in output
+        assert "BEGIN PRIVATE KEY-----\n" not in output
 
 
 async def test_stored_tenant_with_an_unset_variable_is_not_reported_reachable(
@@ -182,7 +213,8 @@ async def test_stored_tenant_with_an_unset_variable_is_not_reported_reachable(
     reply, _ = await ask(client, {"request_id": "tc-acme", "tenant_id": "acme", "task": "test_connection"})
 
     assert reply.status is Status.OK
-    assert reply.result is not None and reply.result.connection is not None
+    assert reply.result is not None
+    assert reply.result.connection is not None
     report = reply.result.connection
     assert (report.reachable, report.authenticated, report.verdict) == (False, None, "not_ready")
     assert [(c.requirement, c.status) for c in report.checks] == [("secrets", "fail")]

@@ -111,3 +111,37 @@ def test_a_prompts_fate_is_fixed_and_about_the_configured_share_fail() -> None:
     assert fates == [provider.fate(f"prompt {i}") for i in range(2000)]
     faulty = sum(1 for kind, _ in fates if kind is not None)
     assert 450 < faulty < 750
+
+
+def ranked(request_id: str, status: str, seq: int, redeliveries: int = 0, code: str | None = None) -> bytes:
+    body = orjson.loads(reply(request_id, "retry", status, code=code))
+    body["provenance"] = {"settle_seq": seq, "redeliveries": redeliveries}
+    return orjson.dumps(body)
+
+
+def test_a_forked_duplicate_is_explained_by_the_settle_sequence_and_the_later_history_counts() -> None:
+    # The redelivered original (seq 0, redelivered) failed; its retry copy's history (seq 2) answered.
+    stale = observe_reply(ranked("r1", "failed", 0, 1, code="circuit_open"), "r1")
+    stale_dead = observe_copy("dead", request("r1", "retry"), {"atlas-reason": "circuit_open", "atlas-redeliveries": 1})
+    later = observe_reply(ranked("r1", "ok", 2), "r1")
+    result = account({"r1": "retry"}, POLICIES, [stale, stale_dead, later], healthy={"r1"})
+    assert (result.duplicates_explained, result.duplicates_differing, result.inconsistent) == (1, 0, [])
+    assert result.circuit_failed_healthy == []
+    assert result.by_tenant["retry"]["ok"] == 1
+
+
+def test_copies_that_differ_at_the_same_rank_are_unexplained() -> None:
+    result = account(
+        {"r1": "retry"},
+        POLICIES,
+        [observe_reply(ranked("r1", "ok", 1), "r1"), observe_reply(ranked("r1", "failed", 1, code="timeout"), "r1")],
+    )
+    assert result.duplicates_differing == 1
+    assert result.inconsistent == ["r1"]
+
+
+def test_a_healthy_request_ended_by_the_circuit_is_counted() -> None:
+    failed = observe_reply(reply("r1", "retry", "failed", code="circuit_open"), "r1")
+    doomed = observe_reply(reply("r2", "retry", "failed", code="circuit_open"), "r2")
+    result = account({"r1": "retry", "r2": "retry"}, POLICIES, [failed, doomed], healthy={"r1"})
+    assert result.circuit_failed_healthy == ["r1"]

@@ -13,6 +13,7 @@ import yaml
 
 from contracts import Topology
 from worker.cli import build_parser
+from worker.limits import MAX_BODY_BYTES
 from worker.ops.metrics import Metrics
 from worker.tenants import validate_directory
 
@@ -37,7 +38,7 @@ def exported_metric_names() -> set[str]:
 
 
 def metrics_in(expr: str) -> set[str]:
-    return set(re.findall(r"\batlas_worker_[a-z_]+", expr))
+    return set(re.findall(r"\b(?:atlas_worker|gen_ai_client)_[a-z_]+", expr))
 
 
 def queues_in(expr: str) -> set[str]:
@@ -67,6 +68,15 @@ def worker_container(k8s: dict[tuple[str, str], dict[str, Any]]) -> dict[str, An
     [container] = k8s[("Deployment", "atlas-inference-worker")]["spec"]["template"]["spec"]["containers"]
     assert isinstance(container, dict)
     return container
+
+
+def test_broker_config_caps_message_size_just_above_the_workers_body_limit() -> None:
+    lines = (DEPLOY / "rabbitmq" / "rabbitmq.conf").read_text().splitlines()
+    settings = dict(
+        (key.strip(), value.strip())
+        for key, _, value in (line.partition("=") for line in lines if line.strip() and not line.startswith("#"))
+    )
+    assert MAX_BODY_BYTES < int(settings["max_message_size"]) <= 2 * MAX_BODY_BYTES
 
 
 def test_dockerfile_is_slim_non_root_and_checks_the_health_port() -> None:

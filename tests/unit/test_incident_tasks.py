@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
@@ -14,6 +13,7 @@ from contracts import InferenceReply, InferenceRequest, Status, TenantConfig
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from tests import fixtures
 from tests.fakes.openai_server import FakeOpenAI, Fault, chat_completion
+from worker.egress import EgressPolicy, egress_session
 from worker.errors import ErrorClass, ProviderError
 from worker.handler import DeliveryContext, Handler
 from worker.ladder import RetryLadder
@@ -71,7 +71,7 @@ def tenant(base_url: str, **provider: Any) -> TenantConfig:
 @pytest.fixture
 async def ask(fake_openai: FakeOpenAI) -> AsyncIterator[Ask]:
     """Handle one request for tenant acme (provider: the fake) and return the reply outcome."""
-    async with aiohttp.ClientSession() as session:
+    async with egress_session(EgressPolicy()) as session:
 
         async def handle(task: str, incident: str = "db-pool-exhaustion", **fields: Any) -> Reply:
             config = tenant(fake_openai.base_url, **fields.pop("provider", {}))

@@ -50,10 +50,13 @@ def test_replayed_request_keeps_publisher_headers_and_drops_failure_history() ->
         "x-death": [{"reason": "expired"}],
         "x-first-death-reason": "expired",
         "atlas-replays": 1,
+        Header.SETTLE_SEQ: 3,
+        Header.LAST_PROVIDER_ERROR_CODE: "timeout",
     }
     fresh = replay_headers(headers, keep_attempts=False)
-    assert set(fresh) == {"traceparent", "atlas-replays", "atlas-replayed-at"}
+    assert set(fresh) == {"traceparent", "atlas-replays", "atlas-replayed-at", Header.SETTLE_SEQ}
     assert fresh["atlas-replays"] == 2
+    assert fresh[Header.SETTLE_SEQ] == 4  # the replay's reply outranks the dead-lettered one
     assert replay_headers(headers, keep_attempts=True)[Header.ATTEMPTS] == 4
 
 

@@ -7,7 +7,7 @@ import pytest
 from contracts import FallbackPolicy, Status
 from worker.errors import ErrorClass
 from worker.ladder import RetryLadder
-from worker.policy import Action, Decision, decide
+from worker.policy import Action, Decision, decide, decide_refused
 
 LADDER = RetryLadder(base_s=1.0, factor=2.5, levels=8)
 FAIL_CLOSED, RETRY, CLOUD = FallbackPolicy.FAIL_CLOSED, FallbackPolicy.QUEUE_AND_RETRY, FallbackPolicy.ATLAS_CLOUD
@@ -103,3 +103,31 @@ def test_ladder_span_is_the_time_spent_parked_between_attempts() -> None:
     assert ladder.span_s(1) == 0
     assert ladder.span_s(3) == 1.0 + 2.0
     assert ladder.span_s(5) == 1.0 + 2.0 + 4.0 + 4.0  # the last level repeats
+
+
+# A call refused by an open circuit: (policy, next probe in s, deadline left, patience left) → decision.
+# Ladder delays 1, 2.5, 6.25, 15.6, 39 … s; the wait is the first level at least as long as the probe is away.
+REFUSED_TABLE = [
+    (FAIL_CLOSED, 10.0, None, 100.0, UNAVAILABLE),
+    (CLOUD, 10.0, None, 100.0, REROUTE),
+    (RETRY, 10.0, None, 100.0, Decision(Action.WAIT, retry_level=3)),  # 15.6 s ≥ 10 s
+    (RETRY, 0.5, None, 100.0, Decision(Action.WAIT, retry_level=0)),
+    (RETRY, 0.0, None, -5.0, Decision(Action.WAIT, retry_level=0)),  # half-open: the probes decide
+    (RETRY, 10.0, 30.0, 100.0, Decision(Action.WAIT, retry_level=3)),  # back at 15.6 s, before the deadline
+    (RETRY, 10.0, 12.0, 100.0, Decision(Action.REPLY, Status.EXPIRED, dead_letter=True)),  # back too late
+    (RETRY, 40.0, 30.0, 100.0, Decision(Action.REPLY, Status.EXPIRED, dead_letter=True)),  # probe too late
+    (RETRY, 10.0, None, 9.0, FAILED_DLQ),  # the probe comes after the request's patience
+    (RETRY, 10.0, None, 11.0, Decision(Action.WAIT, retry_level=3)),  # … or just within it
+    (RETRY, 1000.0, None, 2000.0, Decision(Action.WAIT, retry_level=7)),  # longer than the ladder: its top
+]
+
+
+@pytest.mark.parametrize(("policy", "wait_s", "time_left_s", "patience_left_s", "expected"), REFUSED_TABLE)
+def test_a_refused_call_waits_for_the_probe_unless_the_deadline_or_patience_passes_first(
+    policy: FallbackPolicy, wait_s: float, time_left_s: float | None, patience_left_s: float, expected: Decision
+) -> None:
+    decision = decide_refused(
+        policy, wait_s=wait_s, time_left_s=time_left_s, patience_left_s=patience_left_s, ladder=LADDER
+    )
+    got = (decision.action, decision.status, decision.dead_letter, decision.retry_level)
+    assert got == (expected.action, expected.status, expected.dead_letter, expected.retry_level)

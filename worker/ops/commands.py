@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 import aio_pika
 
 from contracts import Topology
+from worker.exit_codes import broker_error, first_connection
 from worker.ladder import RetryLadder
 from worker.ops.definitions import declare_everything, definitions, render
 from worker.ops.dlq import DeadLetterQueue, Progress, Selection, detail, render_detail, row, table
-from worker.redaction import redact_text
-from worker.topology import topology_spec
+from worker.topology import TopologySpec, topology_spec
 
 
 def _selection(args: argparse.Namespace) -> Selection:
@@ -38,10 +38,10 @@ def _confirm(question: str) -> bool:
 async def _dlq(args: argparse.Namespace) -> int:
     topology = Topology(args.namespace)
     try:
-        connection = await aio_pika.connect(args.amqp_url)
+        with first_connection():
+            connection = await aio_pika.connect(args.amqp_url)
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        print(f"cannot reach the broker at {redact_text(args.amqp_url)}: {redact_text(str(exc))}", file=sys.stderr)
-        return 2
+        raise broker_error(exc, args.amqp_url) from None
     try:
         dlq = DeadLetterQueue(connection, topology)
         try:
@@ -139,12 +139,26 @@ def topology_command(args: argparse.Namespace) -> int:
         print(render(document), end="")
         return 0
     try:
-        asyncio.run(declare_everything(args.amqp_url, spec, args.atlas_cloud_exchange))
+        with first_connection():
+            asyncio.run(declare_everything(args.amqp_url, spec, args.atlas_cloud_exchange))
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
-        print(f"cannot declare on {redact_text(args.amqp_url)}: {redact_text(str(exc))}", file=sys.stderr)
-        return 2
-    names = [name for name, _ in spec.exchanges] + [q.name for q in spec.queues]
-    print(f"declared {len(spec.exchanges)} exchanges and {len(spec.queues)} queues for {args.namespace!r}:")
-    for name in [*names, args.atlas_cloud_exchange]:
-        print(f"  {name}")
+        raise broker_error(exc, args.amqp_url) from None
+    print(declared_summary(spec, args.namespace, args.atlas_cloud_exchange))
     return 0
+
+
+def declared_summary(spec: TopologySpec, namespace: str, atlas_cloud_exchange: str) -> str:
+    """One line per entity with its kind, under counts that match the lines."""
+    exchanges = [(name, kind.value) for name, kind in spec.exchanges]
+    exchanges.append((atlas_cloud_exchange, "topic, Atlas Cloud's: used as it is if it exists"))
+    bindings = sum(len(q.bindings) for q in spec.queues)
+    lines = [
+        f"declared for namespace {namespace!r}: {len(exchanges)} exchanges, {len(spec.queues)} queues, "
+        f"{bindings} bindings"
+    ]
+    width = max(len(name) for name, _ in exchanges + [(q.name, "") for q in spec.queues])
+    lines += [f"  exchange  {name:<{width}}  {kind}" for name, kind in exchanges]
+    for queue in spec.queues:
+        sources = ", ".join(f"{exchange} ({key or 'any key'})" for exchange, key in queue.bindings)
+        lines.append(f"  queue     {queue.name:<{width}}  bound to {sources}")
+    return "\n".join(lines)

@@ -66,3 +66,16 @@ async def declare_everything(amqp_url: str, spec: TopologySpec, atlas_cloud_exch
         await declare_atlas_cloud(connection, atlas_cloud_exchange)
     finally:
         await connection.close()
+
+
+async def delete_everything(amqp_url: str, spec: TopologySpec, *extra_exchanges: str) -> None:
+    """Delete a namespace's queues (messages included) and exchanges; what is already gone is skipped."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        for queue in spec.queues:
+            await channel.queue_delete(queue.name)
+        for name in [name for name, _ in spec.exchanges] + list(extra_exchanges):
+            await channel.exchange_delete(name)
+    finally:
+        await connection.close()

@@ -9,7 +9,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -18,10 +18,11 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
 from contracts import REQUEST_ROUTING_KEY, Header, Topology
+from worker.limits import read_count
 from worker.redaction import redact, redact_text
 
-REPLAYED_AT = "atlas-replayed-at"
-REPLAYS = "atlas-replays"
+REPLAYED_AT = Header.REPLAYED_AT
+REPLAYS = Header.REPLAYS
 PUBLISH_TIMEOUT_S = 30.0
 # Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
 FAILURE_HEADERS = frozenset(
@@ -37,7 +38,14 @@ FAILURE_HEADERS = frozenset(
         Header.ORIGINAL_ROUTING_KEY,
         Header.RETRY_LEVEL,
         Header.PROVIDER_KIND,
+        Header.CIRCUIT_WAITS,
+        Header.LAST_PROVIDER_ERROR_CODE,
+        Header.LAST_PROVIDER_ERROR_MESSAGE,
         Header.DEFERRALS,
+        Header.DEAD_LETTER_ID,
+        Header.HEADERS_DROPPED,
+        Header.BODY_TRUNCATED,
+        Header.ORIGINAL_BODY_BYTES,
     }
 )
 
@@ -111,6 +119,17 @@ def _body_fields(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
+    """The worker's `atlas-dead-letter-id` when the worker parked the message. A message the broker
+    dead-lettered itself (its latest death is not a retry level's expiry) kept the publisher's headers, so a
+    header there may be forged: such a message is named by a digest of everything it carries instead."""
+    own = _text(headers.get(Header.DEAD_LETTER_ID))
+    if own and (not last_death or _text(last_death.get("reason")) == "expired"):
+        return own
+    carried = orjson.dumps([_plain(headers), _plain(properties)], default=str, option=orjson.OPT_SORT_KEYS)
+    return "b-" + hashlib.sha256(body + carried).hexdigest()[:24]
+
+
 def describe(message: AbstractIncomingMessage) -> DeadLetterView:
     """Reads why a message is here: our `atlas-*` headers when the worker parked it, else the broker's
     `x-death` (e.g. `delivery_limit` when the worker crashed on it again and again)."""
@@ -119,7 +138,6 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
     fields = _body_fields(body)
     request_id = _text(headers.get(Header.REQUEST_ID)) or _text(fields.get("request_id"))
     message_id = _text(message.message_id)
-    ident = message_id or request_id or hashlib.sha256(body).hexdigest()[:16]
     deaths = headers.get("x-death")
     last_death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     if Header.DEAD_LETTERED_AT in headers:
@@ -128,7 +146,6 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
     else:
         reason = _text(last_death.get("reason")) or _text(headers.get("x-first-death-reason")) or "unknown"
         at = _time(last_death.get("time"))
-    attempts = headers.get(Header.ATTEMPTS)
     properties = {
         "message_id": message_id,
         "correlation_id": _text(message.correlation_id),
@@ -138,18 +155,31 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
         "app_id": _text(message.app_id),
     }
     return DeadLetterView(
-        id=ident,
+        id=_identity(headers, properties, body, last_death),
         request_id=request_id,
         tenant=_text(headers.get(Header.TENANT_ID)) or _text(fields.get("tenant_id")),
         task=_text(headers.get(Header.TASK)) or _text(fields.get("task")),
         reason=reason,
         error_code=_text(headers.get(Header.ERROR_CODE)),
-        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else 0,
+        attempts=read_count(headers, Header.ATTEMPTS),
         dead_lettered_at=at or _time(message.timestamp),
         headers=headers,
         properties={k: v for k, v in properties.items() if v is not None},
         body=body,
     )
+
+
+class _Naming:
+    """Gives each dead letter of one pass over the queue a distinct id: the second message that claims an
+    id already seen becomes `ID~2`, so no id can name two dead letters."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+
+    def unique(self, view: DeadLetterView) -> DeadLetterView:
+        count = self._seen.get(view.id, 0) + 1
+        self._seen[view.id] = count
+        return view if count == 1 else replace(view, id=f"{view.id}~{count}")
 
 
 class Progress:
@@ -198,12 +228,13 @@ class DeadLetterQueue:
             queue = await self._queue(channel)
             total = queue.declaration_result.message_count or 0
             views = []
+            naming = _Naming()
             # Bounded by the count at the start: messages that arrive meanwhile are not this snapshot's.
             for _ in range(total if limit is None else min(total, limit)):
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                views.append(describe(message))
+                views.append(naming.unique(describe(message)))
             return views, total
         finally:
             await channel.close()  # returns every fetched message to the queue
@@ -215,18 +246,24 @@ class DeadLetterQueue:
         progress: Progress | None = None,
     ) -> int:
         """Run `act` on each selected dead letter, then ack it. A message whose `act` raises is not acked,
-        and neither are the unselected ones: closing the channel returns them all to the queue."""
+        and neither are the unselected ones: closing the channel returns them all to the queue. An id
+        selects one dead letter at most."""
         channel = await self.connection.channel()
         done = 0
+        naming = _Naming()
+        unused_ids = set(selection.ids)
         try:
             queue = await self._queue(channel)
             for _ in range(queue.declaration_result.message_count or 0):
+                if selection.ids and not unused_ids:
+                    break
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                view = describe(message)
-                if not selection.matches(view):
+                view = naming.unique(describe(message))
+                if not selection.matches(view) or (selection.ids and view.id not in unused_ids):
                     continue
+                unused_ids.discard(view.id)
                 await act(message, view)
                 await message.ack()
                 done += 1
@@ -287,10 +324,15 @@ def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str,
     kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
     if not keep_attempts:
         kept.pop(Header.ATTEMPTS, None)
-    replays = headers.get(REPLAYS)
-    kept[REPLAYS] = (replays if isinstance(replays, int) and not isinstance(replays, bool) else 0) + 1
+    kept[REPLAYS] = _count(headers.get(REPLAYS)) + 1
     kept[REPLAYED_AT] = datetime.now(UTC).isoformat()
+    # A replay is a new step of the request's history: its reply must outrank the dead letter's.
+    kept[Header.SETTLE_SEQ] = _count(headers.get(Header.SETTLE_SEQ)) + 1
     return kept
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -325,11 +367,17 @@ def row(view: DeadLetterView, now: datetime) -> dict[str, Any]:
     return masked
 
 
+def escaped(text: str) -> str:
+    """`text` with every character a terminal would act on (newlines, ESC, bidi and other controls) written
+    as a Python escape, so a value can neither start a new row nor send control sequences."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def table(views: Sequence[DeadLetterView], now: datetime) -> str:
     columns = ("ID", "TENANT", "TASK", "REASON", "ERROR", "ATTEMPTS", "AGE")
     lines = [
         tuple(
-            redact_text(cell)
+            escaped(redact_text(cell))
             for cell in (
                 v.id,
                 v.tenant or "-",
@@ -385,15 +433,18 @@ def detail(view: DeadLetterView) -> dict[str, Any]:
 
 
 def render_detail(view: DeadLetterView) -> str:
+    """Text for a terminal: every property and header on one line of its own, values escaped."""
     shown = detail(view)
-    out = [f"id:      {shown['id']}", f"reason:  {shown['reason']}", "properties:"]
-    out += [f"  {k}: {v}" for k, v in shown["properties"].items()]
+    out = [f"id:      {escaped(shown['id'])}", f"reason:  {escaped(shown['reason'])}", "properties:"]
+    out += [f"  {escaped(k)}: {escaped(str(v))}" for k, v in shown["properties"].items()]
     out.append("headers:")
     for key in sorted(shown["headers"]):
         value = shown["headers"][key]
         text = value if isinstance(value, str) else json.dumps(value, default=str)
-        out.append(f"  {key}: {text}")
+        out.append(f"  {escaped(key)}: {escaped(text)}")
     out.append("body:")
     body = shown["body"]
-    out.append(body if isinstance(body, str) else json.dumps(body, indent=2, ensure_ascii=False))
+    # JSON escapes newlines inside strings, so the only newlines left are its own layout (and a text body's).
+    text = body if isinstance(body, str) else json.dumps(body, indent=2, ensure_ascii=False)
+    out += [escaped(line) for line in text.split("\n")]
     return "\n".join(out)

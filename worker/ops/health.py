@@ -1,11 +1,14 @@
 """The HTTP side of a worker: `/healthz` (alive), `/readyz` (able to take work), `/metrics` (Prometheus)."""
 
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, generate_latest
+
+from worker.exit_codes import ExitCode, StartupError
 
 if TYPE_CHECKING:
     from worker.app import WorkerApp
@@ -69,8 +72,8 @@ class HealthServer:
 
 
 @asynccontextmanager
-async def serve_health(app: "WorkerApp", port: int) -> AsyncIterator[HealthServer]:
-    """Serve the app's probes and metrics on `port` until the context exits."""
+async def serve_health(app: "WorkerApp", host: str, port: int) -> AsyncIterator[HealthServer]:
+    """Serve the app's probes and metrics on `host:port` until the context exits."""
     metrics = app.metrics
 
     def checks() -> dict[str, bool]:
@@ -81,8 +84,13 @@ async def serve_health(app: "WorkerApp", port: int) -> AsyncIterator[HealthServe
     metrics.consuming.set_function(lambda: 1 if app.consumer is not None and app.consumer.consuming else 0)
     metrics.ready.set_function(lambda: 1 if all(checks().values()) else 0)
     metrics.tenants.set_function(lambda: len(app.registry.tenants()))
-    server = HealthServer(checks, metrics.registry, port=port)
-    await server.start()
+    server = HealthServer(checks, metrics.registry, host=host, port=port)
+    try:
+        await server.start()
+    except OSError as exc:  # in use, or an address this host does not have
+        await server.stop()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise StartupError(ExitCode.METRICS_PORT_IN_USE, f"cannot serve metrics on {host}:{port}: {reason}") from None
     try:
         yield server
     finally:

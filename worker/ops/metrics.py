@@ -1,16 +1,28 @@
 """Prometheus metrics for one worker, on a registry of its own, fed from each settled delivery."""
 
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Collection
+from typing import Final, get_args
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from contracts import ProviderSettings, Status, Task
 from worker.consumer import Settled
-from worker.outcome import Defer, Reply, Reroute, Retry
+from worker.errors import ErrorClass
+from worker.ops.genai_metrics import GenAIMetrics
+from worker.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
 
 OTHER_TENANT: Final = "other"
+OTHER: Final = "other"  # any label value outside its closed set
 NONE: Final = "none"
+# Every label value comes from a closed set: a value a publisher made up (a task string in a malformed
+# message, say) becomes `other` instead of a new series.
+TASKS: Final = frozenset(t.value for t in Task)
+STATUSES: Final = frozenset(s.value for s in Status)
+_PROVIDER_MODELS = get_args(get_args(ProviderSettings)[0])  # the members of the Annotated union
+PROVIDER_KINDS: Final = frozenset(get_args(model.model_fields["kind"].annotation)[0] for model in _PROVIDER_MODELS)
+RESULTS: Final = frozenset({"replied", "replied+dead_lettered", "dead_lettered", "retried", "deferred", "rerouted"})
+REROUTE_REASONS: Final = frozenset({"no_byoc_config", *(c.value for c in ErrorClass)})
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 # Seconds; LLM calls run from well under a second (summaries on small models) to minutes (large RCAs).
 LATENCY_BUCKETS: Final = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -74,8 +86,10 @@ class Metrics:
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
+        self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
+        self.loop_lag = loop_lag_histogram(r)
 
     def tenant(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id and self._tenant_known(tenant_id) else OTHER_TENANT
@@ -84,14 +98,14 @@ class Metrics:
         """Count one settled delivery. Called on the hot path: label lookups and increments only."""
         tenant = self.tenant(settled.ids.tenant_id)
         outcome = settled.outcome
-        task = settled.ids.task or NONE
+        task = closed(settled.ids.task, TASKS)
         status = NONE
         provider_kind = NONE
         match outcome:
             case Reply(reply=reply, dead_letter=dead):
                 if reply is not None:
-                    status = reply.status.value
-                    provider_kind = reply.provenance.provider_kind or NONE
+                    status = closed(reply.status.value, STATUSES)
+                    provider_kind = closed(reply.provenance.provider_kind, PROVIDER_KINDS)
                     if reply.timings.provider_ms > 0:
                         self.provider_latency.labels(provider_kind, task).observe(reply.timings.provider_ms / 1000)
                     usage = reply.usage
@@ -100,28 +114,29 @@ class Metrics:
                     if usage.output_tokens:
                         self.tokens.labels("output", provider_kind, tenant).inc(usage.output_tokens)
                 elif dead is not None:
-                    provider_kind = dead.provider_kind or NONE
+                    provider_kind = closed(dead.provider_kind, PROVIDER_KINDS)
                 if dead is not None:
-                    self.dead_letters.labels(dead.reason, tenant).inc()
+                    self.dead_letters.labels(closed(dead.reason, DEAD_LETTER_REASONS), tenant).inc()
                 if reply is not None and settled.done == "dead_lettered":
                     # The reply came back unroutable; when the request had no dead letter of its own, the
                     # settler parked it with reason reply_unroutable.
                     self.unroutable.labels("reply").inc()
                     if dead is None:
                         self.dead_letters.labels("reply_unroutable", tenant).inc()
-            case Retry(level=level, provider_kind=kind):
-                provider_kind = kind or NONE
-                self.retries.labels(str(level), tenant).inc()
+            case Retry(level=level, provider_kind=kind, refused_by_circuit=waiting):
+                provider_kind = closed(kind, PROVIDER_KINDS)
+                if not waiting:  # a wait for an open circuit's probe is no retry of a provider call
+                    self.retries.labels(str(level), tenant).inc()
             case Reroute(reason=reason, provider_kind=kind):
-                provider_kind = kind or NONE
+                provider_kind = closed(kind, PROVIDER_KINDS)
                 if settled.done == "rerouted":
-                    self.reroutes.labels(reason, tenant).inc()
+                    self.reroutes.labels(closed(reason, REROUTE_REASONS), tenant).inc()
                 else:
                     self.unroutable.labels("reroute").inc()
                     self.dead_letters.labels("reroute_unroutable", tenant).inc()
             case Defer():
                 pass
-        self.settled.labels(settled.done, status, task, provider_kind, tenant).inc()
+        self.settled.labels(closed(settled.done, RESULTS), status, task, provider_kind, tenant).inc()
 
     def breaker_state(self, tenant_id: str, endpoint: str, state: str) -> None:
         """Record a circuit breaker's new state (`closed`, `open` or `half_open`) for a tenant's endpoint."""
@@ -132,6 +147,13 @@ class Metrics:
             self.breaker.labels(tenant, where, candidate).set(1 if candidate == state else 0)
 
 
+def closed(value: str | None, allowed: Collection[str]) -> str:
+    """`value` if it is one of `allowed`, `none` when absent, else `other`."""
+    if not value:
+        return NONE
+    return value if value in allowed else OTHER
+
+
 def endpoint_label(endpoint: str) -> str:
     """scheme://host[:port]/path: no user info and no query string, which is where credentials hide."""
     parts = urlsplit(endpoint)
@@ -139,3 +161,17 @@ def endpoint_label(endpoint: str) -> str:
         return endpoint.split("?", 1)[0].rsplit("@", 1)[-1]
     port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{parts.hostname}{port}{parts.path}"
+
+
+# Event-loop responsiveness. Seconds: a healthy loop answers within a millisecond or two; anything past 0.1 s
+# delays every tenant's messages, acks and heartbeats at once.
+LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def loop_lag_histogram(registry: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "atlas_worker_event_loop_lag_seconds",
+        "How late the event loop woke a timer: the time it spent busy with something else.",
+        buckets=LOOP_LAG_BUCKETS,
+        registry=registry,
+    )

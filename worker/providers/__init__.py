@@ -15,6 +15,7 @@ from worker.providers.guard import GuardedProvider
 from worker.providers.ollama import OllamaProvider
 from worker.providers.openai_compatible import OpenAICompatibleProvider
 from worker.providers.vertex import VertexProvider
+from worker.tracing import NO_TRACING, Tracing
 
 ProviderFactory = Callable[[ProviderSettings, aiohttp.ClientSession], Provider]
 
@@ -30,9 +31,8 @@ def _azure_openai(settings: ProviderSettings, session: aiohttp.ClientSession) ->
 
 
 def _bedrock(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
-    # aiobotocore brings its own HTTP client; the shared session is not used.
     assert settings.kind == "bedrock"
-    return BedrockProvider(settings)
+    return BedrockProvider(settings, session)
 
 
 def _vertex(settings: ProviderSettings, session: aiohttp.ClientSession) -> Provider:
@@ -62,8 +62,10 @@ class ProviderPool:
         session: aiohttp.ClientSession,
         factories: dict[str, ProviderFactory] | None = None,
         breakers: BreakerBoard | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._session = session
+        self._tracing = tracing
         self._factories = factories if factories is not None else FACTORIES
         self.breakers = breakers or BreakerBoard()
         self._built: dict[str, tuple[ProviderSettings, GuardedProvider]] = {}
@@ -81,7 +83,7 @@ class ProviderPool:
                 code="provider_unsupported",
             )
         inner = factory(tenant.provider, self._session)
-        provider = GuardedProvider(inner, self.breakers.get(tenant.tenant_id, inner.endpoint))
+        provider = GuardedProvider(inner, self.breakers.get(tenant.tenant_id, inner.endpoint), self._tracing)
         self._built[tenant.tenant_id] = (tenant.provider, provider)
         return provider
 

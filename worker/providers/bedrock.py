@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import aioboto3
+import aiohttp
 import orjson
 from aiobotocore.config import AioConfig
-from aiohttp.abc import AbstractResolver
+from aiobotocore.httpsession import AIOHTTPSession
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -18,9 +19,11 @@ from botocore.exceptions import (
     NoCredentialsError,
     ReadTimeoutError,
 )
+from botocore.httpsession import ProxyConfiguration
 from botocore.parsers import ResponseParserError
 
 from contracts import BedrockSettings, ToolCall
+from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult, StructuredOutputMode, ToolSpec
 from worker.providers.http import CONNECT_TIMEOUT_S, CONTEXT_OVERFLOW_PATTERNS, retry_after_seconds
@@ -29,6 +32,7 @@ from worker.secrets import resolve_secret
 
 ROLE_SESSION_NAME = "atlas-inference-worker"
 ROLE_DURATION_S = 3600
+STS_TIMEOUT_S = 30.0
 REFRESH_BEFORE = timedelta(minutes=5)  # re-assume the role this long before its credentials expire
 FINISH = {
     "end_turn": Finish.STOP,
@@ -325,16 +329,42 @@ class AwsCredentials:
         return self.expires_at is None or datetime.now(UTC) < self.expires_at - REFRESH_BEFORE
 
 
+class _NoProxies(ProxyConfiguration):
+    """botocore would route through an environment proxy; the egress policy must see the provider itself."""
+
+    def proxy_url_for(self, url: str) -> str | None:  # type: ignore[override]
+        return None
+
+    def proxy_headers_for(self, proxy_url: str) -> dict[str, str]:
+        return {}
+
+
+def http_session_class(session: aiohttp.ClientSession) -> type[AIOHTTPSession]:
+    """An aiobotocore HTTP session class that sends through the worker's own (egress-guarded) aiohttp session,
+    so Bedrock and STS calls are checked, capped and never redirected like every other provider call."""
+
+    class SharedSession(AIOHTTPSession):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._proxy_config = _NoProxies()
+
+        async def _get_session(self, proxy_url: str | None) -> aiohttp.ClientSession:
+            return session  # not entered into this object's exit stack: the worker closes it
+
+    return SharedSession
+
+
 class BedrockProvider:
     """Calls Converse on `bedrock-runtime` in the tenant's region, with its own or an assumed identity.
 
     A client is opened per call: aioboto3 clients are context managers and the provider has no close hook.
-    The botocore session (and its loaded service model) is shared, so opening one is cheap.
+    The botocore session (and its loaded service model) is shared, so opening one is cheap; connections come
+    from the worker's HTTP session, which also applies the egress policy.
     """
 
     kind = "bedrock"
 
-    def __init__(self, settings: BedrockSettings, resolver: AbstractResolver | None = None) -> None:
+    def __init__(self, settings: BedrockSettings, session: aiohttp.ClientSession) -> None:
         if settings.role_arn is None and (settings.access_key_id is None or settings.secret_access_key is None):
             # Falling back to the worker's own AWS identity would spend the operator's account on a tenant.
             raise ProviderError(
@@ -345,7 +375,7 @@ class BedrockProvider:
         self._settings = settings
         self._family = family_of(settings.model_id)
         self._session = aioboto3.Session()
-        self._resolver = resolver
+        self._http_session_class = http_session_class(session)
         self._credentials: AwsCredentials | None = None
         self._lock = asyncio.Lock()
         self._who = f"Bedrock ({settings.model_id} in {settings.region})"
@@ -374,7 +404,7 @@ class BedrockProvider:
             connect_timeout=min(CONNECT_TIMEOUT_S, read_timeout_s),
             read_timeout=read_timeout_s,
             retries={"mode": "standard", "total_max_attempts": 1},
-            connector_args={"resolver": self._resolver} if self._resolver is not None else None,
+            http_session_cls=self._http_session_class,
         )
 
     async def credentials(self) -> AwsCredentials:
@@ -409,13 +439,17 @@ class BedrockProvider:
             keys = {"aws_access_key_id": source.access_key_id, "aws_secret_access_key": source.secret_access_key}
         who = f"AWS STS (assuming {role_arn})"
         try:
-            async with self._session.client(
-                "sts",
-                region_name=settings.region,
-                endpoint_url=settings.sts_endpoint_url,
-                config=self._config(30.0),
-                **keys,
-            ) as sts:
+            # The shared HTTP session does not apply botocore's timeouts, so the call is bounded here.
+            async with (
+                asyncio.timeout(STS_TIMEOUT_S),
+                self._session.client(
+                    "sts",
+                    region_name=settings.region,
+                    endpoint_url=settings.sts_endpoint_url,
+                    config=self._config(STS_TIMEOUT_S),
+                    **keys,
+                ) as sts,
+            ):
                 answer = await sts.assume_role(**params)
         except ClientError as exc:
             error = classify_client_error(exc, who)
@@ -438,6 +472,8 @@ class BedrockProvider:
         return AwsCredentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], expires)
 
     def _transport_error(self, exc: BaseException, who: str) -> ProviderError:
+        if (refused := egress_error(exc, who)) is not None:
+            return refused
         if isinstance(exc, NoCredentialsError):
             return ProviderError(ErrorClass.AUTH, f"{who}: no AWS credentials to sign with", code="secret_unresolved")
         if isinstance(exc, ResponseParserError):

@@ -1,19 +1,25 @@
 """Wraps a provider with the tenant's timeout and its circuit breaker, so every call is bounded and counted."""
 
 import asyncio
+from collections.abc import Hashable
 
-from worker.breaker import CircuitBreaker
+from worker.breaker import CircuitBreaker, Permit
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.tracing import NO_TRACING, Tracing
 
-# Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up.
+# Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up,
+# and so does a body that does not parse: it came back at once, like an answer that does not validate.
 TRIPS_BREAKER = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
+ANSWERED = frozenset({"malformed_response"})
+CIRCUIT_OPEN = "circuit_open"  # the error code of a call the breaker refused: the provider was not called
 
 
 class GuardedProvider:
-    def __init__(self, provider: Provider, breaker: CircuitBreaker) -> None:
+    def __init__(self, provider: Provider, breaker: CircuitBreaker, tracing: Tracing = NO_TRACING) -> None:
         self._provider = provider
         self.breaker = breaker
+        self._tracing = tracing
 
     @property
     def kind(self) -> str:
@@ -31,31 +37,40 @@ class GuardedProvider:
     def inner(self) -> Provider:
         return self._provider
 
-    async def complete(self, call: ModelCall) -> ModelResult:
-        if not self.breaker.allow():
+    async def complete(
+        self, call: ModelCall, subject: Hashable | None = None, *, failed_before: bool = False
+    ) -> ModelResult:
+        """Call the provider; `subject` (the request id) makes the breaker count each request once, and
+        `failed_before` (it is a retry) keeps its failing again from counting against the endpoint."""
+        permit = self.breaker.admit(subject if subject is not None else object(), failed_before=failed_before)
+        if permit is None:
+            wait_s = self.breaker.retry_after_s()
             raise ProviderError(
                 ErrorClass.TRANSIENT,
-                f"circuit open for {self.endpoint} after repeated failures; next probe in "
-                f"{self.breaker.retry_after_s():.0f}s",
-                code="circuit_open",
-                retry_after_s=self.breaker.retry_after_s(),
+                f"circuit open for {self.endpoint}: most recent requests failed; next probe in {wait_s:.0f}s",
+                code=CIRCUIT_OPEN,
+                retry_after_s=wait_s,
             )
+        with self._tracing.model_call(self, call) as telemetry:  # the GenAI span and metrics of this call
+            return telemetry.answered(await self._bounded(call, permit))
+
+    async def _bounded(self, call: ModelCall, permit: Permit) -> ModelResult:
         try:
             async with asyncio.timeout(call.timeout_s):
                 result = await self._provider.complete(call)
         except TimeoutError:
-            self.breaker.record_failure()
+            self.breaker.failed(permit)
             raise ProviderError(
                 ErrorClass.TRANSIENT, f"{self.endpoint} did not answer within {call.timeout_s:g}s", code="timeout"
             ) from None
         except ProviderError as exc:
-            if exc.error_class in TRIPS_BREAKER:
-                self.breaker.record_failure()
+            if exc.error_class in TRIPS_BREAKER and exc.code not in ANSWERED:
+                self.breaker.failed(permit)
             else:
-                self.breaker.record_success()
+                self.breaker.succeeded(permit)
             raise
         except BaseException:
-            self.breaker.record_nothing()  # cancelled, or a bug: says nothing about the endpoint
+            self.breaker.released(permit)  # cancelled, or a bug: says nothing about the endpoint
             raise
-        self.breaker.record_success()
+        self.breaker.succeeded(permit)
         return result

@@ -6,10 +6,12 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 
 CONTEXT_OVERFLOW_PATTERNS = re.compile(
@@ -120,7 +122,9 @@ def classify_status(status: int, text: str, headers: Mapping[str, str], who: str
 
 
 def transport_error(exc: BaseException, who: str, timeout_s: float) -> ProviderError:
-    """Timeouts and connection failures are transient."""
+    """Timeouts and connection failures are transient; what the egress policy refused is not."""
+    if (refused := egress_error(exc, who)) is not None:
+        return refused
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return ProviderError(ErrorClass.TRANSIENT, f"{who} did not answer within {timeout_s:g}s", code="timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
@@ -152,6 +156,17 @@ def json_object(payload: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def refuse_two_credentials(url: str, headers: Mapping[str, str], who: str) -> None:
+    """HTTP carries one Authorization: a `user:password@` URL and an api_key would both claim it (aiohttp
+    refuses the request), so the tenant admin is told which two settings conflict instead."""
+    if urlsplit(url).username is not None and any(name.lower() == "authorization" for name in headers):
+        raise ProviderError(
+            ErrorClass.BAD_REQUEST,
+            f"{who}: the endpoint has credentials in its URL and an api_key is set too; keep one of them",
+            code="config_invalid",
+        )
+
+
 async def send_json(
     session: aiohttp.ClientSession,
     method: str,
@@ -165,14 +180,17 @@ async def send_json(
 ) -> Any:
     """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError."""
     send_headers = {"Accept": "application/json", **(headers or {})}
+    refuse_two_credentials(url, send_headers, who)
     data = None
     if body is not None:
         data = orjson.dumps(body)
         send_headers["Content-Type"] = "application/json"
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s))
     try:
-        async with session.request(method, url, data=data, headers=send_headers, timeout=timeout) as response:
-            payload = await response.read()
+        async with session.request(
+            method, url, data=data, headers=send_headers, timeout=timeout, allow_redirects=False
+        ) as response:
+            payload = await response.read()  # read and capped by the session's egress policy
             if response.status >= 400:
                 raise classify(response.status, payload, response.headers, who)
     except ProviderError:

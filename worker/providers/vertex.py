@@ -8,11 +8,12 @@ from urllib.parse import quote
 
 import aiohttp
 import google.auth.exceptions
-import google.auth.transport.requests
+import google.auth.transport
 import orjson
 from google.oauth2 import service_account
 
 from contracts import ToolCall, VertexSettings
+from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult
 from worker.providers.http import classify_status, json_object, malformed, retry_after_seconds, send_json
@@ -20,6 +21,8 @@ from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
+TOKEN_TIMEOUT_S = 30.0
+TOKEN_WHO = "the service account's token endpoint"
 LOCATION = re.compile(r"[a-z][a-z0-9-]{1,40}")
 PALM_MODEL = re.compile(r"^(text|chat|code|codechat)-(bison|unicorn|gecko)|^textembedding-gecko")
 FINISH = {
@@ -198,15 +201,77 @@ def parse_generate(data: Any, who: str) -> ModelResult:
         raise malformed(who, f"unexpected shape ({type(exc).__name__}: {exc})") from exc
 
 
+class _TokenResponse(google.auth.transport.Response):
+    def __init__(self, status: int, headers: Mapping[str, str], data: bytes) -> None:
+        self._status, self._headers, self._data = status, headers, data
+
+    @property
+    def status(self) -> int:
+        return self._status
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    @property
+    def data(self) -> bytes:
+        return self._data
+
+
+class LoopTransport(google.auth.transport.Request):
+    """google-auth's HTTP transport, called from its refresh thread, sending through the worker's aiohttp session
+    on the event loop: the token request gets the same egress policy, no redirects and the same response cap."""
+
+    def __init__(self, session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop) -> None:
+        self._session = session
+        self._loop = loop
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> _TokenResponse:
+        sent = self._send(url, method, body, headers, timeout or TOKEN_TIMEOUT_S)
+        return asyncio.run_coroutine_threadsafe(sent, self._loop).result()
+
+    async def _send(
+        self, url: str, method: str, body: bytes | None, headers: Mapping[str, str] | None, timeout_s: float
+    ) -> _TokenResponse:
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+                allow_redirects=False,
+            ) as response:
+                return _TokenResponse(response.status, dict(response.headers), await response.read())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if (refused := egress_error(exc, TOKEN_WHO)) is not None:
+                raise refused from None
+            raise google.auth.exceptions.TransportError(type(exc).__name__) from None  # type: ignore[no-untyped-call]
+
+
+def _short(detail: object) -> str:
+    """google-auth copies the token endpoint's whole error body into its exception: keep a line of it."""
+    return str(detail).replace("\n", " ")[:200]
+
+
 class ServiceAccountToken:
     """An OAuth access token for a service account, cached until google-auth considers it stale.
 
-    google-auth refreshes with blocking HTTP, so the refresh runs in a thread; the lock makes concurrent
-    calls share one refresh instead of each fetching a token.
+    google-auth refreshes with blocking code, so the refresh runs in a thread; its HTTP goes back to the event
+    loop through `LoopTransport`. The lock makes concurrent calls share one refresh instead of each fetching one.
     """
 
-    def __init__(self, read_key: Callable[[], str]) -> None:
+    def __init__(self, read_key: Callable[[], str], session: aiohttp.ClientSession) -> None:
         self._read_key = read_key
+        self._session = session
         self._key: str | None = None
         self._credentials: service_account.Credentials | None = None
         self._lock = asyncio.Lock()
@@ -237,16 +302,17 @@ class ServiceAccountToken:
                 self._credentials, self._key = self._load(key), key
             credentials = self._credentials
             try:
-                await asyncio.to_thread(credentials.refresh, google.auth.transport.requests.Request())
+                transport = LoopTransport(self._session, asyncio.get_running_loop())
+                await asyncio.to_thread(credentials.refresh, transport)
             except google.auth.exceptions.RefreshError as exc:
                 if getattr(exc, "retryable", False):
                     raise ProviderError(
-                        ErrorClass.TRANSIENT, f"the token endpoint failed; try again ({exc.args[0]})"
+                        ErrorClass.TRANSIENT, f"the token endpoint failed; try again ({_short(exc.args[0])})"
                     ) from None
                 raise ProviderError(
                     ErrorClass.AUTH,
                     f"the service account key was rejected by its token endpoint: check service_account "
-                    f"({exc.args[0]})",
+                    f"({_short(exc.args[0])})",
                     code="unauthorized",
                 ) from None
             except google.auth.exceptions.TransportError as exc:
@@ -290,7 +356,7 @@ class VertexProvider:
             f"/publishers/google/models/{quote(settings.model, safe='')}:generateContent"
         )
         self._who = f"Vertex AI ({settings.model} in {settings.project}/{settings.location})"
-        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account))
+        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account), session)
 
     @property
     def endpoint(self) -> str:

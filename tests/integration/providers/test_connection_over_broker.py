@@ -1,20 +1,39 @@
 """Test Connection as a request on the queue: stored and draft configs, and the drafts the worker refuses."""
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from contracts import InferenceReply, Status
+from contracts import InferenceReply, Status, Topology
 from tests.broker import BrokerClient, collect, drain_now
-from tests.conftest import RunningWorker
+from tests.conftest import RunningWorker, start_worker, worker_settings
 from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.fixtures import AWS_KEY_ID, AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, write_provider_tenant
+from tests.fakes.hostile_server import HostileServer, redirect
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 
 pytestmark = pytest.mark.broker
+# The fakes listen on loopback, which drafts from messages may reach only where the operator allows it.
+LOOPBACK = ("127.0.0.0/8", "::1/128")
+
+
+@pytest.fixture
+async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=LOOPBACK))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def default_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
+    """The worker as it starts without --allow-draft-cidr."""
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
+    yield running
+    await running.stop()
 
 
 def connection_request(tenant_id: str, provider: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -130,13 +149,19 @@ async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rero
         ),
         ({"kind": "ollama", "base_url": "http://169.254.169.254/latest", "model": "m"}, "endpoint_refused"),
         ({"kind": "ollama", "base_url": "http://[fe80::a9fe:a9fe]:80", "model": "m"}, "endpoint_refused"),
+        ({"kind": "ollama", "base_url": "http://0.0.0.0:{ollama_port}", "model": "m"}, "endpoint_refused"),
+        ({"kind": "ollama", "base_url": "http://[::ffff:0.0.0.0]:{ollama_port}", "model": "m"}, "endpoint_refused"),
+        ({"kind": "ollama", "base_url": "http://0177.0.0.1:{ollama_port}", "model": "m"}, "endpoint_refused"),
     ],
-    ids=["env-reference", "file-reference", "metadata-address", "link-local-v6"],
+    ids=["env-reference", "file-reference", "metadata-address", "link-local-v6", "unspecified", "mapped", "octal"],
 )
 async def test_draft_that_could_read_secrets_or_probe_the_network_is_rejected(
     provider: dict[str, Any], code: str, client: BrokerClient, worker: RunningWorker, fake_ollama: FakeOllama
 ) -> None:
-    provider = {k: v.replace("{ollama}", fake_ollama.base_url) for k, v in provider.items()}
+    port = fake_ollama.base_url.rsplit(":", 1)[1]
+    provider = {
+        k: v.replace("{ollama}", fake_ollama.base_url).replace("{ollama_port}", port) for k, v in provider.items()
+    }
 
     reply, raw = await ask(client, connection_request("newco", provider))
 
@@ -154,3 +179,41 @@ async def test_tenant_without_config_and_without_draft_is_rejected(client: Broke
     assert reply.status is Status.REJECTED
     assert reply.error is not None
     assert reply.error.code == "no_provider_config"
+
+
+async def test_draft_to_loopback_is_refused_unless_the_operator_allows_it(
+    client: BrokerClient, default_worker: RunningWorker, fake_ollama: FakeOllama
+) -> None:
+    provider = {"kind": "ollama", "base_url": fake_ollama.base_url, "model": "llama3.1:8b"}
+
+    reply, _ = await ask(client, connection_request("newco", provider))
+
+    assert reply.status is Status.REJECTED
+    assert reply.error is not None
+    assert reply.error.code == "endpoint_refused"
+    assert "loopback" in reply.error.message
+    assert fake_ollama.requests == []
+
+
+async def test_draft_redirecting_to_a_refused_address_names_the_redirect_and_never_reaches_it(
+    client: BrokerClient, worker: RunningWorker
+) -> None:
+    target = await HostileServer(host="0.0.0.0").start()
+    redirector = await HostileServer().start()
+    redirector.response = redirect(307, f"http://0.0.0.0:{target.port}/v1/chat/completions")
+    provider = {"kind": "openai_compatible", "base_url": f"{redirector.url()}/v1", "model": "m", "api_key": "sk-x1"}
+    try:
+        reply, raw = await ask(client, connection_request("newco", provider))
+    finally:
+        await redirector.close()
+        await target.close()
+
+    assert reply.status is Status.OK
+    assert reply.result is not None
+    report = reply.result.connection
+    assert report is not None
+    assert report.verdict == "not_ready"
+    [check] = [c for c in report.checks if c.requirement == "connection"]
+    assert "redirecting to http://0.0.0.0:" in check.message
+    assert b"body of the redirect" not in raw
+    assert target.hits == []

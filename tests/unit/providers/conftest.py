@@ -6,9 +6,10 @@ import aiohttp
 import pytest
 
 from tests.fakes.fixtures import _isolated_cloud_sdks, fake_aws, fake_azure, fake_ollama, fake_vertex  # noqa: F401
+from worker.egress import EgressPolicy, egress_session
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+    async with egress_session(EgressPolicy()) as s:
         yield s

@@ -14,9 +14,13 @@ from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, pr
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 from tests.unit.providers.calls import run_test_connection
-from worker.connection_guard import ConfigRefused, GuardedResolver, blocked_address, refuse_unsafe_endpoints
+from worker.connection_guard import ConfigRefused, refuse_unsafe_endpoints
 from worker.connection_test import check_connection, check_draft_from_message
+from worker.egress import EgressPolicy, egress_session
 from worker.providers.bedrock import BedrockProvider
+
+DRAFTS = EgressPolicy(drafts=True)
+LOCAL_DRAFTS = EgressPolicy.for_drafts(["127.0.0.0/8", "::1/128", "10.0.0.0/8"])
 
 
 @pytest.fixture
@@ -198,7 +202,7 @@ async def test_message_config_with_secret_reference_is_refused() -> None:
     )
 
     with pytest.raises(ConfigRefused) as caught:
-        await check_draft_from_message(settings)
+        await check_draft_from_message(settings, DRAFTS)
 
     assert caught.value.code == "secret_reference_refused"
     assert "provider.api_key" in caught.value.message
@@ -210,7 +214,7 @@ async def test_message_config_assuming_a_role_with_the_workers_own_identity_is_r
     )
 
     with pytest.raises(ConfigRefused) as caught:
-        await check_draft_from_message(settings)
+        await check_draft_from_message(settings, DRAFTS)
 
     assert "worker's own AWS identity" in caught.value.message
 
@@ -248,34 +252,18 @@ async def test_message_config_assuming_a_role_with_the_workers_own_identity_is_r
 )
 async def test_message_config_reaching_link_local_or_metadata_is_refused(settings: Any) -> None:
     with pytest.raises(ConfigRefused) as caught:
-        await refuse_unsafe_endpoints(settings)
+        await refuse_unsafe_endpoints(settings, LOCAL_DRAFTS)  # allowed private ranges do not open metadata
 
     assert caught.value.code == "endpoint_refused"
 
 
-async def test_loopback_and_private_endpoints_stay_allowed() -> None:
+async def test_loopback_and_private_draft_endpoints_need_the_operators_allowance() -> None:
     for url in ("http://127.0.0.1:8000/v1", "http://localhost:11434", "http://10.1.2.3:8000/v1"):
-        await refuse_unsafe_endpoints(OpenAICompatibleSettings(kind="openai_compatible", base_url=url, model="m"))
-
-
-def test_blocked_addresses() -> None:
-    assert blocked_address("169.254.169.254")
-    assert blocked_address("::ffff:169.254.169.254")
-    assert blocked_address("fd00:ec2::254")
-    assert blocked_address("0.0.0.0")
-    assert not blocked_address("127.0.0.1")
-    assert not blocked_address("::1")
-    assert not blocked_address("192.168.1.10")
-
-
-async def test_guarded_resolver_never_hands_out_a_metadata_address() -> None:
-    resolver = GuardedResolver()
-    try:
-        with pytest.raises(OSError, match="refused"):
-            await resolver.resolve("169.254.169.254", 80)
-        assert [r["host"] for r in await resolver.resolve("127.0.0.1", 80)] == ["127.0.0.1"]
-    finally:
-        await resolver.close()
+        settings = OpenAICompatibleSettings(kind="openai_compatible", base_url=url, model="m")
+        with pytest.raises(ConfigRefused) as caught:
+            await refuse_unsafe_endpoints(settings, DRAFTS)
+        assert caught.value.code == "endpoint_refused"
+        await refuse_unsafe_endpoints(settings, LOCAL_DRAFTS)
 
 
 async def test_configuration_the_sdk_refuses_is_reported_not_crashed() -> None:
@@ -290,7 +278,8 @@ async def test_configuration_the_sdk_refuses_is_reported_not_crashed() -> None:
         }
     )
 
-    report = await check_connection(settings, lambda _: BedrockProvider(settings))
+    async with egress_session(EgressPolicy()) as session:
+        report = await check_connection(settings, lambda _: BedrockProvider(settings, session))
 
     assert report.verdict == "not_ready"
     assert report.reachable is False
@@ -375,3 +364,22 @@ async def test_credentials_in_the_endpoint_url_are_not_in_the_report(
     assert "Test Connection: ollama llama3.1:8b at http://" in out
     for secret in secrets:
         assert secret not in out
+
+
+async def test_a_password_in_the_url_and_an_api_key_together_are_a_named_conflict_not_a_crash(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_KEY", "sk-test-fake")
+    url = fake_openai.base_url.replace("://", "://svc:pa55-in-url@")
+    path = tmp_path / "draft.toml"
+    path.write_text(provider_toml("openai_compatible", url, api_key='"env:ATLAS_TEST_KEY"'))
+
+    code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert (report.reachable, report.verdict) == (False, "not_ready")
+    [check] = report.checks
+    assert "credentials in its URL and an api_key" in check.message
+    assert "pa55-in-url" not in out
+    assert fake_openai.requests == []

@@ -1,0 +1,364 @@
+"""A hostile publisher on the real broker: oversized bodies and headers, out-of-range integers, forged worker
+headers, probe floods, label floods, and publishers restricted by AMQP user, tenant and reply_to."""
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+
+from contracts import Header, Topology
+from tests import samples
+from tests.broker import BrokerClient, collect, drain_now, json_body
+from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
+from tests.ops.scrape import Samples
+from worker.consumer import MAX_BODY_BYTES, Settled
+from worker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
+from worker.publishers import PublisherRules
+
+pytestmark = pytest.mark.broker
+
+
+def count_reconnects(running: RunningWorker) -> list[object]:
+    """Every time the worker's broker connection is re-established (the broker closed it)."""
+    reconnects: list[object] = []
+    assert running.app.connection is not None
+    running.app.connection.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+    return reconnects
+
+
+async def dead_letters(client: BrokerClient, count: int) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    dead = await client.channel.get_queue(client.topology.dead)
+    return await collect(dead, count, 30)
+
+
+async def publish(client: BrokerClient, body: bytes | dict[str, Any], **properties: Any) -> None:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    exchange = await client.channel.get_exchange(client.topology.requests, ensure=False)
+    message = aio_pika.Message(raw, content_type="application/json", **properties)
+    await exchange.publish(message, "request")
+
+
+# --- 4: bounded bodies, headers and integers -----------------------------------------------------------------
+
+
+async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_headers_saying_why(
+    client: BrokerClient, worker: RunningWorker
+) -> None:
+    body = b'{"request_id": "huge", "padding": "' + b"x" * (MAX_BODY_BYTES + 1000) + b'"}'
+    replies = await client.reply_queue()
+    await client.publish_request(body, reply_to=replies.name, correlation_id="huge")
+
+    [reply] = await collect(replies, 1)
+    [dead] = await dead_letters(client, 1)
+
+    assert json_body(reply)["error"]["code"] == "body_too_large"
+    assert len(dead.body) == DEAD_LETTER_BODY_PREFIX_BYTES
+    assert body.startswith(dead.body)
+    assert dead.headers[Header.BODY_TRUNCATED] is True
+    assert dead.headers[Header.ORIGINAL_BODY_BYTES] == len(body)
+    assert dead.headers[Header.ERROR_CODE] == "body_too_large"
+
+
+def big_headers(total_bytes: int) -> dict[str, Any]:
+    """Publisher headers that together come close to the 128 KiB frame: the publish itself still fits."""
+    piece = 16 * 1024
+    headers = {f"x-pad-{n}": "p" * piece for n in range(total_bytes // piece)}
+    headers["x-pad-rest"] = "p" * (total_bytes % piece)
+    return headers
+
+
+async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_other_tenants(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    reconnects = count_reconnects(worker)
+    replies = await client.reply_queue()
+    # Malformed, so the worker dead-letters it: a copy with the publisher's headers plus its own.
+    await client.publish_request(b"{not json", headers=big_headers(129_000), reply_to=replies.name)
+    for n in range(5):
+        await client.publish_request(samples.request("acme", request_id=f"after-{n}"), reply_to=replies.name)
+
+    answered = [json_body(m) for m in await collect(replies, 6)]
+    [dead] = await dead_letters(client, 1)
+
+    assert sorted(r["status"] for r in answered) == ["ok"] * 5 + ["rejected"]
+    assert dead.headers[Header.REASON] == "malformed"
+    assert isinstance(dropped := dead.headers[Header.HEADERS_DROPPED], int)
+    assert dropped >= 1
+    assert "x-death" not in dead.headers  # the worker settled it, not the broker's delivery limit
+    assert reconnects == []
+
+
+@pytest.mark.parametrize("attempts", [2**63 - 1, -(2**63), -5, True, "3", 2.5])
+async def test_attempts_header_out_of_range_or_of_the_wrong_type_never_loops_the_message(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, attempts: Any
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
+    worker.app.registry.refresh()
+    fake_openai.always = Fault("server_error")
+    reconnects = count_reconnects(worker)
+    replies = await client.reply_queue()
+    # A forged x-death, as if back from the ladder: without a header key the worker believes it.
+    forged_death = [{"queue": client.topology.retry_queue(0), "reason": "expired", "count": 1}]
+    await client.publish_request(
+        samples.request("acme"), reply_to=replies.name, headers={Header.ATTEMPTS: attempts, "x-death": forged_death}
+    )
+
+    [reply] = await collect(replies, 1)
+    [dead] = await dead_letters(client, 1)
+
+    assert json_body(reply)["status"] == "failed"
+    assert dead.headers[Header.REASON] == "exhausted"
+    attempts_written = dead.headers[Header.ATTEMPTS]
+    assert isinstance(attempts_written, int)
+    assert 1 <= attempts_written <= MAX_COUNT + 1  # the clamped count plus this attempt
+    assert json_body(reply)["provenance"]["attempts"] == dead.headers[Header.ATTEMPTS]
+    assert reconnects == []
+
+
+# --- 5: probes count against the tenant's concurrency ---------------------------------------------------------
+
+
+async def test_a_flood_of_hanging_probes_does_not_delay_another_tenants_request(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    hanging, healthy = FakeOpenAI(), FakeOpenAI()
+    await hanging.start()
+    await healthy.start()
+    hanging.always = Fault("hang")
+    write_tenant(tenants_dir, "prober", hanging.base_url, timeout_s=3, max_concurrency=2)
+    write_tenant(tenants_dir, "acme", healthy.base_url)
+    order: list[Settled] = []
+    from worker.app import WorkerApp
+
+    app = WorkerApp(worker_settings(amqp_url, topology, tenants_dir), on_settled=order.append)
+    task = asyncio.create_task(app.run())
+    await asyncio.wait_for(app.ready.wait(), 30)
+    try:
+        replies = await client.reply_queue()
+        for n in range(70):
+            probe = samples.request("prober", "test_connection", request_id=f"probe-{n}")
+            probe.pop("incident", None)
+            await client.publish_request(probe, reply_to=replies.name)
+        await client.publish_request(samples.request("acme", request_id="other"), reply_to=replies.name)
+
+        [first] = await collect(replies, 1, timeout_s=30)
+    finally:
+        app.stop()
+        await asyncio.wait_for(task, 60)
+        await hanging.close()
+        await healthy.close()
+
+    # Answered while the probes still hang (each waits out its 3 s timeout), not after them.
+    assert json_body(first)["request_id"] == "other"
+    replied = [s.ids.request_id for s in order if s.done == "replied"]
+    assert replied[0] == "other"
+
+
+# --- 6: closed label sets -------------------------------------------------------------------------------------
+
+
+async def test_hostile_task_values_add_no_metric_series(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    from prometheus_client import generate_latest
+
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    worker.app.registry.refresh()
+    replies = await client.reply_queue()
+    hostile = [f"task-{uuid.uuid4().hex}" for _ in range(30)] + ["\n", 'x"}', "rca\x00"]
+    for task in hostile:
+        await client.publish_request({**samples.request("acme"), "task": task}, reply_to=replies.name)
+    await client.publish_request(samples.request("acme"), reply_to=replies.name)
+    await collect(replies, len(hostile) + 1)
+    await dead_letters(client, len(hostile))
+
+    scraped = Samples(generate_latest(worker.app.metrics.registry).decode())
+    tasks = {labels["task"] for name, labels, _ in scraped.rows if "task" in labels}
+    assert tasks <= {"rca", "runbook", "summary", "chat", "test_connection", "other", "none"}
+    assert "other" in tasks
+    settled = [row for row in scraped.rows if row[0] == "atlas_worker_settled_total"]
+    assert len(settled) <= 3
+
+
+# --- 8: worker headers are not trusted from publishers ---------------------------------------------------------
+
+
+FORGED = {
+    Header.ATTEMPTS: 2,
+    Header.FIRST_FAILURE_AT: "2001-01-01T00:00:00+00:00",
+    Header.ORIGINAL_EXCHANGE: "forged-exchange",
+    Header.ORIGINAL_ROUTING_KEY: "forged-key",
+    Header.REROUTED_FROM_TENANT: "victim",
+    Header.REROUTED_AT: "2001-01-01T00:00:00+00:00",
+    Header.DEAD_LETTER_ID: "forged-id",
+}
+
+
+@pytest.mark.parametrize("header_key", [None, "env:ATLAS_TEST_HEADER_KEY"])
+async def test_forged_worker_headers_on_a_fresh_publish_neither_skip_the_ladder_nor_forge_provenance(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    header_key: str | None,
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3)
+    fake_openai.always = Fault("server_error")
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, header_key=header_key))
+    try:
+        replies = await client.reply_queue()
+        await client.publish_request(samples.request("acme"), reply_to=replies.name, headers=FORGED)
+        [reply] = await collect(replies, 1)
+        [dead] = await dead_letters(client, 1)
+    finally:
+        await running.stop()
+
+    assert json_body(reply)["provenance"]["attempts"] == 3
+    assert len(fake_openai.requests) == 3  # every attempt of the ladder was made
+    assert dead.headers[Header.ATTEMPTS] == 3
+    assert dead.headers[Header.ORIGINAL_EXCHANGE] == topology.requests
+    assert dead.headers[Header.ORIGINAL_ROUTING_KEY] == "request"
+    assert str(dead.headers[Header.FIRST_FAILURE_AT]) > "2026"
+    assert Header.REROUTED_FROM_TENANT not in dead.headers
+    assert dead.headers[Header.DEAD_LETTER_ID] != "forged-id"
+
+
+async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believed(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
+    fake_openai.always = Fault("server_error")
+    running = await start_worker(
+        worker_settings(amqp_url, topology, tenants_dir, header_key="env:ATLAS_TEST_HEADER_KEY")
+    )
+    try:
+        replies = await client.reply_queue()
+        await client.publish_request(samples.request("acme", request_id="first"), reply_to=replies.name)
+        [dead] = await dead_letters(client, 1)
+        stolen = {k: v for k, v in dead.headers.items() if k in (Header.ATTEMPTS, Header.SIGNATURE)}
+        await collect(replies, 1)
+        await client.publish_request(
+            samples.request("acme", request_id="second"), reply_to=replies.name, headers=stolen
+        )
+        [reply] = await collect(replies, 1)
+    finally:
+        await running.stop()
+
+    assert json_body(reply)["request_id"] == "second"
+    assert json_body(reply)["provenance"]["attempts"] == 2
+    assert len(fake_openai.requests) == 4
+
+
+# --- 8: who may publish what ---------------------------------------------------------------------------------
+
+
+async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path, fake_openai: FakeOpenAI
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    write_tenant(tenants_dir, "globex", fake_openai.base_url)
+    rules = PublisherRules.parse(["guest=acme"], ["replies-*"])
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, publishers=rules))
+    try:
+        replies = await client.reply_queue()
+        victim = await client.channel.declare_queue(f"victim-{uuid.uuid4().hex[:8]}", exclusive=True)
+        await publish(client, samples.request("acme", request_id="allowed"), user_id="guest", reply_to=replies.name)
+        await publish(client, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
+        await publish(
+            client, samples.request("globex", request_id="other-tenant"), user_id="guest", reply_to=replies.name
+        )
+        await publish(
+            client,
+            samples.request("acme", request_id="injected"),
+            user_id="guest",
+            reply_to=victim.name,
+            correlation_id="their-rpc",
+        )
+        answered = {json_body(m)["request_id"]: json_body(m) for m in await collect(replies, 3)}
+        refused = await dead_letters(client, 3)
+        injected = await drain_now(victim)
+    finally:
+        await running.stop()
+
+    assert answered["allowed"]["status"] == "ok"
+    assert answered["anonymous"]["status"] == "rejected"
+    assert answered["anonymous"]["error"]["code"] == "publisher_refused"
+    assert answered["other-tenant"]["error"]["code"] == "publisher_refused"
+    assert injected == []  # nothing is ever sent to a reply_to outside the allowed names
+    assert {m.headers[Header.REASON] for m in refused} == {"publisher_refused"}
+    assert {json_body(m)["request_id"] for m in refused} == {"anonymous", "other-tenant", "injected"}
+
+
+async def test_the_broker_refuses_a_user_id_that_is_not_the_connections_user(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
+    try:
+        channel = await client.connection.channel()
+        exchange = await channel.get_exchange(topology.requests, ensure=False)
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await exchange.publish(aio_pika.Message(b"{}", user_id="admin"), "request")
+    finally:
+        await running.stop()
+
+
+# --- 7: dead letters belong to the worker ----------------------------------------------------------------------
+
+
+async def test_dead_letters_get_worker_ids_so_a_shared_message_id_cannot_purge_someone_elses(
+    amqp_url: str, client: BrokerClient, worker: RunningWorker, topology: Topology
+) -> None:
+    await publish(client, b"{real dead letter", message_id="same-id")
+    await publish(client, b"{attacker's copy", message_id="same-id")
+    await wait_for_dead_letters(client, 2)
+
+    listed = await dlq(amqp_url, topology, "list", "--json")
+    ids = [row["id"] for row in json.loads(listed.stdout)]
+    purged = await dlq(amqp_url, topology, "purge", ids[1], "--yes")
+    left = await dlq(amqp_url, topology, "list", "--json")
+
+    assert len(set(ids)) == 2
+    assert "same-id" not in ids
+    assert purged.code == 0, purged.stderr
+    assert "deleted 1 " in purged.stdout
+    assert [row["id"] for row in json.loads(left.stdout)] == [ids[0]]
+
+
+async def test_dlq_output_escapes_control_characters_and_cannot_be_made_to_print_forged_rows(
+    amqp_url: str, client: BrokerClient, worker: RunningWorker, topology: Topology
+) -> None:
+    forged_row = "FORGED  acme  rca  exhausted  -  1  1s"
+    body = orjson.dumps({"request_id": "r\x1b[2J", "tenant_id": f"acme\n{forged_row}", "task": "rca"})
+    await publish(client, body, app_id="\x1b]0;pwned\x07", correlation_id=f"c\n{forged_row}")
+    await wait_for_dead_letters(client, 1)
+
+    listed = await dlq(amqp_url, topology, "list")
+    [row] = json.loads((await dlq(amqp_url, topology, "list", "--json")).stdout)
+    shown = await dlq(amqp_url, topology, "show", row["id"])
+
+    assert listed.code == 0, listed.stderr
+    assert shown.code == 0, shown.stderr
+    assert len(listed.stdout.splitlines()) == 2  # the column names and one row
+    for output in (listed.stdout, shown.stdout):
+        assert "\x1b" not in output
+        assert "\x07" not in output
+        assert not any(line.startswith("FORGED") for line in output.splitlines())
+    assert "\\n" in listed.stdout  # the newline is shown, escaped

@@ -1,0 +1,148 @@
+"""Bounds without a broker: header tables that always fit a frame, clamped counts, which worker headers are
+believed, escaped operator output, probe slots, closed metric labels, the security flags."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pamqp.encode import field_table
+
+from contracts import ErrorInfo, Header, Topology
+from tests.ops.cli import atlas_worker
+from tests.unit.test_operations_metrics import reply, scrape
+from worker.consumer import Settled
+from worker.exit_codes import StartupError
+from worker.handler import PROBES_IN_FLIGHT, TenantSlots
+from worker.header_trust import HeaderTrust, load_key
+from worker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers, read_count
+from worker.ops.dlq import escaped
+from worker.ops.metrics import Metrics
+from worker.outcome import DeadLetter, Reply, RequestIds
+
+TOPOLOGY = Topology("t")
+KEY = b"k" * 32
+
+
+def test_publisher_headers_are_dropped_before_ours_so_the_table_fits_the_budget() -> None:
+    publisher = {f"x-pad-{n}": "p" * 16_000 for n in range(8)}
+    ours = {Header.REASON: "malformed", Header.ERROR_MESSAGE: "m" * 1000}
+
+    headers = bounded_headers(publisher, ours)
+
+    assert len(field_table(headers)) <= HEADER_BUDGET_BYTES
+    assert headers[Header.REASON] == "malformed"
+    assert headers[Header.HEADERS_DROPPED] == 8 - sum(k.startswith("x-pad") for k in headers)
+    assert headers[Header.HEADERS_DROPPED] >= 2
+
+
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, [1, 2**64], {"nested": 2**70}, object()])
+def test_a_header_that_cannot_be_encoded_is_dropped_not_fatal(value: Any) -> None:
+    headers = bounded_headers({"x-odd": value, "x-fine": "yes"}, {Header.REASON: "malformed"})
+    assert "x-odd" not in headers
+    assert headers["x-fine"] == "yes"
+    assert headers[Header.HEADERS_DROPPED] == 1
+    field_table(headers)  # encodes
+
+
+def test_nothing_dropped_means_no_drop_header() -> None:
+    assert bounded_headers({"x-a": 1}, {"atlas-b": 2}) == {"x-a": 1, "atlas-b": 2}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(3, 3), (2**63 - 1, MAX_COUNT), (-1, 0), (-(2**63), 0), (True, 0), ("3", 0), (2.5, 0), (None, 0)],
+)
+def test_counts_read_from_headers_are_clamped(value: Any, expected: int) -> None:
+    assert read_count({Header.ATTEMPTS: value}, Header.ATTEMPTS) == expected
+
+
+def test_a_body_over_the_limit_is_cut_to_a_prefix_with_headers_saying_so() -> None:
+    assert bounded_body(b"small", 10) == (b"small", {})
+    body, cut = bounded_body(b"x" * 200_000, 100_000)
+    assert len(body) < 100_000
+    assert cut == {Header.BODY_TRUNCATED: True, Header.ORIGINAL_BODY_BYTES: 200_000}
+
+
+def test_signed_headers_are_believed_only_for_their_own_request_and_values() -> None:
+    trust = HeaderTrust(TOPOLOGY, KEY)
+    ours = {Header.ATTEMPTS: 2, Header.FIRST_FAILURE_AT: "2026-01-01T00:00:00+00:00", Header.REASON: "x"}
+    signed = {**ours, **trust.signature("r-1", ours)}
+
+    assert trust.believed(signed, "r-1") == {k: v for k, v in ours.items() if k != Header.REASON}
+    assert trust.believed(signed, "r-2") == {}
+    assert trust.believed({**signed, Header.ATTEMPTS: 9}, "r-1") == {
+        Header.FIRST_FAILURE_AT: ours[Header.FIRST_FAILURE_AT]
+    }
+    assert HeaderTrust(TOPOLOGY, b"another key!!!!!").believed(signed, "r-1") == {}
+    assert trust.believed(ours, "r-1") == {}  # unsigned
+
+
+def test_without_a_key_only_a_message_back_from_a_retry_level_is_believed() -> None:
+    trust = HeaderTrust(TOPOLOGY)
+    attempts = {Header.ATTEMPTS: 2}
+    from_ladder = [{"queue": "t.retry.3", "reason": "expired"}]
+    assert trust.believed({**attempts, "x-death": from_ladder}, "r") == attempts
+    assert trust.believed(attempts, "r") == {}
+    assert trust.believed({**attempts, "x-death": [{"queue": "other.retry.3", "reason": "expired"}]}, "r") == {}
+    assert trust.believed({**attempts, "x-death": [{"queue": "t.requests", "reason": "rejected"}]}, "r") == {}
+    assert trust.signature("r", attempts) == {}
+
+
+def test_the_header_key_is_a_reference_read_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADER_KEY", "0123456789abcdef0123")
+    assert load_key("env:HEADER_KEY") == b"0123456789abcdef0123"
+    assert load_key(None) is None
+    monkeypatch.setenv("SHORT_KEY", "short")
+    with pytest.raises(StartupError, match="at least"):
+        load_key("env:SHORT_KEY")
+    with pytest.raises(StartupError, match="MISSING_KEY"):
+        load_key("env:MISSING_KEY")
+
+
+@pytest.mark.parametrize("text", ["a\nFORGED row", "\x1b[2J", "\x1b]0;title\x07", "\u202eevil", "\x9b31m"])
+def test_operator_output_escapes_control_characters(text: str) -> None:
+    shown = escaped(text)
+    assert shown.isprintable()
+    assert "\n" not in shown
+
+
+def test_probes_share_the_tenants_slots_and_a_worker_wide_cap() -> None:
+    slots = TenantSlots()
+    assert slots.try_acquire_probe("acme", 2)
+    assert slots.try_acquire_probe("acme", 2)
+    assert not slots.try_acquire_probe("acme", 2)
+    slots.release_probe("acme")
+    assert slots.try_acquire_probe("acme", 2)
+    taken = sum(slots.try_acquire_probe(f"tenant-{n}", 2) for n in range(100))
+    assert taken == PROBES_IN_FLIGHT - 2
+
+
+def test_label_values_a_publisher_makes_up_fold_into_other() -> None:
+    metrics = Metrics({"acme"}.__contains__)
+    error = ErrorInfo(code="invalid_request", message="m")
+    for n in range(20):
+        outcome = Reply(None, DeadLetter(f"reason-{n}", error, provider_kind=f"kind-{n}"))
+        metrics.observe(Settled(RequestIds("r", "acme", f"task-{n}"), outcome, f"done-{n}", 1.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 1.0))
+
+    rows = scrape(metrics).rows
+    labels = {(k, v) for _, row_labels, _ in rows for k, v in row_labels.items()}
+    assert {v for k, v in labels if k == "task"} == {"other", "rca"}
+    assert {v for k, v in labels if k == "reason"} == {"other"}
+    assert {v for k, v in labels if k == "result"} == {"other", "replied"}
+    assert {v for k, v in labels if k == "provider_kind"} == {"other", "azure_openai"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--header-key", "the-key-itself"], "takes a reference"),
+        (["--publisher", "no-tenants"], "expected USER=TENANT"),
+    ],
+)
+async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str], message: str, tmp_path: Path) -> None:
+    result = await atlas_worker("run", "--tenants", str(tmp_path), *flags)
+    assert result.code == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "the-key-itself" not in result.stderr

@@ -1,0 +1,121 @@
+"""Which of the worker's own headers on a delivery to believe: the ones it signed, or, without a header key,
+the ones on a message the broker brought back from the worker's retry ladder.
+
+A publisher can write any header, `atlas-attempts` included. Believing one on a fresh publish would let it
+skip the retry ladder or forge where a request came from, so these headers count only when vouched for:
+
+- with a header key (`--header-key`), by an HMAC-SHA256 per header, over the request id, the header's name
+  and its value, kept in the `atlas-signature` table (a header a replay strips does not void the others);
+- without one, by the broker's `x-death`: the latest death must be a TTL expiry on one of `{ns}.retry.*`.
+  A publisher can forge `x-death` too, so production deployments should set a key.
+
+Headers not vouched for are ignored, as if the request were fresh; the request itself is not refused."""
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from typing import Any, Final
+
+from pydantic import SecretStr
+
+from contracts import Header, Topology
+from worker.errors import ProviderError
+from worker.exit_codes import ExitCode, StartupError
+from worker.secrets import resolve_secret
+
+# The worker's headers that change what it does with a request, or that claim where it came from.
+VOUCHED: Final = (
+    Header.ATTEMPTS,
+    Header.DEFERRALS,
+    Header.FIRST_FAILURE_AT,
+    Header.ORIGINAL_EXCHANGE,
+    Header.ORIGINAL_ROUTING_KEY,
+    Header.REROUTED_FROM_TENANT,
+    Header.REROUTED_AT,
+    Header.RETRY_LEVEL,
+    Header.SETTLE_SEQ,
+    Header.REDELIVERIES,
+    Header.CIRCUIT_WAITS,
+    # The last real provider error, which a circuit wait carries on beside `circuit_open`.
+    Header.ERROR_CODE,
+    Header.ERROR_CLASS,
+    Header.ERROR_MESSAGE,
+    Header.PROVIDER_KIND,
+    Header.LAST_FAILURE_AT,
+)
+MIN_KEY_BYTES: Final = 16
+
+
+def load_key(reference: str | None) -> bytes | None:
+    """The header key behind `env:NAME` or `file:/path`, read when the worker starts; None when unset."""
+    if reference is None:
+        return None
+    try:
+        key = resolve_secret(SecretStr(reference)).encode()
+    except ProviderError as exc:
+        raise StartupError(ExitCode.USAGE, f"--header-key: {exc.message}") from None
+    if len(key) < MIN_KEY_BYTES:
+        raise StartupError(ExitCode.USAGE, f"--header-key: the key must be at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+class HeaderTrust:
+    """Signs the worker's headers on the copies it publishes, and says which ones on a delivery to believe."""
+
+    def __init__(self, topology: Topology, key: bytes | None = None) -> None:
+        self._retry_prefix = f"{topology.namespace}.retry."
+        self._key = key
+
+    @property
+    def signing(self) -> bool:
+        return self._key is not None
+
+    def believed(self, headers: Mapping[str, Any] | None, request_id: str | None) -> dict[str, Any]:
+        """The vouched-for headers of a delivery; an empty dict for a fresh (or forged) one."""
+        headers = headers or {}
+        present = {name: headers[name] for name in VOUCHED if name in headers}
+        if not present or request_id is None:
+            return {}
+        if self._key is None:
+            return present if self._back_from_ladder(headers) else {}
+        signatures = headers.get(Header.SIGNATURE)
+        if not isinstance(signatures, Mapping):
+            return {}
+        return {
+            name: value
+            for name, value in present.items()
+            if (mac := self._mac(request_id, name, value)) is not None
+            and isinstance(signature := signatures.get(name), str)
+            and hmac.compare_digest(signature, mac)
+        }
+
+    def signature(self, request_id: str | None, headers: Mapping[str, Any]) -> dict[str, Any]:
+        """`{atlas-signature: {name: mac}}` for the vouched-for headers a copy carries (nothing without a key)."""
+        if self._key is None or request_id is None:
+            return {}
+        macs = {name: mac for name in VOUCHED if name in headers if (mac := self._mac(request_id, name, headers[name]))}
+        return {Header.SIGNATURE: macs} if macs else {}
+
+    def _mac(self, request_id: str, name: str, value: Any) -> str | None:
+        if self._key is None or isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        # Type-tagged and NUL-separated, so no value of one header can pass for another's.
+        message = "\0".join((request_id, name, type(value).__name__, str(value))).encode()
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def _back_from_ladder(self, headers: Mapping[str, Any]) -> bool:
+        deaths = headers.get("x-death")
+        if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], Mapping):
+            return False
+        latest = deaths[0]  # RabbitMQ keeps the most recent death first
+        queue, reason = latest.get("queue"), latest.get("reason")
+        if isinstance(queue, bytes):
+            queue = queue.decode("utf-8", "replace")
+        if isinstance(reason, bytes):
+            reason = reason.decode("utf-8", "replace")
+        return (
+            isinstance(queue, str)
+            and queue.startswith(self._retry_prefix)
+            and queue.removeprefix(self._retry_prefix).isdigit()
+            and reason == "expired"
+        )

@@ -1,0 +1,53 @@
+"""Who may publish what: optional rules on the AMQP user, the tenants it may name, and allowed reply_to names.
+
+RabbitMQ refuses a publish whose `user_id` property is not the connection's own user, so once rules are set
+`user_id` says who published; a request without one, from a user not listed, for a tenant its user may not
+name, or with a `reply_to` matching no allowed pattern is refused (rejected and dead-lettered)."""
+
+import fnmatch
+from dataclasses import dataclass, field
+
+ANY_TENANT = "*"
+
+
+@dataclass(frozen=True)
+class PublisherRules:
+    """`users` maps an AMQP user to the tenant ids it may publish for (`*`: any); empty means no restriction.
+    `reply_to` holds shell-style patterns (`replies-*`); empty means any name."""
+
+    users: dict[str, frozenset[str]] = field(default_factory=dict)
+    reply_to: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, users: list[str], reply_to: list[str]) -> "PublisherRules":
+        """From `--publisher USER=TENANT[,TENANT…]` and `--reply-to PATTERN` flags."""
+        parsed: dict[str, frozenset[str]] = {}
+        for rule in users:
+            user, _, tenants = rule.partition("=")
+            names = frozenset(t.strip() for t in tenants.split(",") if t.strip())
+            if not user.strip() or not names:
+                raise ValueError(f"publisher rule {rule!r}: expected USER=TENANT[,TENANT…] (or USER=*)")
+            parsed[user.strip()] = parsed.get(user.strip(), frozenset()) | names
+        return cls(parsed, tuple(reply_to))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.users or self.reply_to)
+
+    def refusal(self, user_id: str | None, tenant_id: str | None, reply_to: str | None) -> str | None:
+        """Why this publish is not allowed, or None when it is."""
+        if self.users:
+            if not user_id or user_id not in self.users:
+                return "the message's user_id is not a publisher allowed by the worker's --publisher rules"
+            allowed = self.users[user_id]
+            if ANY_TENANT not in allowed and tenant_id not in allowed:
+                return "this publisher may not send requests for this tenant"
+        if reply_to is not None and not self.reply_to_allowed(reply_to):
+            return "reply_to is not one of the names the worker's --reply-to rules allow"
+        return None
+
+    def reply_to_allowed(self, reply_to: str) -> bool:
+        if not self.reply_to:
+            return True
+        # fnmatchcase: the same on every platform; `isprintable` keeps control characters out of names.
+        return reply_to.isprintable() and any(fnmatch.fnmatchcase(reply_to, p) for p in self.reply_to)
