@@ -1,6 +1,7 @@
 """Shared fixtures: a broker (skips locally without one, fails in CI), a namespace per test, fakes, a worker."""
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from contracts import Topology
 from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
@@ -19,6 +21,17 @@ from worker.log import configure_logging
 from worker.settings import WorkerSettings
 
 configure_logging("warning", cache=False)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For a test that sets the worker's logging up itself (on its captured stderr, say): the logging set up
+    before comes back after, so later tests never write to that test's closed capture."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers = root.handlers[:]
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,12 @@
 """No secret is ever echoed: replies, headers, dead letters, `dlq show/list`, log lines and Test Connection reports."""
 
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-import structlog
 
 from contracts import Header, InferenceReply, Status, Topology
 from tests import samples
@@ -82,17 +80,6 @@ async def test_a_401_body_quoting_the_key_reaches_no_reply_header_or_dlq_output(
 
 
 @pytest.fixture
-def json_logs(capsys: pytest.CaptureFixture[str]) -> Iterator[pytest.CaptureFixture[str]]:
-    """Captured stderr, for a test that sets the worker's JSON logging up on it (in its body: only there is
-    stderr the capture's); the logging set up before comes back after, so later tests never write to it."""
-    saved, root = structlog.get_config(), logging.getLogger()
-    handlers = root.handlers[:]
-    yield capsys
-    structlog.configure(**saved)
-    root.handlers[:] = handlers
-
-
-@pytest.fixture
 async def breaking_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
     running = await start_worker(
         worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
@@ -106,7 +93,8 @@ async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
     breaking_worker: RunningWorker,
     fake_openai: FakeOpenAI,
     tenants_dir: Path,
-    json_logs: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
 ) -> None:
     configure_logging("info", cache=False)  # the worker's own JSON lines, written to the captured stderr
     fake_openai.api_key = None  # the URL's own credentials are the only ones: no bearer key beside them
@@ -129,7 +117,7 @@ async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
     assert tested.result is not None
     assert tested.result.connection is not None
     assert tested.result.connection.endpoint == f"{fake_openai.base_url}?api-key=***"
-    logs = json_logs.readouterr().err
+    logs = capsys.readouterr().err
     assert '"event":"circuit_open"' in logs
     for raw in (first_raw, second_raw, keyed_raw, tested_raw, logs.encode()):
         assert URL_PASSWORD.encode() not in raw

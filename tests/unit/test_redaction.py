@@ -1,7 +1,6 @@
 """The redaction facility: secrets masked by value, URL and shape, in text, message bodies and log lines."""
 
 import logging
-from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -135,12 +134,6 @@ def test_bodies_without_secrets_are_left_alone_and_bodies_that_are_not_json_are_
     assert masked is not None
     assert KEY_MATERIAL.encode() not in masked
     assert masked.endswith(b"\xff")  # bytes that are not text are kept as they were
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    yield
-    configure_logging("warning", cache=False)  # as tests/conftest.py set it
 
 
 def test_log_lines_carry_no_secret_whoever_wrote_them(
