@@ -42,7 +42,8 @@ def _git(*args: str) -> str:
 def checkout_before_tracing() -> Iterator[tuple[Path, str]]:
     """A temporary worktree of the code "before this change": the newest commit in HEAD's history without
     worker/tracing.py (on a branch, the main it last merged; on main, the tip before tracing was merged)."""
-    candidates = _git("rev-list", "--date-order", "--max-count=500", "HEAD").split()
+    # First parents only: a merged branch's older commits without tracing are not "before this change".
+    candidates = _git("rev-list", "--first-parent", "--max-count=500", "HEAD").split()
     before = next((c for c in candidates if not _git("ls-tree", "--name-only", c, "worker/tracing.py")), None)
     if before is None:
         raise RuntimeError("no commit without worker/tracing.py in the last 500 (a shallow clone?)")

@@ -43,6 +43,7 @@ def report(result: soak.SoakResult) -> bool:
                 ],
                 ["worker kill -9 + restart", str(result.kills)],
                 ["broker connection cuts", str(result.cuts)],
+                ["tenant-source faults (dir unmounted, file with bad bytes)", str(result.source_faults)],
                 ["workers consuming side by side", "2"],
                 [
                     "messages seen: replies / dead letters / atlas-cloud",

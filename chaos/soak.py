@@ -49,6 +49,7 @@ class SoakResult:
     events: list[tuple[float, str]] = field(default_factory=list)
     kills: int = 0
     cuts: int = 0
+    source_faults: int = 0  # tenant-source faults: the directory unmounted, a tenant file rewritten with bad bytes
     left_in_queues: dict[str, int] = field(default_factory=dict)
     provider_answers: dict[str, int] = field(default_factory=dict)
     keys_used: dict[str, bool] = field(default_factory=dict)  # tenant → its provider saw its key, never a wrong one
@@ -65,6 +66,25 @@ def _write_tenant(directory: Path, tenant: str, policy: str, base_url: str, key_
         f'model = "fake-model"\napi_key = "env:{key_env}"\n[fallback]\npolicy = "{policy}"\n'
         f"max_attempts = {MAX_ATTEMPTS}\n[limits]\ntimeout_s = {TIMEOUT_S}\nmax_concurrency = 24\n"
     )
+
+
+SOURCE_FAULT_S = 2.0
+
+
+async def break_tenant_source(directory: Path, step: str) -> None:
+    """Unmount the tenants directory, or rewrite a sovereign tenant's file with bytes that are not UTF-8, for a
+    while: neither may look like "no BYOC config" (the soak counts what reaches the atlas-cloud exchange)."""
+    if step == "source removed":
+        parked = directory.with_name(directory.name + "-parked")
+        directory.rename(parked)
+        await asyncio.sleep(SOURCE_FAULT_S)
+        parked.rename(directory)
+        return
+    victim = sorted(directory.glob("*.toml"))[0]
+    good = victim.read_bytes()
+    victim.write_bytes(good.replace(b"tenant_id", b"tenant_\xff\xfeid"))
+    await asyncio.sleep(SOURCE_FAULT_S)
+    victim.write_bytes(good)
 
 
 def _request_body(index: int, tenant: str) -> tuple[str, bytes]:
@@ -180,11 +200,16 @@ async def run(
             async def chaos_schedule(duration_s: float) -> None:
                 # Kills alternate between the two workers; cuts fall between kills.
                 # The last step is a cut with no restart after it: both workers must reconnect on their own.
-                steps = ["kill 1", "cut", "kill 2", "kill 1", "kill 2", "cut"]
+                steps = ["kill 1", "source removed", "cut", "kill 2", "source bad bytes", "kill 1", "kill 2", "cut"]
                 begin = time.monotonic()
                 for n, step in enumerate(steps):
                     # Fixed times while requests are still being published (restarts must not push them later).
                     await asyncio.sleep(max(0.0, begin + (n + 1) * duration_s / (len(steps) + 1) - time.monotonic()))
+                    if step.startswith("source"):
+                        await break_tenant_source(tenants_dir, step)
+                        result.source_faults += 1
+                        event(f"tenant source healed after: {step.removeprefix('source ')}")
+                        continue
                     if step == "cut":
                         cut_offsets[:] = [worker.log_size() for worker in workers]
                         proxy.cut()

@@ -19,6 +19,7 @@ from worker.breaker import BreakerPolicy
 from worker.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.settings import WorkerSettings
+from worker.tenants import NO_TENANTS_MARKER
 
 configure_logging("warning", cache=False)
 
@@ -72,6 +73,8 @@ async def fake_openai() -> AsyncIterator[FakeOpenAI]:
 def tenants_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "tenants"
     directory.mkdir()
+    # Tests start with no tenant files; without the marker an empty directory is a tenant-source fault.
+    (directory / NO_TENANTS_MARKER).touch()
     return directory
 
 

@@ -13,7 +13,7 @@ from contracts import FallbackPolicy
 from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from worker.consumer import Consumer, Settled
 from worker.egress import egress_session
-from worker.exit_codes import broker_error, first_connection
+from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
 from worker.handler import Handler
 from worker.header_trust import HeaderTrust, load_key
 from worker.ops.health import serve_health
@@ -22,7 +22,7 @@ from worker.ops.metrics import Metrics
 from worker.providers import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.settle import Settler
-from worker.tenants import TenantRegistry
+from worker.tenants import TenantRegistry, TenantSourceFault, scan_directory
 from worker.topology import declare, declare_atlas_cloud, topology_spec
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
@@ -43,7 +43,9 @@ class WorkerApp:
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.settings = settings
-        self.registry = TenantRegistry(settings.tenants_dir)
+        self.metrics = Metrics(self._has_config_file)
+        self.registry = TenantRegistry(settings.tenants_dir, on_fault=self._tenant_source_fault)
+        self.tenants_watched = False  # the reload loop is running: without it no change would ever be seen
         self.ready = asyncio.Event()
         self.draining = False
         self._stop = asyncio.Event()
@@ -52,7 +54,6 @@ class WorkerApp:
         self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self.metrics = Metrics(self._has_config_file)
         # A caller's tracer provider (tests, embedding) stays the caller's to shut down; else the OTEL_* variables.
         self._tracer_provider = tracer_provider
         self.breakers = BreakerBoard(settings.breaker, on_change=self._breaker_changed)
@@ -117,11 +118,20 @@ class WorkerApp:
                 await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
             lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
             stack.callback(lag.cancel)
+            try:
+                scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
+            except TenantSourceFault as fault:
+                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
             self.registry.refresh()
-            log.info("tenants_loaded", directory=str(settings.tenants_dir), tenants=self.registry.tenants())
+            if self.registry.fault is not None:
+                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")
+            log.info(
+                "tenants_loaded",
+                directory=str(settings.tenants_dir),
+                tenants=self.registry.tenants(),
+                quarantined=self.registry.quarantined(),
+            )
             self._warn_short_patience()
-            watcher = asyncio.create_task(self.registry.watch(settings.tenants_poll_s))
-            stack.callback(watcher.cancel)
 
             connection = await self._connect()
             stack.push_async_callback(connection.close)
@@ -174,6 +184,9 @@ class WorkerApp:
                 tracing=tracing,
             )
             await self.consumer.start()
+            watcher = asyncio.create_task(self._watch_tenants())
+            watcher.add_done_callback(_report_watch_end)
+            stack.callback(watcher.cancel)
             self.ready.set()
             log.info(
                 "worker_started",
@@ -184,6 +197,7 @@ class WorkerApp:
 
             await self._stop.wait()
             self.draining = True
+            watcher.cancel()
             self.ready.clear()
             log.info("worker_draining", in_flight=self.consumer.in_flight, grace_s=settings.grace_s)
             returned = await self.consumer.drain(settings.grace_s, force=self._force)
@@ -195,6 +209,40 @@ class WorkerApp:
             )
             with contextlib.suppress(Exception):
                 await consume_channel.close()
+
+    def _tenant_source_fault(self, reason: str) -> None:
+        self.metrics.tenant_source_faults.inc()
+
+    @property
+    def tenant_source_ready(self) -> bool:
+        """Answers are only right while the tenant source is healthy and watched (the README's rules)."""
+        return self.registry.healthy and self.tenants_watched
+
+    async def _watch_tenants(self) -> None:
+        """Reload tenant files, and consume only while the source can be trusted. `refresh` records every fault
+        instead of raising, and a failed pause or resume is logged and tried again on the next pass."""
+        self.tenants_watched = True
+        try:
+            while True:
+                try:
+                    await self._gate_consumption()
+                except Exception:
+                    log.exception("consumption_gate_failed", action="trying again at the next reload")
+                await asyncio.sleep(self.settings.tenants_poll_s)
+                self.registry.refresh()
+        finally:
+            self.tenants_watched = False
+
+    async def _gate_consumption(self) -> None:
+        consumer = self.consumer
+        if consumer is None or self.draining:
+            return
+        if self.tenant_source_ready and not consumer.consuming:
+            await consumer.start()
+            log.info("consuming_resumed", reason="tenant source healthy")
+        elif not self.tenant_source_ready and consumer.consuming:
+            await consumer.stop_consuming()
+            log.warning("consuming_paused", reason=self.registry.fault or "tenant watcher not running")
 
     async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
         settings = self.settings
@@ -209,3 +257,8 @@ class WorkerApp:
                 )
         except (OSError, aio_pika.exceptions.AMQPError) as exc:  # TimeoutError is an OSError
             raise broker_error(exc, settings.amqp_url) from None
+
+
+def _report_watch_end(task: "asyncio.Task[None]") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("tenant_watch_stopped", error=repr(task.exception()), action="not ready, not consuming")

@@ -3,6 +3,7 @@
 import argparse
 import asyncio
 import ipaddress
+import json
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,7 @@ from worker.log import configure_logging
 from worker.publishers import PublisherRules
 from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
-from worker.tenants import validate_directory
+from worker.tenants import validate_path
 
 
 def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
@@ -233,8 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
     tenant_commands = commands.nested(tenants, "tenants_command")
-    validate = tenant_commands.add_parser("validate", help="check every tenant file; print what is wrong")
-    validate.add_argument("directory", type=Path, nargs="?", default=env_tenants_dir())
+    validate = tenant_commands.add_parser(
+        "validate", help="check tenant files with the worker's own rules; say which secret references resolve here"
+    )
+    validate.add_argument(
+        "paths", type=Path, nargs="*", metavar="PATH", help="tenant files or directories (default: the tenants dir)"
+    )
+    validate.add_argument("--json", action="store_true", help="print JSON (for CI)")
     validate.set_defaults(func=_validate_tenants)
 
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
@@ -352,16 +358,44 @@ def _test_connection(args: argparse.Namespace) -> int:
 
 
 def _validate_tenants(args: argparse.Namespace) -> int:
-    configs, problems = validate_directory(args.directory)
-    for config in configs:
-        print(
-            f"ok    {args.directory / (config.tenant_id + '.toml')}  "
-            f"({config.provider.kind}, fallback {config.fallback.policy.value})"
-        )
-    for problem in problems:
-        print(f"error {problem}")
-    print(f"{len(configs)} valid, {len({p.path for p in problems})} invalid")
-    return 1 if problems else 0
+    """Exit 0 when every file is valid, 1 otherwise. Secret references are resolved in this process's own
+    environment and reported as resolving or not; their values are never printed."""
+    from worker.secrets import reference_status
+    from worker.tenants import secret_fields
+
+    files: list[dict[str, Any]] = []
+    for path in args.paths or [env_tenants_dir()]:
+        configs, problems = validate_path(path)
+        for config in configs:
+            references = {name: reference_status(secret) for name, secret in secret_fields(config)}
+            files.append(
+                {
+                    "file": str(path if path.suffix == ".toml" else path / f"{config.tenant_id}.toml"),
+                    "tenant_id": config.tenant_id,
+                    "valid": True,
+                    "provider": config.provider.kind,
+                    "fallback": config.fallback.policy.value,
+                    "references": references,
+                }
+            )
+        by_file: dict[str, list[str]] = {}
+        for problem in problems:
+            by_file.setdefault(str(problem.path), []).append(f"{problem.field}: {problem.message}".lstrip(": "))
+        files.extend({"file": name, "valid": False, "errors": errors} for name, errors in by_file.items())
+    invalid = sum(not f["valid"] for f in files)
+    if args.json:
+        print(json.dumps({"valid": len(files) - invalid, "invalid": invalid, "files": files}, indent=2))
+    else:
+        for entry in files:
+            if entry["valid"]:
+                print(f"ok    {entry['file']}  ({entry['provider']}, fallback {entry['fallback']})")
+                for name, status in entry["references"].items():
+                    print(f"      {name}: {status}")
+            else:
+                for error in entry["errors"]:
+                    print(f"error {entry['file']}: {error}")
+        print(f"{len(files) - invalid} valid, {invalid} invalid")
+    return ExitCode.FAILED if invalid else ExitCode.OK
 
 
 def _dlq(args: argparse.Namespace) -> int:

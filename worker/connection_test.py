@@ -10,7 +10,6 @@ what to fix. Secrets are resolved first: one that cannot be is its own failed ch
 import asyncio
 import re
 import time
-import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -73,7 +72,7 @@ from worker.providers.bedrock import UNKNOWN_FAMILY, BedrockProvider
 from worker.redaction import redact, redact_url
 from worker.secrets import SecretUnresolved, resolve_secret
 from worker.tasks import TaskFailure, interpret
-from worker.tenants import TenantConfigError, load_tenant_file, parse_tenant_config
+from worker.tenants import TenantConfigError, load_tenant_file
 
 if TYPE_CHECKING:
     from worker.handler import DeliveryContext, TenantLookup
@@ -477,15 +476,9 @@ class DraftError(Exception):
 
 
 def load_draft(path: Path) -> TenantConfig:
-    """A tenant file not yet saved: a whole tenant file, or just its `[provider]` table."""
+    """A tenant file not yet saved, checked by the same validator as `run` and `tenants validate`."""
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise DraftError(f"{path}: {exc}") from None
-    data.setdefault("tenant_id", "draft")
-    try:
-        # The operator's own file on the worker's host: env:/file: references are fine here.
-        return parse_tenant_config(data, path, secrets_as_references=False)
+        return load_tenant_file(path)
     except TenantConfigError as exc:
         raise DraftError("\n".join(map(str, exc.problems))) from None
 

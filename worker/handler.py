@@ -2,7 +2,7 @@
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -35,6 +35,7 @@ from worker.providers import ProviderPool
 from worker.providers.base import ModelCall, ModelResult
 from worker.providers.guard import CIRCUIT_OPEN, GuardedProvider
 from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.tenants import ConfigProblem
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.handler")
@@ -45,7 +46,12 @@ class TenantLookup(Protocol):
 
     def get(self, tenant_id: str) -> TenantConfig | None: ...
 
-    def problems(self, tenant_id: str) -> object | None: ...
+    def problems(self, tenant_id: str) -> Sequence[ConfigProblem] | None: ...
+
+    def case_variant(self, tenant_id: str) -> str | None: ...
+
+    @property
+    def healthy(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +154,7 @@ class Handler:
             return await self._probe(request, ctx)
         tenant = self._tenants.get(request.tenant_id)
         if tenant is None:
-            problems = self._tenants.problems(request.tenant_id)
-            if problems is None:
-                return Reroute(reason="no_byoc_config")
-            error = ErrorInfo(
-                code="tenant_config_invalid",
-                message="the tenant's configuration file does not validate; fix it and replay",
-            )
-            reply = _reply(request, ctx, Status.FAILED, error=error)
-            return Reply(reply, DeadLetter("tenant_config_invalid", error, attempts=ctx.attempts))
+            return self._without_config(request, ctx)
         if request.deadline is not None and request.deadline <= datetime.now(UTC):
             error = ErrorInfo(code="deadline_exceeded", message="the request's deadline passed before it was handled")
             reply = _reply(request, ctx, Status.EXPIRED, error=error, tenant=tenant)
@@ -180,6 +178,31 @@ class Handler:
             return await answer_test_connection(request, ctx, self._tenants, self._providers, self._draft_egress)
         finally:
             self._slots.release_probe(request.tenant_id)
+
+    def _without_config(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+        """No loaded config: Atlas Cloud serves the tenant only when the healthy source truly holds none for it."""
+        if (problems := self._tenants.problems(request.tenant_id)) is not None:
+            # Field and reason only: the file's path is the operator's business, and no problem quotes a secret.
+            why = "; ".join(f"{p.field}: {p.message}" if p.field else p.message for p in problems[:3])
+            error = ErrorInfo(
+                code="tenant_config_invalid",
+                message=f"the tenant's configuration file does not validate ({why}); fix it and replay",
+            )
+            reply = _reply(request, ctx, Status.FAILED, error=error)
+            return Reply(reply, DeadLetter("tenant_config_invalid", error, attempts=ctx.attempts))
+        if (configured := self._tenants.case_variant(request.tenant_id)) is not None:
+            error = ErrorInfo(
+                code="tenant_id_case_mismatch",
+                message=f"tenant_id {request.tenant_id!r} differs only in letter case from the configured "
+                f"tenant {configured!r}; tenant ids are case-sensitive",
+            )
+            reply = _reply(request, ctx, Status.REJECTED, error=error)
+            return Reply(reply, DeadLetter("malformed", error, attempts=ctx.attempts))
+        if not self._tenants.healthy:
+            # The source cannot be read: whether this tenant has a config is unknown, so it waits on the ladder
+            # (no attempt spent) rather than being rerouted. Consumption pauses too; this covers the race.
+            return Defer()
+        return Reroute(reason="no_byoc_config")
 
     async def _call(self, call: _Call) -> Outcome:
         tenant, request = call.tenant, call.request

@@ -45,3 +45,17 @@ def _resolve(value: str) -> str:
         except OSError as exc:
             raise SecretUnresolved(f"file {path}", f"cannot read secret file {path}: {exc.strerror}") from exc
     return value
+
+
+def reference_status(secret: SecretStr) -> str:
+    """Whether a reference resolves in this process's environment, in words; never the value itself."""
+    value = secret.get_secret_value()
+    if value.startswith("env:"):
+        name = value.removeprefix("env:")
+        return f"{value}: set" if os.environ.get(name) else f"{value}: NOT SET in this environment"
+    if value.startswith("file:"):
+        path = Path(value.removeprefix("file:"))
+        if not path.is_file():
+            return f"{value}: no such file here"
+        return f"{value}: readable" if os.access(path, os.R_OK) else f"{value}: NOT READABLE here"
+    return "a literal value, not a reference"

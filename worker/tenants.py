@@ -1,8 +1,17 @@
-"""Loads tenant configs from a directory of TOML files, validates them, and reloads them on change."""
+"""Loads tenant configs from a directory of TOML files with one validator, and keeps them current.
 
-import asyncio
+Whether a tenant has a BYOC configuration is only ever concluded from a healthy source. A source that cannot be
+read as a whole (missing, not a directory, unlistable, emptied at once, every file unreadable) is a *fault*: the
+registry keeps every last-good config, says so in `fault`, and the app stops consuming until it is healthy again.
+"""
+
+import difflib
+import os
+import re
+import stat
 import tomllib
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,10 +20,16 @@ import structlog
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from contracts import TenantConfig
-from contracts.tenant import unknown_keys
-from worker.secrets import is_reference
+from worker.secrets import REFERENCE_PREFIXES
 
 log = structlog.get_logger("worker.tenants")
+
+# An operator who means "no tenant of this deployment uses BYOC" says so with this file; without it an empty
+# directory is indistinguishable from a volume that failed to mount or a ConfigMap swap gone wrong.
+NO_TENANTS_MARKER = ".no-byoc-tenants"
+MAX_TENANT_FILE_BYTES = 1024 * 1024
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+UNREADABLE = (-1, -1, -1)
 
 
 @dataclass(frozen=True)
@@ -36,41 +51,122 @@ class TenantConfigError(Exception):
         self.problems = problems
 
 
-def _literal_secret_fields(model: BaseModel, prefix: str = "") -> Iterator[str]:
+class TenantSourceFault(Exception):
+    """The tenants directory cannot be read as a whole; nothing may be concluded about any tenant."""
+
+
+# --- the one validator --------------------------------------------------------------------------------------
+
+
+def _section_models(annotation: Any) -> list[type[BaseModel]]:
+    """The models a field's annotation can hold (a section, an optional section, or the provider union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _section_models(arg)]
+
+
+def _model_at(loc: tuple[int | str, ...]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The model that a validation error's location points into, and that location in file terms (without the
+    discriminator tag pydantic inserts for the provider union)."""
+    model: type[BaseModel] = TenantConfig
+    path: list[str] = []
+    parts = list(loc)
+    while parts:
+        part = str(parts.pop(0))
+        field = model.model_fields.get(part)
+        if field is None:
+            return None, [*path, part, *map(str, parts)]
+        path.append(part)
+        options = _section_models(field.annotation)
+        if len(options) > 1 and parts:  # the provider union: the next part is its `kind` tag
+            tag = str(parts.pop(0))
+            options = [m for m in options if typing.get_args(m.model_fields["kind"].annotation) == (tag,)]
+        if not options:
+            return None, path + list(map(str, parts))
+        model = options[0]
+    return model, path
+
+
+def _problem(path: Path, error: Any) -> ConfigProblem:
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        section, where = _model_at(loc[:-1])
+        key = str(loc[-1])
+        known = list(section.model_fields) if section is not None else []
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+        return ConfigProblem(path, ".".join([*where, key]), f"unknown key{hint}")
+    _, where = _model_at(loc)
+    return ConfigProblem(path, ".".join(where), error["msg"])
+
+
+def secret_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, SecretStr]]:
+    """Every secret of a configuration, with its dotted field name."""
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, SecretStr) and not is_reference(value):
-            yield f"{prefix}{name}"
+        if isinstance(value, SecretStr):
+            yield f"{prefix}{name}", value
         elif isinstance(value, BaseModel):
-            yield from _literal_secret_fields(value, f"{prefix}{name}.")
+            yield from secret_fields(value, f"{prefix}{name}.")
 
 
-def parse_tenant_config(data: dict[str, Any], path: Path, *, secrets_as_references: bool = True) -> TenantConfig:
+def _reference_problem(value: str) -> str | None:
+    if not value.startswith(REFERENCE_PREFIXES):
+        return "secrets must be references (env:NAME or file:/path), not values"
+    kind, _, target = value.partition(":")
+    if kind == "env" and not ENV_NAME.fullmatch(target):
+        return "env: needs a variable name, e.g. env:ACME_OPENAI_KEY"
+    if kind == "file" and not target.startswith("/"):
+        return "file: needs an absolute path, e.g. file:/run/secrets/acme-key"
+    return None
+
+
+def parse_tenant_config(data: dict[str, Any], path: Path) -> TenantConfig:
     """Validate one tenant's settings; raises TenantConfigError naming every bad field."""
     try:
         config = TenantConfig.model_validate(data)
     except ValidationError as exc:
-        raise TenantConfigError(
-            [ConfigProblem(path, ".".join(str(p) for p in err["loc"]), err["msg"]) for err in exc.errors()]
-        ) from None
-    if secrets_as_references:
-        literal = [
-            ConfigProblem(path, field, "secrets must be references (env:NAME or file:/path), not values")
-            for field in _literal_secret_fields(config)
-        ]
-        if literal:
-            raise TenantConfigError(literal)
+        raise TenantConfigError([_problem(path, err) for err in exc.errors()]) from None
+    bad = [
+        ConfigProblem(path, field, message)
+        for field, secret in secret_fields(config)
+        if (message := _reference_problem(secret.get_secret_value())) is not None
+    ]
+    if bad:
+        raise TenantConfigError(bad)
     return config
 
 
-def load_tenant_file(path: Path) -> TenantConfig:
-    """Read and validate `<tenant_id>.toml`; the file name must match its `tenant_id`."""
+def _read_regular_file(path: Path) -> bytes:
+    # O_NONBLOCK and the fstat check: a FIFO or device named `x.toml` is refused instead of blocking the worker.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        data = tomllib.loads(path.read_text())
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TenantConfigError([ConfigProblem(path, "", "is not a regular file")])
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(MAX_TENANT_FILE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_TENANT_FILE_BYTES:
+        raise TenantConfigError([ConfigProblem(path, "", f"is larger than {MAX_TENANT_FILE_BYTES} bytes")])
+    return raw
+
+
+def load_tenant_file(path: Path) -> TenantConfig:
+    """Read and validate `<tenant_id>.toml`: the one validator behind `run`, reload, `tenants validate` and
+    `test-connection --config`. Any fault of the file (unreadable, not UTF-8, not TOML, invalid) is an error."""
+    try:
+        raw = _read_regular_file(path)
+    except OSError as exc:
+        raise TenantConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror or exc}")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TenantConfigError([ConfigProblem(path, "", f"is not valid UTF-8 (byte {exc.start})")]) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TenantConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
-    except OSError as exc:
-        raise TenantConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
     config = parse_tenant_config(data, path)
     if config.tenant_id != path.stem:
         raise TenantConfigError(
@@ -79,34 +175,70 @@ def load_tenant_file(path: Path) -> TenantConfig:
     return config
 
 
-def validate_directory(directory: Path) -> tuple[list[TenantConfig], list[ConfigProblem]]:
-    """Every tenant file in a directory: the good configs and the problems of the rest."""
+def scan_directory(directory: Path) -> list[Path]:
+    """The tenant files of a directory; raises TenantSourceFault when the directory cannot be trusted as a whole."""
+    try:
+        with os.scandir(directory) as entries:
+            names = [entry.name for entry in entries]
+    except FileNotFoundError:
+        raise TenantSourceFault(f"{directory} does not exist") from None
+    except NotADirectoryError:
+        raise TenantSourceFault(f"{directory} is not a directory") from None
+    except OSError as exc:
+        raise TenantSourceFault(f"{directory} cannot be listed: {exc.strerror or exc}") from None
+    paths = sorted(directory / name for name in names if name.endswith(".toml") and not name.startswith("."))
+    if not paths and NO_TENANTS_MARKER not in names:
+        raise TenantSourceFault(
+            f"{directory} holds no tenant files; if no tenant uses BYOC, create {directory / NO_TENANTS_MARKER}"
+        )
+    return paths
+
+
+def validate_path(path: Path) -> tuple[list[TenantConfig], list[ConfigProblem]]:
+    """A tenant file, or every tenant file of a directory: the good configs and the problems of the rest."""
+    if not path.is_dir() and path.suffix == ".toml":
+        paths = [path]
+    else:
+        try:
+            paths = scan_directory(path)
+        except TenantSourceFault as fault:
+            return [], [ConfigProblem(path, "", str(fault).removeprefix(f"{path} "))]
     configs: list[TenantConfig] = []
     problems: list[ConfigProblem] = []
-    if not directory.is_dir():
-        return [], [ConfigProblem(directory, "", "is not a directory")]
-    for path in sorted(directory.glob("*.toml")):
+    for file in paths:
         try:
-            configs.append(load_tenant_file(path))
+            configs.append(load_tenant_file(file))
         except TenantConfigError as exc:
             problems.extend(exc.problems)
     return configs, problems
 
 
+# --- the registry -------------------------------------------------------------------------------------------
+
+
 class TenantRegistry:
     """The tenants this worker serves, kept current with the directory.
 
-    A tenant whose file exists but does not validate is *quarantined*, never treated as unconfigured:
-    unconfigured tenants are served by Atlas Cloud, and a typo must not send a BYOC tenant's data there.
-    A broken edit of a tenant that loaded before keeps its last good config.
+    - A tenant whose file exists but does not validate is *quarantined*, never treated as unconfigured:
+      unconfigured tenants are served by Atlas Cloud, and a typo must not send a BYOC tenant's data there.
+    - A broken edit of a tenant that loaded before keeps its last good config.
+    - A tenant leaves BYOC when its file is deleted while the directory stays healthy. A directory that
+      vanishes, cannot be listed, or loses every file at once is a fault, not a removal: everything is kept.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, on_fault: Callable[[str], None] | None = None) -> None:
         self.directory = directory
+        self.fault: str | None = None  # why the source cannot be trusted right now; None while healthy
+        self._on_fault = on_fault
         self._configs: dict[str, TenantConfig] = {}
         self._broken: dict[str, list[ConfigProblem]] = {}
-        self._seen: dict[Path, tuple[int, int]] = {}
+        self._seen: dict[Path, tuple[int, int, int]] = {}
+        self._folded: dict[str, list[str]] = {}
         self.version = 0  # bumps on every change, so caches keyed on configs can notice
+
+    @property
+    def healthy(self) -> bool:
+        return self.fault is None
 
     def get(self, tenant_id: str) -> TenantConfig | None:
         return self._configs.get(tenant_id)
@@ -115,60 +247,87 @@ class TenantRegistry:
         """Why a tenant's file is unusable, if it has a file that never loaded."""
         return self._broken.get(tenant_id)
 
+    def case_variant(self, tenant_id: str) -> str | None:
+        """The configured tenant id that equals `tenant_id` except for letter case, if there is one."""
+        for known in self._folded.get(tenant_id.casefold(), ()):
+            if known != tenant_id:
+                return known
+        return None
+
     def tenants(self) -> list[str]:
         return sorted(self._configs)
 
+    def quarantined(self) -> list[str]:
+        return sorted(self._broken)
+
     def refresh(self) -> bool:
-        """Re-read files that changed since the last look. Returns whether anything changed."""
-        current: dict[Path, tuple[int, int]] = {}
-        if self.directory.is_dir():
-            for path in self.directory.glob("*.toml"):
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:
-                    continue
-                current[path] = (stat.st_mtime_ns, stat.st_size)
-        changed = False
-        for path in set(self._seen) - set(current):
-            tenant_id = path.stem
-            self._broken.pop(tenant_id, None)
-            if self._configs.pop(tenant_id, None) is not None:
-                log.warning("tenant_removed", tenant_id=tenant_id, file=str(path))
-            changed = True
-        for path, stamp in current.items():
-            if self._seen.get(path) == stamp:
+        """Re-read files that changed since the last look. Returns whether anything changed. Never raises: a
+        fault of the source, or an unexpected error, is recorded in `fault` with every last-good config kept."""
+        try:
+            return self._refresh()
+        except TenantSourceFault as fault:
+            self._faulted(str(fault))
+        except Exception as exc:  # a bug must not kill the watcher or pass for "no config"
+            log.exception("tenant_refresh_crashed", directory=str(self.directory))
+            self._faulted(f"reading {self.directory} failed: {type(exc).__name__}")
+        return False
+
+    def _faulted(self, reason: str) -> None:
+        if self.fault != reason:
+            log.error(
+                "tenant_source_fault",
+                directory=str(self.directory),
+                reason=reason,
+                action="keeping every last-good config and not consuming until the source is healthy",
+            )
+        self.fault = reason
+        if self._on_fault is not None:
+            self._on_fault(reason)
+
+    def _refresh(self) -> bool:
+        paths = scan_directory(self.directory)
+        current: dict[Path, tuple[int, int, int]] = {}
+        for path in paths:
+            try:
+                info = path.stat()
+            except OSError:
+                # Listed but not there: a dangling symlink, or a race with a ConfigMap swap. Loading it records
+                # the problem (last-good kept, or quarantined), once while it stays this way.
+                current[path] = UNREADABLE
                 continue
-            changed = True
-            self._load(path)
+            current[path] = (info.st_ino, info.st_mtime_ns, info.st_size)
+        if current and all(stamp == UNREADABLE for stamp in current.values()):
+            raise TenantSourceFault(f"none of the {len(current)} tenant files in {self.directory} can be read")
+        changed = self._forget_removed(set(current))
+        for path, stamp in current.items():
+            if self._seen.get(path) != stamp:
+                changed |= self._load(path)
         self._seen = current
+        if self.fault is not None:
+            log.info("tenant_source_healthy", directory=str(self.directory), previous_fault=self.fault)
+            self.fault = None
         if changed:
             self.version += 1
+            self._folded = {}
+            for tenant_id in [*self._configs, *self._broken]:
+                self._folded.setdefault(tenant_id.casefold(), []).append(tenant_id)
         return changed
 
-    def _load(self, path: Path) -> None:
+    def _forget_removed(self, present: set[Path]) -> bool:
+        removed = [path for path in self._seen if path not in present]
+        for path in removed:
+            self._broken.pop(path.stem, None)
+            if self._configs.pop(path.stem, None) is not None:
+                log.warning("tenant_removed", tenant_id=path.stem, file=str(path))
+        return bool(removed)
+
+    def _load(self, path: Path) -> bool:
         tenant_id = path.stem
         try:
             config = load_tenant_file(path)
         except TenantConfigError as exc:
-            errors = [str(p) for p in exc.problems]
-            if tenant_id in self._configs:
-                log.error(
-                    "tenant_config_rejected",
-                    tenant_id=tenant_id,
-                    file=str(path),
-                    errors=errors,
-                    action="keeping the last good config",
-                )
-            else:
-                self._broken[tenant_id] = exc.problems
-                log.error(
-                    "tenant_config_invalid",
-                    tenant_id=tenant_id,
-                    file=str(path),
-                    errors=errors,
-                    action="requests fail with tenant_config_invalid until the file is fixed",
-                )
-            return
+            self._rejected(tenant_id, path, exc.problems)
+            return True
         self._broken.pop(tenant_id, None)
         is_new = tenant_id not in self._configs
         self._configs[tenant_id] = config
@@ -178,14 +337,24 @@ class TenantRegistry:
             provider=config.provider.kind,
             policy=config.fallback.policy.value,
         )
-        if extra := unknown_keys(config):
-            log.warning("tenant_config_unknown_keys", tenant_id=tenant_id, file=str(path), unknown_keys=extra)
+        return True
 
-    async def watch(self, interval_s: float = 2.0) -> None:
-        """Poll the directory until cancelled (portable, and cheap for a handful of files)."""
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                self.refresh()
-            except OSError as exc:
-                log.error("tenant_directory_unreadable", directory=str(self.directory), error=str(exc))
+    def _rejected(self, tenant_id: str, path: Path, problems: list[ConfigProblem]) -> None:
+        errors = [str(p) for p in problems]
+        if tenant_id in self._configs:
+            log.error(
+                "tenant_config_rejected",
+                tenant_id=tenant_id,
+                file=str(path),
+                errors=errors,
+                action="keeping the last good config",
+            )
+            return
+        self._broken[tenant_id] = problems
+        log.error(
+            "tenant_config_invalid",
+            tenant_id=tenant_id,
+            file=str(path),
+            errors=errors,
+            action="requests fail with tenant_config_invalid until the file is fixed",
+        )

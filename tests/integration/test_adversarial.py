@@ -4,6 +4,7 @@ import asyncio
 import random
 from collections.abc import Callable, Coroutine
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -203,6 +204,31 @@ def test_hostile_input_is_dead_lettered_and_valid_requests_are_still_answered(
 
 FAULTS = [None, "server_error", "rate_limit", "hang", "malformed", "bad_request", "quota", "context_overflow"]
 POLICIES = ["fail_closed", "queue_and_retry", "atlas_cloud"]
+# Tenant-source faults applied while requests arrive: the directory unmounted, swapped for an empty one, or a
+# tenant file rewritten with bytes that are not UTF-8. None of them may look like "no BYOC config".
+SOURCE_FAULTS = [None, "removed", "swapped_for_empty", "bad_bytes"]
+SOURCE_FAULT_S = 1.0  # how long the fault lasts, a few reload polls
+
+
+async def tenant_source_fault(directory: Path, fault: str | None) -> None:
+    """Break the tenant source for a while, then heal it."""
+    if fault is None:
+        return
+    if fault == "bad_bytes":
+        victim = sorted(directory.glob("*.toml"))[0]
+        good = victim.read_bytes()
+        victim.write_bytes(good.replace(b"tenant_id", b"tenant_\xff\xfeid"))
+        await asyncio.sleep(SOURCE_FAULT_S)
+        victim.write_bytes(good)
+        return
+    parked = directory.with_name(directory.name + "-parked")
+    directory.rename(parked)
+    if fault == "swapped_for_empty":
+        directory.mkdir()
+    await asyncio.sleep(SOURCE_FAULT_S)
+    if fault == "swapped_for_empty":
+        directory.rmdir()
+    parked.rename(directory)
 
 
 @PROPERTY_SETTINGS
@@ -211,9 +237,14 @@ POLICIES = ["fail_closed", "queue_and_retry", "atlas_cloud"]
         st.tuples(st.sampled_from(POLICIES), st.sampled_from(FAULTS), st.booleans()), min_size=2, max_size=5
     ),
     seed=st.integers(0, 2**16),
+    source_fault=st.sampled_from(SOURCE_FAULTS),
 )
 def test_no_request_of_a_sovereign_tenant_ever_reaches_atlas_cloud(
-    amqp_url: str, tmp_path_factory: pytest.TempPathFactory, tenants: list[tuple[str, str | None, bool]], seed: int
+    amqp_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    tenants: list[tuple[str, str | None, bool]],
+    seed: int,
+    source_fault: str | None,
 ) -> None:
     async def scenario() -> None:
         topology = Topology(f"test-sovereign-{seed}-{random.randrange(10**6)}")
@@ -244,13 +275,16 @@ def test_no_request_of_a_sovereign_tenant_ever_reaches_atlas_cloud(
                 cloud = await client.bind_observer(running.app.settings.atlas_cloud_exchange)
                 replies = await client.reply_queue()
                 ids = []
-                for tenant_id in policy_of:
-                    for n in range(4):
+                for n in range(4):
+                    if n == 2:  # half the requests arrive while the tenant source is broken
+                        breaking = asyncio.create_task(tenant_source_fault(directory, source_fault))
+                    for tenant_id in policy_of:
                         request_id = f"{tenant_id}-{n}"
                         ids.append(request_id)
                         await client.publish_request(
                             samples.request(tenant_id, request_id=request_id), reply_to=replies.name
                         )
+                await breaking
                 terminal: dict[str, str] = {}
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + 60

@@ -15,7 +15,7 @@ from contracts import Topology
 from worker.cli import build_parser
 from worker.limits import MAX_BODY_BYTES
 from worker.ops.metrics import Metrics
-from worker.tenants import validate_directory
+from worker.tenants import validate_path
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -112,7 +112,7 @@ def test_compose_runs_broker_with_ui_worker_and_standin_model() -> None:
     assert float(worker["stop_grace_period"].removesuffix("s")) > args.grace
     host_dir, mounted, _ = worker["volumes"][0].split(":")
     assert mounted == str(args.tenants)
-    configs, problems = validate_directory(DEPLOY / host_dir)
+    configs, problems = validate_path(DEPLOY / host_dir)
     assert not problems
     assert {c.tenant_id for c in configs} == {"acme", "globex"}
     assert all("standin-model:8089" in str(c.provider.model_dump()) for c in configs)
@@ -145,7 +145,7 @@ def test_tenants_come_from_the_configmap_and_their_secrets_from_the_secret(
     configmap = k8s[("ConfigMap", volume["configMap"]["name"])]
     for name, text in configmap["data"].items():
         (tmp_path / name).write_text(text)
-    configs, problems = validate_directory(tmp_path)
+    configs, problems = validate_path(tmp_path)
     assert not problems
     references = {
         value.removeprefix("env:")

@@ -20,6 +20,7 @@ from worker.ladder import RetryLadder
 from worker.outcome import Reply
 from worker.providers import ProviderPool
 from worker.tasks import explain_provider_error
+from worker.tenants import ConfigProblem
 
 Ask = Callable[..., Awaitable[Reply]]
 VALID_RCA: dict[str, Any] = {
@@ -48,8 +49,13 @@ class Tenants:
     def get(self, tenant_id: str) -> TenantConfig | None:
         return self._configs.get(tenant_id)
 
-    def problems(self, tenant_id: str) -> object | None:
+    def problems(self, tenant_id: str) -> list[ConfigProblem] | None:
         return None
+
+    def case_variant(self, tenant_id: str) -> str | None:
+        return None
+
+    healthy = True
 
 
 def tenant(base_url: str, **provider: Any) -> TenantConfig:

@@ -1,13 +1,14 @@
 """Tenant registry: files validated with errors naming file and field; secrets stay references; live reload."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from contracts import FallbackPolicy
-from worker.tenants import TenantConfigError, TenantRegistry, load_tenant_file
+from worker.tenants import NO_TENANTS_MARKER, TenantConfigError, TenantRegistry, load_tenant_file
 
 GOOD = """
 tenant_id = "acme"
@@ -109,34 +110,158 @@ def test_a_tenant_whose_file_never_validated_is_quarantined_not_unconfigured(tmp
     assert registry.get("acme") is None
     problems = registry.problems("acme")
     assert problems is not None
-    assert problems[0].field == "provider.openai_compatible.model"
+    assert problems[0].field == "provider.model"
     assert registry.problems("globex") is None  # truly unconfigured: served by Atlas Cloud
 
 
-def test_deleted_file_removes_the_tenant(tmp_path: Path) -> None:
+def test_deleted_file_removes_the_tenant_while_the_directory_stays_healthy(tmp_path: Path) -> None:
     registry = TenantRegistry(tmp_path)
     path = write(tmp_path, "acme", GOOD)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
     registry.refresh()
 
     path.unlink()
     registry.refresh()
 
     assert registry.get("acme") is None
+    assert registry.healthy
 
 
-def test_unknown_keys_are_warned_about(tmp_path: Path) -> None:
+def test_the_last_tenant_leaves_byoc_only_with_the_marker(tmp_path: Path) -> None:
     registry = TenantRegistry(tmp_path)
-    write(tmp_path, "acme", GOOD + "[limits]\nmax_concurency = 3\n")
+    path = write(tmp_path, "acme", GOOD)
+    registry.refresh()
+
+    path.unlink()
+    registry.refresh()
+    assert registry.get("acme") is not None  # emptied at once: a fault, everything kept
+    assert registry.fault is not None
+    assert NO_TENANTS_MARKER in registry.fault
+
+    (tmp_path / NO_TENANTS_MARKER).touch()
+    registry.refresh()
+    assert registry.healthy
+    assert registry.get("acme") is None
+
+
+@pytest.mark.parametrize("fault", ["removed", "replaced_by_a_file", "dangling_symlinks"])
+def test_a_faulty_source_keeps_every_last_good_config_and_says_why(tmp_path: Path, fault: str) -> None:
+    directory = tmp_path / "tenants"
+    directory.mkdir()
+    write(directory, "acme", GOOD)
+    registry = TenantRegistry(directory)
+    registry.refresh()
+    assert registry.healthy
 
     with capture_logs() as logs:
+        if fault == "removed":
+            (directory / "acme.toml").unlink()
+            directory.rmdir()
+        elif fault == "replaced_by_a_file":
+            (directory / "acme.toml").unlink()
+            directory.rmdir()
+            directory.write_text("oops")
+        else:  # a ConfigMap whose ..data target vanished: the tenant files are links to nowhere
+            (directory / "acme.toml").unlink()
+            (directory / "acme.toml").symlink_to(directory / "..data" / "acme.toml")
         registry.refresh()
 
-    assert logs[0]["unknown_keys"] == ["limits.max_concurency"]
+    assert not registry.healthy
+    assert registry.get("acme") is not None
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["tenant_source_fault"]
+
+
+def test_a_file_that_is_not_utf8_quarantines_its_tenant_and_others_still_load(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    (tmp_path / "acme.toml").write_bytes(GOOD.encode().replace(b"acme", b"acm\xe9"))
+    registry.refresh()
+
+    problems = registry.problems("acme")
+    assert problems is not None
+    assert "not valid UTF-8" in problems[0].message
+    assert registry.healthy
+
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    registry.refresh()
+    assert registry.get("globex") is not None
+
+
+def test_a_fifo_named_like_a_tenant_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "acme.toml")
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    registry = TenantRegistry(tmp_path)
+
+    registry.refresh()
+
+    problems = registry.problems("acme")
+    assert problems is not None
+    assert "not a regular file" in problems[0].message
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "hint"),
+    [
+        (("[fallback]", "[fallbak]"), "fallbak", "did you mean 'fallback'?"),
+        (('api_key = "env:ACME_KEY"', 'apikey = "sk-live-123"'), "provider.apikey", "did you mean 'api_key'?"),
+        (("[fallback]", "[limits]\nmax_concurency = 3\n[fallback]"), "limits.max_concurency", "'max_concurrency'"),
+    ],
+)
+def test_unknown_keys_are_errors_with_a_suggestion(
+    tmp_path: Path, edit: tuple[str, str], field: str, hint: str
+) -> None:
+    path = write(tmp_path, "acme", GOOD.replace(*edit))
+
+    with pytest.raises(TenantConfigError) as caught:
+        load_tenant_file(path)
+
+    [problem] = [p for p in caught.value.problems if p.field == field]
+    assert hint in problem.message
+    assert "sk-live-123" not in str(caught.value)
+
+
+BEDROCK = """
+tenant_id = "acme"
+[provider]
+kind = "bedrock"
+region = "eu-central-1"
+model_id = "anthropic.claude-3-5-sonnet-20240620-v1:0"
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        (BEDROCK + 'access_key_id = "env:AWS_KEY"\n', "go together"),
+        (BEDROCK + 'role_arn = "arn:aws:iam::12:role/x"\n', "not an IAM role ARN"),
+        (GOOD.replace("env:ACME_KEY", "env:"), "env: needs a variable name"),
+        (GOOD.replace("env:ACME_KEY", "file:relative/key"), "file: needs an absolute path"),
+        (GOOD.replace("http://127.0.0.1:9/v1", "127.0.0.1:9/v1"), "not an http(s) URL"),
+        (GOOD.replace('model = "m"', 'model = "m"\ncontext_window = 8192'), "greater than or equal to 32768"),
+        (
+            'tenant_id = "acme"\n[provider]\nkind = "vertex"\nproject = "p"\nlocation = "europe-west4"\n'
+            'model = "text-bison@002"\nservice_account = "file:/k.json"\n',
+            "retired",
+        ),
+    ],
+)
+def test_the_validator_catches_what_would_fail_later(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(TenantConfigError, match=re.escape(needle)):
+        load_tenant_file(write(tmp_path, "acme", text))
+
+
+def test_a_tenant_id_differing_only_in_case_is_found_as_a_variant(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "acme", GOOD)
+    registry.refresh()
+
+    assert registry.case_variant("ACME") == "acme"
+    assert registry.case_variant("acme") is None
+    assert registry.case_variant("globex") is None
 
 
 def test_example_tenants_in_the_repository_validate() -> None:
-    from worker.tenants import validate_directory
+    from worker.tenants import validate_path
 
-    configs, problems = validate_directory(Path(__file__).parents[2] / "tenants")
+    configs, problems = validate_path(Path(__file__).parents[2] / "tenants")
     assert problems == []
     assert {c.tenant_id for c in configs} >= {"acme", "globex"}

@@ -24,8 +24,10 @@ def worker_checks(app: "WorkerApp") -> dict[str, bool]:
         "started": app.ready.is_set(),
         "broker_connected": connection is not None and connection.connected.is_set(),
         "consuming": consumer is not None and consumer.consuming,
-        # An unreadable tenants directory would make every BYOC tenant look unconfigured (and be rerouted).
-        "tenants_loaded": app.registry.directory.is_dir(),
+        # A faulty tenants source would make BYOC tenants look unconfigured (and be rerouted): not ready, and
+        # the app stops consuming until it is healthy again.
+        "tenant_source_healthy": app.registry.healthy,
+        "tenants_watched": app.tenants_watched,
         "not_draining": not app.draining,
     }
 
@@ -84,6 +86,8 @@ async def serve_health(app: "WorkerApp", host: str, port: int) -> AsyncIterator[
     metrics.consuming.set_function(lambda: 1 if app.consumer is not None and app.consumer.consuming else 0)
     metrics.ready.set_function(lambda: 1 if all(checks().values()) else 0)
     metrics.tenants.set_function(lambda: len(app.registry.tenants()))
+    metrics.tenants_quarantined.set_function(lambda: len(app.registry.quarantined()))
+    metrics.tenant_source_healthy.set_function(lambda: 1 if app.registry.healthy else 0)
     server = HealthServer(checks, metrics.registry, host=host, port=port)
     try:
         await server.start()

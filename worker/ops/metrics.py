@@ -86,6 +86,21 @@ class Metrics:
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
+        self.tenants_quarantined = Gauge(
+            "atlas_worker_tenants_quarantined",
+            "Tenants whose file exists but never validated: their requests fail with tenant_config_invalid.",
+            registry=r,
+        )
+        self.tenant_source_healthy = Gauge(
+            "atlas_worker_tenant_source_healthy",
+            "1 while the tenants directory can be trusted; 0 while it is faulty and the worker does not consume.",
+            registry=r,
+        )
+        self.tenant_source_faults = Counter(
+            "atlas_worker_tenant_source_faults",
+            "Times the tenant source was found faulty (missing, unlistable, emptied at once) or its watch failed.",
+            registry=r,
+        )
         self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one

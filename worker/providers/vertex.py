@@ -24,7 +24,6 @@ SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 TOKEN_TIMEOUT_S = 30.0
 TOKEN_WHO = "the service account's token endpoint"
 LOCATION = re.compile(r"[a-z][a-z0-9-]{1,40}")
-PALM_MODEL = re.compile(r"^(text|chat|code|codechat)-(bison|unicorn|gecko)|^textembedding-gecko")
 FINISH = {
     "STOP": Finish.STOP,
     "MAX_TOKENS": Finish.LENGTH,
@@ -335,13 +334,6 @@ class VertexProvider:
                 ErrorClass.BAD_REQUEST,
                 f"location {settings.location!r} is not a Google Cloud location such as europe-west4 or global",
                 code="config_invalid",
-            )
-        if PALM_MODEL.match(settings.model):
-            raise ProviderError(
-                ErrorClass.BAD_REQUEST,
-                f"model {settings.model!r} is a PaLM model, retired by Google in April 2025; "
-                "use a Gemini model such as gemini-2.5-flash",
-                code="model_retired",
             )
         self._settings = settings
         self._session = session

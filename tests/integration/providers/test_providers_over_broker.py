@@ -132,7 +132,7 @@ async def test_throttled_bedrock_tenant_with_fail_closed_gets_unavailable_with_t
     assert "ThrottlingException" in reply.error.message
 
 
-async def test_vertex_tenant_on_a_palm_model_is_told_to_move_to_gemini(
+async def test_vertex_tenant_on_a_palm_model_is_quarantined_and_told_to_move_to_gemini(
     urls: dict[str, str], client: BrokerClient, worker: RunningWorker, tenants_dir: Path, tmp_path: Path
 ) -> None:
     write_provider_tenant(
@@ -147,7 +147,7 @@ async def test_vertex_tenant_on_a_palm_model_is_told_to_move_to_gemini(
     reply = InferenceReply.model_validate_json(message.body)
     assert reply.status is Status.FAILED
     assert reply.error is not None
-    assert reply.error.code == "model_retired"
+    assert reply.error.code == "tenant_config_invalid"
     assert "Gemini" in reply.error.message
 
 

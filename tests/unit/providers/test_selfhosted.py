@@ -63,7 +63,10 @@ async def test_vllm_without_auto_tool_choice_is_reported_forced_only_and_ready(
     vllm: FakeVLLM, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     draft = tmp_path / "draft.toml"
-    draft.write_text(f'[provider]\nkind = "openai_compatible"\nbase_url = "{vllm.base_url}"\nmodel = "{vllm.model}"\n')
+    draft.write_text(
+        f'tenant_id = "draft"\n[provider]\nkind = "openai_compatible"\nbase_url = "{vllm.base_url}"\n'
+        f'model = "{vllm.model}"\n'
+    )
 
     code = await run_test_connection("--config", str(draft), "--json")
 

@@ -1,0 +1,189 @@
+"""A missing or broken tenant source never reroutes a tenant: the worker stops consuming, keeps last-good configs,
+quarantines bad files, and says so — observed on the broker, through the CLI and on /readyz."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from contracts import InferenceReply, Status, Topology
+from tests import samples
+from tests.broker import BrokerClient, collect, drain_now
+from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.fakes.openai_server import FakeOpenAI
+from tests.ops.scrape import free_port, get_json, scrape
+from worker.tenants import NO_TENANTS_MARKER
+
+pytestmark = pytest.mark.broker
+
+
+def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until `condition()` holds (polling the worker's own state, not sleeping to prove absence)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def test_run_with_a_wrong_tenants_directory_refuses_to_start_in_one_line(tmp_path: Path, amqp_url: str) -> None:
+    missing = tmp_path / "tenats"  # a typo
+
+    done = run_cli("run", "--tenants", str(missing), "--namespace", "test-never-declared", env={"AMQP_URL": amqp_url})
+
+    assert done.returncode == 6
+    [line] = done.stderr.strip().splitlines()
+    assert str(missing) in line
+    assert "does not exist" in line
+    assert "Traceback" not in done.stderr
+
+
+def test_run_with_an_empty_tenants_directory_refuses_and_names_the_marker(tmp_path: Path, amqp_url: str) -> None:
+    done = run_cli("run", "--tenants", str(tmp_path), "--namespace", "test-never-declared", env={"AMQP_URL": amqp_url})
+
+    assert done.returncode == 6
+    assert NO_TENANTS_MARKER in done.stderr
+
+
+async def test_directory_removed_mid_run_pauses_consumption_and_nothing_reaches_atlas_cloud(
+    amqp_url: str, topology: Topology, client: BrokerClient, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    directory = tmp_path / "tenants"
+    directory.mkdir()
+    write_tenant(directory, "acme", fake_openai.base_url, policy="fail_closed")
+    port = free_port()
+    settings = worker_settings(amqp_url, topology, directory, metrics_port=port)
+    running = await start_worker(settings)
+    try:
+        cloud = await client.bind_observer(settings.atlas_cloud_exchange)
+        replies = await client.reply_queue()
+        parked = tmp_path / "parked"
+        directory.rename(parked)  # unmounted
+        await until(lambda: not running.app.registry.healthy and not running.app.consumer.consuming)  # type: ignore[union-attr]
+        status, body = await get_json(port, "/readyz")
+        assert status == 503
+        assert body["checks"]["tenant_source_healthy"] is False
+
+        # Requests for the configured fail_closed tenant and for one the worker has never seen arrive meanwhile.
+        bodies = [samples.request("acme", "summary") for _ in range(5)] + [samples.request("initech", "summary")]
+        for body in bodies:
+            await client.publish_request(body, reply_to=replies.name)
+
+        parked.rename(directory)  # back
+        answered = await collect(replies, 5)
+        rerouted = await collect(cloud, 1)  # initech truly has no config: rerouted only once the source is healthy
+
+        assert {InferenceReply.model_validate_json(m.body).status for m in answered} == {Status.OK}
+        assert [m.headers.get("atlas-tenant-id") for m in rerouted] == ["initech"]
+        assert await drain_now(cloud) == []
+        samples_now = await scrape(port)
+        assert samples_now.value("atlas_worker_tenant_source_faults_total") >= 1
+        assert samples_now.value("atlas_worker_tenant_source_healthy") == 1
+    finally:
+        await running.stop()
+
+
+async def test_a_non_utf8_file_quarantines_its_tenant_and_later_edits_still_load(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    path = write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="atlas_cloud")
+    path.write_bytes(path.read_bytes().replace(b"fake-model", b"fake-mod\xe8le"))
+    await until(lambda: worker.app.registry.problems("acme") is not None)
+    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert reply.status is Status.FAILED
+    assert reply.error is not None
+    assert reply.error.code == "tenant_config_invalid"
+    assert "UTF-8" in reply.error.message
+    assert await drain_now(cloud) == []
+
+    # The watcher is alive: a new tenant and the fixed file load.
+    write_tenant(tenants_dir, "globex", fake_openai.base_url)
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    await until(lambda: worker.app.registry.get("globex") is not None and worker.app.registry.get("acme") is not None)
+    assert worker.app.tenants_watched
+
+
+async def test_a_misspelled_key_quarantines_the_tenant_and_validate_names_the_fix(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    path = write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry")
+    path.write_text(path.read_text().replace("[fallback]", "[fallbak]"))
+    await until(lambda: worker.app.registry.problems("acme") is not None)
+
+    done = run_cli("tenants", "validate", str(path))
+    assert done.returncode == 1
+    assert "fallbak: unknown key; did you mean 'fallback'?" in done.stdout
+
+    replies = await client.reply_queue()
+    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+    [message] = await collect(replies, 1)
+    assert InferenceReply.model_validate_json(message.body).error.code == "tenant_config_invalid"  # type: ignore[union-attr]
+
+
+async def test_a_tenant_id_differing_only_in_case_is_rejected_not_rerouted(
+    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    await until(lambda: worker.app.registry.get("acme") is not None)
+    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
+    replies = await client.reply_queue()
+
+    await client.publish_request(samples.request("ACME", "summary"), reply_to=replies.name)
+
+    [message] = await collect(replies, 1)
+    reply = InferenceReply.model_validate_json(message.body)
+    assert reply.status is Status.REJECTED
+    assert reply.error is not None
+    assert reply.error.code == "tenant_id_case_mismatch"
+    assert "'acme'" in reply.error.message
+    assert await drain_now(cloud) == []
+    assert fake_openai.requests == []
+
+
+def test_tenants_validate_reports_references_without_values_and_speaks_json(tmp_path: Path) -> None:
+    path = write_tenant(tmp_path, "acme", "http://127.0.0.1:9/v1", api_key="env:ACME_SET_KEY")
+    write_tenant(tmp_path, "globex", "http://127.0.0.1:9/v1", api_key="env:GLOBEX_UNSET_KEY")
+
+    done = run_cli("tenants", "validate", str(tmp_path), "--json", env={"ACME_SET_KEY": "sk-secret-value-123"})
+
+    assert done.returncode == 0
+    assert "sk-secret-value-123" not in done.stdout
+    report = json.loads(done.stdout)
+    by_tenant = {f["tenant_id"]: f for f in report["files"]}
+    assert by_tenant["acme"]["references"]["provider.api_key"] == "env:ACME_SET_KEY: set"
+    assert "NOT SET" in by_tenant["globex"]["references"]["provider.api_key"]
+    assert report["valid"] == 2
+    assert str(path) in {f["file"] for f in report["files"]}
+
+
+def test_test_connection_config_refuses_the_literal_key_that_validate_refuses(tmp_path: Path) -> None:
+    path = write_tenant(tmp_path, "draft", "http://127.0.0.1:9/v1", api_key="sk-live-literal-key")
+
+    validated = run_cli("tenants", "validate", str(path))
+    tested = run_cli("test-connection", "--config", str(path))
+
+    assert validated.returncode == 1
+    assert tested.returncode == 2
+    for done in (validated, tested):
+        assert "secrets must be references" in done.stdout + done.stderr
+        assert "sk-live-literal-key" not in done.stdout + done.stderr
