@@ -297,7 +297,10 @@ async def test_unset_variable_is_its_own_failed_check_and_nothing_is_called(
 ) -> None:
     monkeypatch.delenv("ATLAS_TEST_UNSET_KEY", raising=False)
     path = tmp_path / "draft.toml"
-    path.write_text(provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_UNSET_KEY"'))
+    path.write_text(
+        'tenant_id = "draft"\n'
+        + provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_UNSET_KEY"')
+    )
 
     code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
 
@@ -319,7 +322,7 @@ async def test_missing_service_account_file_is_named_and_reachable_is_not_claime
 ) -> None:
     missing = tmp_path / "gone" / "sa.json"
     path = tmp_path / "draft.toml"
-    path.write_text(provider_toml("vertex", urls["vertex"], key_file=missing))
+    path.write_text('tenant_id = "draft"\n' + provider_toml("vertex", urls["vertex"], key_file=missing))
 
     code, out = await run_cli("--config", str(path), capsys=capsys)
 
@@ -335,7 +338,10 @@ async def test_a_401_that_quotes_the_key_is_reported_without_it(
     fake_openai.quote_refused_key = True
     monkeypatch.setenv("ATLAS_TEST_WRONG_KEY", "zq8-opaque-wrong-value")  # no shape a pattern would know
     path = tmp_path / "draft.toml"
-    path.write_text(provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_WRONG_KEY"'))
+    path.write_text(
+        'tenant_id = "draft"\n'
+        + provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_WRONG_KEY"')
+    )
 
     code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
 
@@ -360,7 +366,7 @@ async def test_credentials_in_the_endpoint_url_are_not_in_the_report(
 ) -> None:
     url = fake_ollama.base_url.replace("://", f"://{userinfo}") + query
     path = tmp_path / "draft.toml"
-    path.write_text(provider_toml("ollama", url))
+    path.write_text('tenant_id = "draft"\n' + provider_toml("ollama", url))
 
     _, out = await run_cli("--config", str(path), capsys=capsys)
 
@@ -375,7 +381,7 @@ async def test_a_password_in_the_url_and_an_api_key_together_are_a_named_conflic
     monkeypatch.setenv("ATLAS_TEST_KEY", "sk-test-fake")
     url = fake_openai.base_url.replace("://", "://svc:pa55-in-url@")
     path = tmp_path / "draft.toml"
-    path.write_text(provider_toml("openai_compatible", url, api_key='"env:ATLAS_TEST_KEY"'))
+    path.write_text('tenant_id = "draft"\n' + provider_toml("openai_compatible", url, api_key='"env:ATLAS_TEST_KEY"'))
 
     code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
 
