@@ -201,7 +201,7 @@ Verdict = Literal["ready", "ready_with_warnings", "not_ready"]
 class RequirementCheck(Contract):
     """One of the product's model requirements, judged against what the probes observed."""
 
-    requirement: Literal["connection", "tool_calling", "context_window", "structured_output", "rca_latency"]
+    requirement: Literal["secrets", "connection", "tool_calling", "context_window", "structured_output", "rca_latency"]
     status: CheckStatus
     message: str
     fix: str | None = Field(default=None, description="What the tenant admin should change, when not `pass`.")

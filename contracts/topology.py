@@ -63,6 +63,7 @@ class Header:
     REROUTED_FROM_TENANT: Final = "atlas-rerouted-from-tenant"
     REROUTED_AT: Final = "atlas-rerouted-at"
     RETRY_LEVEL: Final = "atlas-retry-level"
+    REDACTED: Final = "atlas-redacted"  # true on a dead letter whose body had secrets masked before it was parked
     REPLAYS: Final = "atlas-replays"  # times `dlq replay` sent this request back
     REPLAYED_AT: Final = "atlas-replayed-at"
     DEAD_LETTER_ID: Final = "atlas-dead-letter-id"  # assigned by the worker; what `dlq` calls a dead letter's id

@@ -1,6 +1,7 @@
 """Shared fixtures: a broker (skips locally without one, fails in CI), a namespace per test, fakes, a worker."""
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from contracts import Topology
 from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
@@ -20,6 +22,17 @@ from worker.settings import WorkerSettings
 from worker.tenants import NO_TENANTS_MARKER
 
 configure_logging("warning", cache=False)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For a test that sets the worker's logging up itself (on its captured stderr, say): the logging set up
+    before comes back after, so later tests never write to that test's closed capture."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers = root.handlers[:]
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")
@@ -74,17 +87,19 @@ def write_tenant(
     max_attempts: int = 3,
     timeout_s: float = 5,
     max_concurrency: int = 16,
-    api_key: str = "env:TEST_FAKE_OPENAI_KEY",
+    api_key: str | None = "env:TEST_FAKE_OPENAI_KEY",
     model: str = "fake-model",
 ) -> Path:
+    """A tenant file for the OpenAI fake; `api_key=None` writes none (an endpoint that needs no key)."""
     path = directory / f"{tenant_id}.toml"
+    key_line = "" if api_key is None else f'api_key = "{api_key}"'
     path.write_text(f"""
 tenant_id = "{tenant_id}"
 [provider]
 kind = "openai_compatible"
 base_url = "{base_url}"
 model = "{model}"
-api_key = "{api_key}"
+{key_line}
 [fallback]
 policy = "{policy}"
 max_attempts = {max_attempts}

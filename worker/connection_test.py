@@ -3,7 +3,8 @@
 The probes, cheapest first: a 16-token call (reachable, authenticated, model found, latency), a forced tool
 call (tool calling: yes / forced only / no), a typical RCA call on a small sample incident (structured output
 and RCA latency), and whatever the provider can say about its model (context window). Each failure names
-what to fix. Reports never hold secrets: every secret value of the configuration is scrubbed from them.
+what to fix. Secrets are resolved first: one that cannot be is its own failed check, and nothing is called.
+`reachable` is claimed only when the provider answered. Reports never hold secrets (`worker.redaction`).
 """
 
 import asyncio
@@ -14,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from contracts import (
@@ -69,7 +69,8 @@ from worker.providers.base import (
     structured_output_mode,
 )
 from worker.providers.bedrock import UNKNOWN_FAMILY, BedrockProvider
-from worker.secrets import resolve_secret
+from worker.redaction import redact, redact_url
+from worker.secrets import SecretUnresolved, resolve_secret
 from worker.tasks import TaskFailure, interpret
 from worker.tenants import TenantConfigError, load_tenant_file
 
@@ -193,17 +194,23 @@ async def _call(provider: Provider, call: ModelCall) -> tuple[ModelResult, float
     return result, (time.monotonic() - started) * 1000
 
 
+# Failures that still prove the provider's endpoint answered: a status line, or a body we could not read.
+ANSWERED_CODES = frozenset({"malformed_response"})
+# Failures with a status that came from elsewhere (STS, a token endpoint), not from the provider's endpoint.
+ANSWERED_ELSEWHERE = frozenset({"assume_role_failed"})
+
+
+def connected(error: ProviderError) -> bool:
+    """Did the provider's endpoint answer before this failure? Only then may a report say `reachable`."""
+    if error.code in ANSWERED_ELSEWHERE:
+        return False
+    return error.status is not None or error.code in ANSWERED_CODES
+
+
 def _failed_connection(probe: _Probe, kind: str, error: ProviderError) -> None:
-    unreachable = error.code in (
-        "unreachable",
-        "egress_refused",
-        "timeout",
-        "config_invalid",
-        "model_retired",
-        "provider_unsupported",
-    )
-    probe.report["reachable"] = not unreachable
-    if not unreachable and error.error_class is not ErrorClass.TRANSIENT:
+    reachable = connected(error)
+    probe.report["reachable"] = reachable
+    if reachable and error.error_class is not ErrorClass.TRANSIENT:
         probe.report["authenticated"] = error.error_class is not ErrorClass.AUTH
         if error.error_class is ErrorClass.NOT_FOUND:
             probe.report["model_found"] = False
@@ -327,49 +334,39 @@ def _finish(provider: Provider, probe: _Probe) -> ConnectionReport:
     )
 
 
-def _unbuilt_report(settings: ProviderSettings, error: ProviderError) -> ConnectionReport:
+def _unbuilt_report(settings: ProviderSettings, checks: list[RequirementCheck]) -> ConnectionReport:
+    """A report for a configuration that was never called: nothing is claimed but what the checks say."""
     model = next((getattr(settings, n) for n in ("model", "deployment", "model_id") if hasattr(settings, n)), "")
-    endpoint = endpoints_of(settings)[0]
-    check = RequirementCheck(
-        requirement="connection", status="fail", message=error.message, fix=fix_for(settings.kind, error)
-    )
     return ConnectionReport(
         provider_kind=settings.kind,
-        endpoint=endpoint,
+        endpoint=redact_url(endpoints_of(settings)[0]),
         model=str(model),
         reachable=False,
         verdict="not_ready",
-        checks=[check],
+        checks=checks,
     )
 
 
 # --- secrets never leave ------------------------------------------------------------------------------------
 
 
-def secret_values(settings: ProviderSettings) -> list[str]:
-    """Every secret value the configuration holds or points at, and the parts of a JSON key."""
-    values: list[str] = []
-    for _, secret in secret_fields(settings):
+def unresolved_secrets(settings: ProviderSettings) -> list[RequirementCheck]:
+    """One failed `secrets` check per secret that does not resolve here; resolving the others makes them known
+    to the redaction facility before any text about this configuration is written."""
+    checks = []
+    for name, secret in secret_fields(settings):
         try:
-            value = resolve_secret(secret)
-        except ProviderError:
-            continue
-        values.append(value)
-        try:
-            key = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(key, dict):
-            values += [str(key[k]) for k in ("private_key", "private_key_id") if key.get(k)]
-    return [v for v in values if len(v) >= 4]
+            resolve_secret(secret)
+        except SecretUnresolved as exc:
+            message = f"provider.{name} cannot be resolved ({exc.message})"
+            checks.append(
+                RequirementCheck(requirement="secrets", status="fail", message=message, fix=fix_for(settings.kind, exc))
+            )
+    return checks
 
 
-def redact(report: ConnectionReport, secrets: list[str]) -> ConnectionReport:
-    text = report.model_dump_json()
-    for secret in sorted(secrets, key=len, reverse=True):
-        for form in (secret, orjson.dumps(secret).decode()[1:-1]):
-            text = text.replace(form, "[secret]")
-    return ConnectionReport.model_validate_json(text)
+def scrubbed(report: ConnectionReport) -> ConnectionReport:
+    return ConnectionReport.model_validate(redact(report.model_dump(mode="json")))
 
 
 # --- entry points -------------------------------------------------------------------------------------------
@@ -378,14 +375,17 @@ def redact(report: ConnectionReport, secrets: list[str]) -> ConnectionReport:
 async def check_connection(
     settings: ProviderSettings, build: Builder, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> ConnectionReport:
-    """Build the provider and probe it; the report is already scrubbed of secrets."""
+    """Resolve the secrets, build the provider and probe it; the report is already scrubbed of secrets."""
+    if unresolved := unresolved_secrets(settings):
+        return scrubbed(_unbuilt_report(settings, unresolved))
     try:
         provider = build(settings)
     except ProviderError as exc:
-        report = _unbuilt_report(settings, exc)
-    else:
-        report = await probe_provider(provider, settings, timeout_s)
-    return redact(report, secret_values(settings))
+        check = RequirementCheck(
+            requirement="connection", status="fail", message=exc.message, fix=fix_for(settings.kind, exc)
+        )
+        return scrubbed(_unbuilt_report(settings, [check]))
+    return scrubbed(await probe_provider(provider, settings, timeout_s))
 
 
 async def check_draft_from_message(

@@ -10,10 +10,14 @@
      ├─ auth                      401/403: credentials, roles, network ACLs, unresolvable secrets
      └─ not_found                 404: model, deployment or endpoint does not exist
 
-Messages are written for the tenant admin ("401 from Azure: check the API key") and never contain secrets.
+Messages are written for the tenant admin ("401 from Azure: check the API key") and never contain secrets:
+a message is masked as it is made (`worker.redaction.redact_provider_text`), because most quote a provider's
+own error text, and some servers quote the key they refused.
 """
 
 from enum import StrEnum
+
+from worker.redaction import redact_provider_text
 
 
 class ErrorClass(StrEnum):
@@ -39,6 +43,7 @@ class ProviderError(Exception):
         retry_after_s: float | None = None,
         status: int | None = None,
     ) -> None:
+        message = redact_provider_text(message)
         super().__init__(message)
         self.error_class = error_class
         self.message = message

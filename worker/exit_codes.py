@@ -7,7 +7,7 @@ from enum import IntEnum
 
 import aio_pika
 
-from worker.ops.redact import redact_text
+from worker.redaction import redact_text
 
 
 class ExitCode(IntEnum):

@@ -1,4 +1,4 @@
-"""structlog configured for one JSON object per line, with per-message context from contextvars."""
+"""structlog configured for one JSON object per line, with per-message context from contextvars, secrets masked."""
 
 import logging
 import sys
@@ -6,6 +6,8 @@ from typing import Any
 
 import orjson
 import structlog
+
+from worker.redaction import redact_log_event
 
 
 def _dumps(obj: Any, default: Any = None) -> str:
@@ -21,6 +23,7 @@ def configure_logging(level: str = "info", *, json: bool = True, cache: bool = T
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            redact_log_event,  # last, so tracebacks and bound context are masked too
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -41,6 +44,7 @@ def configure_logging(level: str = "info", *, json: bool = True, cache: bool = T
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redact_log_event,
                 renderer,
             ],
         )

@@ -3,6 +3,7 @@
 from contracts import ConnectionReport, RequirementCheck
 from contracts.messages import StructuredOutputSupport, ToolCallingSupport, Verdict
 from worker.errors import ErrorClass, ProviderError
+from worker.secrets import SecretUnresolved
 
 CONTEXT_REQUIRED = 32_000
 CONTEXT_RECOMMENDED = 128_000
@@ -10,35 +11,72 @@ RCA_LATENCY_TARGET_S = 30.0
 SOURCES = {"config": "from the tenant config", "provider": "reported by the provider", "model_table": "known model"}
 
 
+# What to change for a failed probe, by error code first (the most specific cause), then by error class.
+# A hint is one string, or one per provider kind with "" as the fallback; `tests/unit/test_fix_hints.py` holds
+# one case per entry.
+Hint = str | dict[str, str]
+FIX_BY_CODE: dict[str, Hint] = {
+    "unreachable": "check the endpoint URL, DNS, and that the worker's network (firewall, proxy) can reach it",
+    "timeout": "check that the server is up and not overloaded; cold-starting models may need a longer timeout_s",
+    "secret_unresolved": {
+        "bedrock": "set access_key_id and secret_access_key, or role_arn, in the provider settings",
+        "": "set the provider's secret references (env: or file:) so they resolve where the worker runs",
+    },
+    "service_account_invalid": "service_account must hold a whole service-account JSON key "
+    "(IAM → Service accounts → Keys → Add key → JSON)",
+    "assume_role_failed": "check role_arn, that the role's trust policy trusts the calling identity, and external_id",
+    "config_invalid": "fix the provider settings as the message says",
+    "model_retired": "use a current model, as the message says",
+    "provider_unsupported": "check provider.kind: this worker does not include that provider",
+    "forbidden": {
+        "azure_openai": "the key is valid but refused: check the resource's network rules (firewall, private "
+        "endpoint) allow the worker",
+        "bedrock": "allow bedrock:InvokeModel on this model for the identity, and enable the model under "
+        "Bedrock model access",
+        "vertex": "grant the service account the Vertex AI User role and enable the Vertex AI API in the project",
+        "": "the credentials are valid but lack permission, or a proxy or network rule blocks the worker",
+    },
+    "inference_profile_required": "use the model's inference profile id as model_id (e.g. eu.<model id>)",
+    "malformed_response": "the endpoint answered in another format: check provider.kind and the URL "
+    "(an OpenAI-compatible base_url usually ends in /v1)",
+    "provider_unavailable": "the provider is failing on its side; try again later or check the server's logs",
+    "content_filtered": "the provider's content filter blocked the probe; review its content filter settings",
+}
+FIX_BY_CLASS: dict[ErrorClass, Hint] = {
+    ErrorClass.AUTH: {
+        "azure_openai": "check api_key (Azure portal → Keys and Endpoint)",
+        "bedrock": "check access_key_id / secret_access_key or role_arn (trust policy, external_id)",
+        "vertex": "check service_account: the key may be deleted or disabled",
+        "openai_compatible": "check api_key (the server's --api-key)",
+        "ollama": "Ollama itself needs no key; check any proxy in front of it",
+        "": "check the credentials",
+    },
+    ErrorClass.NOT_FOUND: {
+        "azure_openai": "check deployment (the deployment name, not the model name) and endpoint",
+        "bedrock": "check model_id and region, and that model access is enabled in the Bedrock console",
+        "vertex": "check model and location (not every model is offered in every location)",
+        "openai_compatible": "check model: it must equal an id from GET /v1/models (vLLM --served-model-name)",
+        "ollama": "pull the model on the Ollama server (`ollama pull <model>`)",
+        "": "check the model name",
+    },
+    ErrorClass.RATE_LIMITED: "the provider is throttling this account; try again later or raise its rate limits",
+    ErrorClass.QUOTA: "the account's quota or billing is exhausted at the provider; raise it",
+    ErrorClass.CONTEXT_OVERFLOW: "even the probe does not fit the model's context window; use a larger model",
+    ErrorClass.TRANSIENT: "the provider failed for now; test again, and check the server if it persists",
+    ErrorClass.BAD_REQUEST: "the provider rejected the probe: check model and api_version against the message",
+}
+
+
 def fix_for(kind: str, error: ProviderError) -> str:
-    """What the tenant admin should change, for a failed connection probe."""
-    if error.code in ("unreachable",):
-        return "check the endpoint URL, DNS, and that the worker's network (firewall, proxy) can reach it"
-    if error.code == "timeout":
-        return "check that the server is up and not overloaded; cold-starting models may need a longer timeout_s"
-    if error.error_class is ErrorClass.AUTH:
-        return {
-            "azure_openai": "check api_key (Azure portal → Keys and Endpoint) and the resource's network rules",
-            "bedrock": "check access_key_id / secret_access_key or role_arn (trust policy, external_id) and that the "
-            "identity may call bedrock:InvokeModel",
-            "vertex": "check service_account, that it has the Vertex AI User role, and that the Vertex AI API is "
-            "enabled in the project",
-            "openai_compatible": "check api_key (the server's --api-key)",
-            "ollama": "Ollama itself needs no key; check any proxy in front of it",
-        }.get(kind, "check the credentials")
-    if error.error_class is ErrorClass.NOT_FOUND:
-        return {
-            "azure_openai": "check deployment (the deployment name, not the model name) and endpoint",
-            "bedrock": "check model_id and region, and that model access is enabled in the Bedrock console",
-            "vertex": "check model and location (not every model is offered in every location)",
-            "openai_compatible": "check model: it must equal an id from GET /v1/models (vLLM --served-model-name)",
-            "ollama": "pull the model on the Ollama server (`ollama pull <model>`)",
-        }.get(kind, "check the model name")
-    if error.error_class is ErrorClass.RATE_LIMITED:
-        return "the provider is throttling this account; try again later or raise its rate limits"
-    if error.error_class is ErrorClass.QUOTA:
-        return "the account's quota or billing is exhausted at the provider; raise it"
-    return "fix the configuration as the message says"
+    """What the tenant admin should change, for a failed check: the hint for this error's own cause."""
+    if isinstance(error, SecretUnresolved):
+        return (
+            f"make {error.reference} available to the process running the test: test-connection resolves env: and "
+            "file: secrets from its own environment (on the command line: that shell's variables and files; on "
+            "the queue: the worker's)"
+        )
+    hint = FIX_BY_CODE.get(error.code) or FIX_BY_CLASS.get(error.error_class) or "fix the configuration"
+    return hint if isinstance(hint, str) else hint.get(kind, hint[""])
 
 
 def tools_check(kind: str, tools: ToolCallingSupport) -> RequirementCheck:

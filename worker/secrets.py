@@ -1,4 +1,5 @@
-"""Resolves secret references (`env:NAME`, `file:/path`) at the moment a secret is needed."""
+"""Resolves secret references (`env:NAME`, `file:/path`) at the moment a secret is needed, and makes every
+resolved value known to the redaction facility, so no text the worker sends out can quote it."""
 
 import os
 from pathlib import Path
@@ -6,8 +7,17 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from worker.errors import ErrorClass, ProviderError
+from worker.redaction import known_secrets
 
 REFERENCE_PREFIXES = ("env:", "file:")
+
+
+class SecretUnresolved(ProviderError):
+    """A secret reference that names nothing here: an unset variable, or a file that cannot be read."""
+
+    def __init__(self, reference: str, message: str) -> None:
+        super().__init__(ErrorClass.AUTH, message, code="secret_unresolved")
+        self.reference = reference  # `environment variable NAME` or `file /path`, for the fix hint
 
 
 def is_reference(secret: SecretStr) -> bool:
@@ -16,21 +26,24 @@ def is_reference(secret: SecretStr) -> bool:
 
 def resolve_secret(secret: SecretStr) -> str:
     """The secret's value. A reference that cannot be resolved is an auth error naming the reference."""
-    value = secret.get_secret_value()
+    value = _resolve(secret.get_secret_value())
+    known_secrets.remember(value)
+    return value
+
+
+def _resolve(value: str) -> str:
     if value.startswith("env:"):
         name = value.removeprefix("env:")
         resolved = os.environ.get(name)
         if not resolved:
-            raise ProviderError(ErrorClass.AUTH, f"environment variable {name} is not set", code="secret_unresolved")
+            raise SecretUnresolved(f"environment variable {name}", f"environment variable {name} is not set")
         return resolved
     if value.startswith("file:"):
         path = Path(value.removeprefix("file:"))
         try:
             return path.read_text().strip()
         except OSError as exc:
-            raise ProviderError(
-                ErrorClass.AUTH, f"cannot read secret file {path}: {exc.strerror}", code="secret_unresolved"
-            ) from exc
+            raise SecretUnresolved(f"file {path}", f"cannot read secret file {path}: {exc.strerror}") from exc
     return value
 
 

@@ -20,6 +20,7 @@ from worker.acks import Acknowledger
 from worker.header_trust import HeaderTrust
 from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
 from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.redaction import redact_body, redact_text
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.settle")
@@ -165,6 +166,8 @@ class Settler:
         return "replied+dead_lettered" if reply is not None else "dead_lettered"
 
     async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
+        if reply.error is not None:  # the last look before it leaves: error messages may quote anything
+            reply = reply.model_copy(update={"error": _masked(reply.error)})
         body = orjson.dumps(reply.model_dump(mode="json", exclude_none=True))
         message = aio_pika.Message(
             body,
@@ -197,13 +200,17 @@ class Settler:
             **self._failure_headers(delivery, ids, dead.error, dead.provider_kind),
             **_lineage_headers(delivery, self.trust.believed(delivery.headers, ids.request_id), put_back=False),
         }
+        # A parked body is read by operators and kept for days: a draft's literal keys must not be in it.
+        body = redact_body(delivery.body)
+        if body is not None:
+            headers[Header.REDACTED] = True
         last = dead.error.last_provider_error
         if last is not None:
             headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
-            headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = last.message[:ERROR_MESSAGE_LIMIT]
+            headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = redact_text(last.message)[:ERROR_MESSAGE_LIMIT]
         if dead.history:  # else the history it arrived with (vouched for) travels on
             headers[Header.HISTORY] = history.encode(dead.history)
-        await self._publish_copy(delivery, ids, self._topology.dead, "", headers)
+        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, body=body)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
         headers: dict[str, Any] = {
@@ -251,7 +258,7 @@ class Settler:
         now = _now()
         result: dict[str, Any] = {
             Header.ERROR_CODE: error.code,
-            Header.ERROR_MESSAGE: error.message[:ERROR_MESSAGE_LIMIT],
+            Header.ERROR_MESSAGE: redact_text(error.message)[:ERROR_MESSAGE_LIMIT],
             Header.FIRST_FAILURE_AT: first if isinstance(first, str) else now,
             Header.LAST_FAILURE_AT: now,
             Header.ORIGINAL_EXCHANGE: headers.get(Header.ORIGINAL_EXCHANGE, delivery.exchange or ""),
@@ -270,10 +277,13 @@ class Settler:
         exchange_name: str,
         routing_key: str,
         extra: dict[str, Any],
+        *,
+        body: bytes | None = None,
     ) -> None:
-        """Republish the original body and properties with extra headers. The body is never changed, only cut
-        to a prefix when it is over the size limit; publisher headers are left off when they would not fit."""
-        body, cut = bounded_body(delivery.body, self._max_body_bytes)
+        """Republish the original body (or `body`, its redacted copy) and properties with extra headers. The
+        body is otherwise never changed, only cut to a prefix when it is over the size limit; publisher headers
+        are left off when they would not fit."""
+        body, cut = bounded_body(delivery.body if body is None else body, self._max_body_bytes)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         ours = {
             **self.trust.believed(delivery.headers, ids.request_id),
@@ -305,6 +315,14 @@ class Settler:
         if exchange is None:
             exchange = self._exchanges[name] = Exchange(self._channel, name, durable=True)
         return exchange
+
+
+def _masked(error: ErrorInfo) -> ErrorInfo:
+    update: dict[str, Any] = {"message": redact_text(error.message)}
+    if error.last_provider_error is not None:
+        last = error.last_provider_error
+        update["last_provider_error"] = last.model_copy(update={"message": redact_text(last.message)})
+    return error.model_copy(update=update)
 
 
 def _publisher_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -87,6 +87,7 @@ class FakeOpenAI:
     replies: deque[dict[str, Any]] = field(default_factory=deque)  # scripted bodies, one per request, first
     context_window: int | None = None  # tokens, counted as the JSON bytes of the prompt / 4
     tools: ToolSupport = "native"
+    quote_refused_key: bool = False  # a 401 that quotes the key it refused, as some gateways and proxies do
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -110,8 +111,10 @@ class FakeOpenAI:
     def _unauthorized(self, request: web.Request) -> web.Response | None:
         if self.api_key is None:
             return None
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        presented = request.headers.get("Authorization", "")
+        if presented != f"Bearer {self.api_key}":
+            quoted = f": {presented.removeprefix('Bearer ')}" if self.quote_refused_key else "."
+            return _error(401, f"Incorrect API key provided{quoted}", "invalid_request_error", "invalid_api_key")
         return None
 
     async def _models(self, request: web.Request) -> web.Response:

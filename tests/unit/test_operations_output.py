@@ -6,7 +6,7 @@ import pytest
 
 from contracts import Header
 from worker.ops.dlq import DeadLetterView, detail, format_age, replay_headers
-from worker.ops.redact import MASK, redact, redact_text
+from worker.redaction import MASK, redact, redact_text
 
 
 @pytest.mark.parametrize(

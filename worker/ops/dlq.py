@@ -21,8 +21,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
 from worker.history import History, decode_history
 from worker.limits import read_count
-from worker.ops.redact import redact, redact_text
 from worker.outcome import DEAD_LETTER_REASONS
+from worker.redaction import redact, redact_text
 
 REPLAYED_AT = Header.REPLAYED_AT
 REPLAYS = Header.REPLAYS

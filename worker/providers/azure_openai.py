@@ -13,6 +13,7 @@ from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, StructuredOutputMode
 from worker.providers.http import classify_status, error_text, json_object, send_json
 from worker.providers.openai_compatible import chat_body, parse_chat_response
+from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 JSON_SCHEMA_SINCE = "2024-08-01-preview"  # older versions answer 400 to response_format json_schema
@@ -92,7 +93,7 @@ class AzureOpenAIProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._settings.endpoint
+        return redact_url(self._settings.endpoint)
 
     @property
     def model(self) -> str:

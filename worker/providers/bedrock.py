@@ -27,6 +27,7 @@ from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult, StructuredOutputMode, ToolSpec
 from worker.providers.http import CONNECT_TIMEOUT_S, CONTEXT_OVERFLOW_PATTERNS, retry_after_seconds
+from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 ROLE_SESSION_NAME = "atlas-inference-worker"
@@ -381,7 +382,9 @@ class BedrockProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._settings.endpoint_url or f"https://bedrock-runtime.{self._settings.region}.amazonaws.com"
+        return redact_url(
+            self._settings.endpoint_url or f"https://bedrock-runtime.{self._settings.region}.amazonaws.com"
+        )
 
     @property
     def model(self) -> str:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -155,6 +156,17 @@ def json_object(payload: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def refuse_two_credentials(url: str, headers: Mapping[str, str], who: str) -> None:
+    """HTTP carries one Authorization: a `user:password@` URL and an api_key would both claim it (aiohttp
+    refuses the request), so the tenant admin is told which two settings conflict instead."""
+    if urlsplit(url).username is not None and any(name.lower() == "authorization" for name in headers):
+        raise ProviderError(
+            ErrorClass.BAD_REQUEST,
+            f"{who}: the endpoint has credentials in its URL and an api_key is set too; keep one of them",
+            code="config_invalid",
+        )
+
+
 async def send_json(
     session: aiohttp.ClientSession,
     method: str,
@@ -168,6 +180,7 @@ async def send_json(
 ) -> Any:
     """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError."""
     send_headers = {"Accept": "application/json", **(headers or {})}
+    refuse_two_credentials(url, send_headers, who)
     data = None
     if body is not None:
         data = orjson.dumps(body)

@@ -10,6 +10,7 @@ from contracts import OllamaSettings, ToolCall
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelInfo, ModelResult
 from worker.providers.http import classify_status, error_text, malformed, send_json
+from worker.redaction import redact_url
 
 FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH}
 NUM_CTX = re.compile(r"^\s*num_ctx\s+(\d+)", re.MULTILINE)
@@ -108,7 +109,7 @@ class OllamaProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._settings.base_url
+        return redact_url(self._settings.base_url)
 
     @property
     def model(self) -> str:

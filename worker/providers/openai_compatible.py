@@ -9,6 +9,7 @@ from contracts import OpenAICompatibleSettings, ToolCall
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelInfo, ModelResult
 from worker.providers.http import malformed, send_json
+from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 FINISH = {
@@ -133,7 +134,7 @@ class OpenAICompatibleProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._settings.base_url
+        return redact_url(self._settings.base_url)
 
     @property
     def model(self) -> str:

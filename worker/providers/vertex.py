@@ -17,6 +17,7 @@ from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult
 from worker.providers.http import classify_status, json_object, malformed, retry_after_seconds, send_json
+from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -351,7 +352,7 @@ class VertexProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._base
+        return redact_url(self._base)
 
     @property
     def model(self) -> str:

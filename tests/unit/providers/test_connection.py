@@ -287,3 +287,108 @@ async def test_configuration_the_sdk_refuses_is_reported_not_crashed() -> None:
     assert report.verdict == "not_ready"
     assert report.reachable is False
     assert "example-secret" not in report.model_dump_json()
+
+
+# --- the truth about what was tried, and nothing secret in what is said -------------------------------------
+
+
+async def test_unset_variable_is_its_own_failed_check_and_nothing_is_called(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("ATLAS_TEST_UNSET_KEY", raising=False)
+    path = tmp_path / "draft.toml"
+    path.write_text(
+        'tenant_id = "draft"\n'
+        + provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_UNSET_KEY"')
+    )
+
+    code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert report.reachable is False
+    assert report.authenticated is None  # not claimed either way: the key was never sent
+    assert report.verdict == "not_ready"
+    [check] = report.checks
+    assert (check.requirement, check.status) == ("secrets", "fail")
+    assert "ATLAS_TEST_UNSET_KEY" in check.message
+    assert "environment variable ATLAS_TEST_UNSET_KEY" in (check.fix or "")
+    assert "test-connection resolves env: and file: secrets from its own environment" in (check.fix or "")
+    assert fake_openai.requests == []
+
+
+async def test_missing_service_account_file_is_named_and_reachable_is_not_claimed(
+    urls: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "gone" / "sa.json"
+    path = tmp_path / "draft.toml"
+    path.write_text('tenant_id = "draft"\n' + provider_toml("vertex", urls["vertex"], key_file=missing))
+
+    code, out = await run_cli("--config", str(path), capsys=capsys)
+
+    assert code == 1
+    assert "reachable          NO" in out
+    assert "fail  secrets" in out
+    assert f"fix: make file {missing} available" in out
+
+
+async def test_a_401_that_quotes_the_key_is_reported_without_it(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_openai.quote_refused_key = True
+    monkeypatch.setenv("ATLAS_TEST_WRONG_KEY", "zq8-opaque-wrong-value")  # no shape a pattern would know
+    path = tmp_path / "draft.toml"
+    path.write_text(
+        'tenant_id = "draft"\n'
+        + provider_toml("openai_compatible", fake_openai.base_url, api_key='"env:ATLAS_TEST_WRONG_KEY"')
+    )
+
+    code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert (report.reachable, report.authenticated) == (True, False)  # it answered, and refused the key
+    assert "Incorrect API key provided: ***" in report.checks[0].message
+    assert "zq8-opaque-wrong-value" not in out
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "query", "secrets"),
+    [("svc:pa55-in-url@", "", ("pa55-in-url",)), ("", "?api-key=qk-in-url-77", ("qk-in-url-77",))],
+)
+async def test_credentials_in_the_endpoint_url_are_not_in_the_report(
+    userinfo: str,
+    query: str,
+    secrets: tuple[str, ...],
+    fake_ollama: FakeOllama,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = fake_ollama.base_url.replace("://", f"://{userinfo}") + query
+    path = tmp_path / "draft.toml"
+    path.write_text('tenant_id = "draft"\n' + provider_toml("ollama", url))
+
+    _, out = await run_cli("--config", str(path), capsys=capsys)
+
+    assert "Test Connection: ollama llama3.1:8b at http://" in out
+    for secret in secrets:
+        assert secret not in out
+
+
+async def test_a_password_in_the_url_and_an_api_key_together_are_a_named_conflict_not_a_crash(
+    fake_openai: FakeOpenAI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_KEY", "sk-test-fake")
+    url = fake_openai.base_url.replace("://", "://svc:pa55-in-url@")
+    path = tmp_path / "draft.toml"
+    path.write_text('tenant_id = "draft"\n' + provider_toml("openai_compatible", url, api_key='"env:ATLAS_TEST_KEY"'))
+
+    code, out = await run_cli("--config", str(path), "--json", capsys=capsys)
+
+    report = ConnectionReport.model_validate_json(out)
+    assert code == 1
+    assert (report.reachable, report.verdict) == (False, "not_ready")
+    [check] = report.checks
+    assert "credentials in its URL and an api_key" in check.message
+    assert "pa55-in-url" not in out
+    assert fake_openai.requests == []

@@ -1,0 +1,158 @@
+"""The redaction facility: secrets masked by value, URL and shape, in text, message bodies and log lines."""
+
+import logging
+
+import orjson
+import pytest
+import structlog
+
+from tests.fakes.vertex_server import new_key, service_account_json
+from worker.log import configure_logging
+from worker.redaction import (
+    MASK,
+    KnownSecrets,
+    known_secrets,
+    redact_body,
+    redact_provider_text,
+    redact_text,
+    redact_url,
+)
+
+SERVICE_ACCOUNT = service_account_json(new_key(), "http://127.0.0.1:9/token")
+PRIVATE_KEY = orjson.loads(SERVICE_ACCOUNT)["private_key"]
+# A line from the middle of the PEM: what must never be printed, whatever surrounds it.
+KEY_MATERIAL = PRIVATE_KEY.splitlines()[5]
+
+
+def test_a_resolved_secret_is_masked_wherever_it_is_quoted_raw_or_json_escaped() -> None:
+    secrets = KnownSecrets()
+    secrets.remember("zq8-opaque-tenant-value")  # no shape a pattern could know
+    secrets.remember(SERVICE_ACCOUNT)
+
+    assert secrets.scrub("401: key zq8-opaque-tenant-value refused") == f"401: key {MASK} refused"
+    assert KEY_MATERIAL not in secrets.scrub(f"error body: {PRIVATE_KEY}")
+    assert KEY_MATERIAL not in secrets.scrub(orjson.dumps({"quoted": PRIVATE_KEY}).decode())
+    assert "0123456789abcdef" not in secrets.scrub("private_key_id 0123456789abcdef is disabled")
+
+
+def test_short_values_are_not_masked_everywhere() -> None:
+    secrets = KnownSecrets()
+    secrets.remember("abc")
+    assert secrets.scrub("abcdef") == "abcdef"
+
+
+def test_the_oldest_secrets_are_forgotten_beyond_the_limit() -> None:
+    secrets = KnownSecrets(limit=2)
+    for value in ("first-secret-1", "second-secret-2", "third-secret-3"):
+        secrets.remember(value)
+    assert secrets.scrub("first-secret-1 third-secret-3") == f"first-secret-1 {MASK}"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://svc:pa55word@127.0.0.1:8000/v1", "http://***@127.0.0.1:8000/v1"),
+        ("https://tokenonly@host/v1", "https://***@host/v1"),
+        ("https://x.openai.azure.com/?api-key=deadbeef42&api-version=2024-10-21", None),
+        ("https://host/v1?key=AIzaSyExample&alt=json", "https://host/v1?key=***&alt=json"),
+        ("https://b.s3.amazonaws.com/o?X-Amz-Signature=abc123&X-Amz-Credential=AKIA", None),
+        ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+    ],
+)
+def test_urls_lose_userinfo_and_credential_query_parameters(url: str, shown: str | None) -> None:
+    printed = redact_url(url)
+    if shown is not None:
+        assert printed == shown
+    for secret in ("pa55word", "tokenonly", "deadbeef42", "AIzaSyExample", "abc123", "=AKIA"):
+        assert secret not in printed
+    assert "api-version=2024-10-21" in redact_url("https://h/?api-version=2024-10-21&api-key=k")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"bad key file: {PRIVATE_KEY}",
+        orjson.dumps({"service_account": {"private_key": PRIVATE_KEY}}).decode(),
+        f"truncated at 300 characters: {PRIVATE_KEY[:300]}",
+    ],
+)
+def test_pem_blocks_are_masked_whole_even_when_cut_off(text: str) -> None:
+    masked = redact_text(text)
+    assert KEY_MATERIAL not in masked
+    assert PRIVATE_KEY.splitlines()[1] not in masked
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",  # AWS secret access key shape
+        "AIzaSyD4e5F6g7H8i9J0kLmNoPqRsTuVwXyZ012",  # Google API key shape
+        "3f9c2b7a1e8d4c6b9a0f1e2d3c4b5a69",  # Azure key shape: 32 hex characters
+    ],
+)
+def test_long_key_like_tokens_in_provider_error_text_are_masked(token: str) -> None:
+    assert token not in redact_provider_text(f"401 Unauthorized: invalid credential {token} for this resource")
+
+
+@pytest.mark.parametrize(
+    "prose",
+    [
+        "the token endpoint failed; try again",
+        "Vertex AI (gemini-2.5-flash in acme-prod/europe-west4): model not found",
+        "Bedrock (anthropic.claude-3-5-sonnet-20240620-v1:0 in eu-central-1): throttled",
+        "request 123e4567-e89b-12d3-a456-426614174000 rejected: basic auth is not enabled",
+    ],
+)
+def test_provider_messages_without_secrets_read_as_they_were(prose: str) -> None:
+    assert redact_provider_text(prose) == prose
+
+
+def test_a_drafts_literal_secrets_are_masked_in_its_body_and_the_incident_is_kept() -> None:
+    body = orjson.dumps(
+        {
+            "request_id": "tc-1",
+            "tenant_id": "newco",
+            "task": "test_connection",
+            "provider": {"kind": "vertex", "service_account": SERVICE_ACCOUNT, "base_url": "http://u:p@h/"},
+            "incident": {"title": "db password=hunter2 in logs", "logs": [{"message": PRIVATE_KEY}]},
+        }
+    )
+
+    masked = redact_body(body)
+
+    assert masked is not None
+    shown = orjson.loads(masked)
+    assert shown["provider"]["service_account"] == MASK
+    assert shown["provider"]["base_url"] == "http://***@h/"
+    assert shown["incident"]["title"] == "db password=hunter2 in logs"  # the request is replayed as it was sent
+    assert KEY_MATERIAL not in masked.decode()
+
+
+def test_bodies_without_secrets_are_left_alone_and_bodies_that_are_not_json_are_masked_as_text() -> None:
+    assert redact_body(orjson.dumps({"request_id": "r", "incident": {"title": "ok"}})) is None
+    masked = redact_body(b'{"provider": {"api_key": "lit' + PRIVATE_KEY.encode() + b"\xff")
+    assert masked is not None
+    assert KEY_MATERIAL.encode() not in masked
+    assert masked.endswith(b"\xff")  # bytes that are not text are kept as they were
+
+
+def test_log_lines_carry_no_secret_whoever_wrote_them(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging("info", cache=False)  # the worker's own pipeline, writing to the captured stderr
+    known_secrets.remember("opaque-tenant-key-77")
+    log = structlog.get_logger("test")
+
+    log.warning("circuit_open", endpoint="http://svc:pa55word@127.0.0.1:1/v1?api-key=qk-123456")
+    log.info("provider_failed", api_key="plain", message="refused opaque-tenant-key-77")
+    try:
+        raise ValueError(f"cannot load key {PRIVATE_KEY}")
+    except ValueError:
+        log.exception("handler_crashed")
+    logging.getLogger("aiohttp.client").error("lib says opaque-tenant-key-77")
+
+    out = capsys.readouterr().err
+    assert out.count("\n") == 4
+    for secret in ("pa55word", "qk-123456", '"plain"', "opaque-tenant-key-77", KEY_MATERIAL):
+        assert secret not in out
+    assert "circuit_open" in out

@@ -1,0 +1,206 @@
+"""The one redaction facility: masks secrets in every text that leaves the worker, by value, URL, shape and field.
+
+    by value   every secret this process has resolved (a tenant's keys, a draft's literal keys, the parts of a
+               service-account JSON key), exact match, raw and JSON-escaped
+    by URL     userinfo (`user:pass@`) and credential-looking query parameters (`?api-key=`, `&sig=`)
+    by shape   PEM blocks, bearer/basic tokens, `sk-…` keys, AWS access key ids, JWTs, `password=…` pairs; and,
+               in provider error text only, long key-like tokens
+    by field   whole strings under a secret-looking name (`api_key`, `password`, `service_account`, …)
+
+Replies, failure headers, dead-letter bodies, log lines, Test Connection reports and operator commands all pass
+through here; nothing else masks secrets.
+"""
+
+import re
+import threading
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import orjson
+
+MASK = "***"
+# Shorter values are too likely to be ordinary words to be masked wherever they appear.
+MIN_SECRET_CHARS = 6
+# Enough for every secret of a few thousand tenants; the oldest are forgotten first (rotated keys).
+KNOWN_SECRETS_LIMIT = 8192
+# Parts of a service-account JSON key that are secret on their own.
+JSON_KEY_PARTS = ("private_key", "private_key_id")
+
+SECRET_FIELD = re.compile(
+    r"pass(word|wd|phrase)?|secret|token|api[-_]?key|apikey|authorization|credential|private[-_]?key|"
+    r"access[-_]?key|cookie|signature|service[-_]?account|external[-_]?id",
+    re.IGNORECASE,
+)
+CREDENTIAL_QUERY_PARAMETER = re.compile(
+    r"api[-_]?key|apikey|key|token|access[-_]?token|sig|signature|password|secret|client[-_]?secret|"
+    r"x-amz-(signature|credential|security-token)",
+    re.IGNORECASE,
+)
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
+PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@?#\"']+@", re.IGNORECASE)
+_URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&#\s\"']+)=([^&#\s\"']*)")
+_SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (PEM_BLOCK, PEM_MASKED),
+    # A credential after its scheme word; a digit or 16+ characters tell it from prose ("the token endpoint").
+    (
+        re.compile(
+            r"\b(bearer|basic|token)(\s+)(?:(?=[A-Za-z0-9._~+/=-]*\d)[A-Za-z0-9._~+/=-]{6,}|[A-Za-z0-9._~+/=-]{16,})",
+            re.IGNORECASE,
+        ),
+        rf"\1\2{MASK}",
+    ),
+    (re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_-]{6,}"), rf"\1-{MASK}"),
+    (re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"), rf"\1{MASK}"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), MASK),
+    (
+        re.compile(
+            r"\b((?:api[-_]?key|password|passwd|secret|token|access[-_]?key|client[-_]?secret)[\"']?\s*[=:]\s*[\"']?)"
+            r"[^\s\"',;&]+",
+            re.IGNORECASE,
+        ),
+        rf"\1{MASK}",
+    ),
+)
+# A key-like token: 32+ characters of a key alphabet, with digits and mixed case (base64 keys, Google API keys)
+# or all hex (Azure keys, digests). Only for provider error text, where it is far more likely a key than prose.
+_KEY_LIKE = re.compile(
+    r"(?<![A-Za-z0-9+/=_-])(?:(?=[A-Za-z0-9+/=_-]*\d)(?=[A-Za-z0-9+/=_-]*[a-z])(?=[A-Za-z0-9+/=_-]*[A-Z])"
+    r"[A-Za-z0-9+/=_-]{32,}|[0-9a-fA-F]{32,})(?![A-Za-z0-9+/=_-])"
+)
+
+
+class KnownSecrets:
+    """Secret values this process has resolved, so any text can be scrubbed of them by exact match.
+
+    Process-wide on purpose: a secret resolved for one call must be masked in every text that could quote it,
+    including log lines written far from the tenant that owns it (a library's traceback, a broker error)."""
+
+    def __init__(self, limit: int = KNOWN_SECRETS_LIMIT) -> None:
+        self._limit = limit
+        self._values: dict[str, None] = {}  # insertion-ordered, so the oldest go first
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()  # secrets are also resolved in threads (token refreshes)
+
+    def remember(self, value: str) -> None:
+        forms = {form for part in _secret_parts(value) for form in _written_forms(part)}
+        forms = {form for form in forms if len(form) >= MIN_SECRET_CHARS and form not in self._values}
+        if not forms:
+            return
+        with self._lock:
+            for form in forms:
+                self._values[form] = None
+            while len(self._values) > self._limit:
+                del self._values[next(iter(self._values))]
+            self._pattern = None
+
+    def scrub(self, text: str) -> str:
+        pattern = self._pattern
+        if pattern is None:
+            if not self._values:
+                return text
+            with self._lock:
+                # Longest first, so a key is masked whole rather than around a shorter secret inside it.
+                ordered = sorted(self._values, key=len, reverse=True)
+                pattern = self._pattern = re.compile("|".join(map(re.escape, ordered)))
+        return pattern.sub(MASK, text)
+
+
+known_secrets = KnownSecrets()
+
+
+def _secret_parts(value: str) -> list[str]:
+    parts = [value.strip()]
+    if value.lstrip().startswith("{"):
+        try:
+            key = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return parts
+        if isinstance(key, dict):
+            parts += [str(key[name]).strip() for name in JSON_KEY_PARTS if key.get(name)]
+    return parts
+
+
+def _written_forms(value: str) -> set[str]:
+    """The value as it appears raw and inside JSON text (a PEM key's newlines become `\\n` there)."""
+    return {value, orjson.dumps(value).decode()[1:-1]}
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: no userinfo, no value of a credential-looking query parameter."""
+    return _URL_QUERY_PARAMETER.sub(_mask_credential_parameter, _URL_USERINFO.sub(rf"\1{MASK}@", url))
+
+
+def _mask_credential_parameter(match: re.Match[str]) -> str:
+    separator, name, value = match.groups()
+    if CREDENTIAL_QUERY_PARAMETER.fullmatch(name) and value:
+        return f"{separator}{name}={MASK}"
+    return match.group(0)
+
+
+def redact_text(text: str) -> str:
+    """Free text with every known secret value, URL credential and secret-shaped token masked."""
+    text = redact_url(known_secrets.scrub(text))
+    for pattern, replacement in _SHAPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_provider_text(text: str) -> str:
+    """A provider's own error text: as `redact_text`, and long key-like tokens too (servers quote keys)."""
+    return _KEY_LIKE.sub(MASK, redact_text(text))
+
+
+def redact(value: Any, field: str = "") -> Any:
+    """A copy of a JSON-like value with secrets masked. Strings under a secret-looking field name are masked
+    whole; counters such as `input_tokens` stay readable because only strings are masked by name."""
+    if isinstance(value, dict):
+        return {key: redact(item, str(key)) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(item, field) for item in value]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        if field and SECRET_FIELD.search(field) and value:
+            return MASK
+        return redact_text(value)
+    return value
+
+
+def redact_body(body: bytes) -> bytes | None:
+    """A message body with its secrets masked before it is parked, or None when it holds none.
+
+    In a JSON object the `provider` table (a `test_connection` draft's literal keys) is masked like operator
+    output; everywhere else only known secret values and PEM blocks are, so the incident stays as it was sent
+    and a replay still means the same request. Bytes that are not UTF-8 are read as Latin-1, which maps every
+    byte, so a PEM block or known secret inside them is still found and everything else is kept."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        masked = {key: redact(item) if key == "provider" else _strip_secrets(item) for key, item in data.items()}
+        return orjson.dumps(masked) if masked != data else None
+    try:
+        text, encoding = body.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        text, encoding = body.decode("latin-1"), "latin-1"
+    stripped = _strip_secrets(text)
+    return stripped.encode(encoding, "replace") if stripped != text else None
+
+
+def _strip_secrets(value: Any) -> Any:
+    """Known secret values and PEM blocks masked in every string of a JSON-like value, nothing else."""
+    if isinstance(value, dict):
+        return {key: _strip_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strip_secrets(item) for item in value]
+    if isinstance(value, str):
+        return PEM_BLOCK.sub(PEM_MASKED, known_secrets.scrub(value))
+    return value
+
+
+def redact_log_event(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    """structlog processor, the last before rendering: no log line carries a secret, whoever wrote it."""
+    masked: dict[str, Any] = redact(dict(event))
+    return masked
