@@ -3,11 +3,10 @@ the draft egress policy refuses (a test request must not read the worker's secre
 
 import asyncio
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, SecretStr
 
 from contracts import ConnectionReport
 from contracts.tenant import ProviderSettings
@@ -15,6 +14,7 @@ from worker.egress import EgressPolicy, egress_session
 from worker.providers import ProviderPool
 from worker.providers.base import Provider
 from worker.secrets import is_reference
+from worker.tenants import secret_fields
 
 Builder = Callable[[ProviderSettings], Provider]
 
@@ -26,13 +26,6 @@ class ConfigRefused(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def secret_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, SecretStr]]:
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        if isinstance(value, SecretStr):
-            yield f"{prefix}{name}", value
 
 
 def refuse_secret_references(settings: ProviderSettings) -> None:

@@ -41,7 +41,6 @@ from worker.connection_guard import (
     endpoints_of,
     refuse_secret_references,
     refuse_unsafe_endpoints,
-    secret_fields,
     with_guarded_session,
 )
 from worker.egress import EgressPolicy, egress_session
@@ -72,7 +71,7 @@ from worker.providers.bedrock import UNKNOWN_FAMILY, BedrockProvider
 from worker.redaction import redact, redact_url
 from worker.secrets import SecretUnresolved, resolve_secret
 from worker.tasks import TaskFailure, interpret
-from worker.tenants import TenantConfigError, load_tenant_file
+from worker.tenants import TenantConfigError, load_tenant_file, secret_fields
 
 if TYPE_CHECKING:
     from worker.handler import DeliveryContext, TenantLookup
