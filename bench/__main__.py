@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bench import concurrency, ladder, latency, memory, throughput, tracing_overhead
 from bench.stats import spread, table, verdict
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 NAMES = ("throughput", "latency", "concurrency", "ladder", "memory", "tracing")
 

@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from contracts import REQUEST_ROUTING_KEY, Topology
 from tests import samples
 from tests.broker import delete_namespace
-from worker.ladder import RetryLadder
-from worker.topology import declare, topology_spec
+from worker.broker.topology import declare, topology_spec
+from worker.handling.ladder import RetryLadder
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

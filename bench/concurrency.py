@@ -25,7 +25,7 @@ from bench.common import (
     worker_argv,
     write_tenant,
 )
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 PER_HOST_CONNECTIONS = 250  # under aiohttp's limit_per_host=256 in the worker's session
 

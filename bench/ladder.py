@@ -19,7 +19,7 @@ from bench.common import Process, amqp_url, namespace, request_message, worker_a
 from bench.fake_provider import FixedLatencyServer
 from bench.stats import Spread, spread
 from contracts import REQUEST_ROUTING_KEY
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 
 @dataclass

@@ -27,7 +27,7 @@ from bench.common import (
 )
 from bench.stats import alternate, percentile
 from contracts import REQUEST_ROUTING_KEY
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 MODES = ("worker", "baseline")
 

@@ -19,7 +19,7 @@ from bench.common import (
     write_tenant,
 )
 from contracts import REQUEST_ROUTING_KEY
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 WINDOW = 400  # requests outstanding at a time: a steady load, not a backlog
 

@@ -9,7 +9,7 @@ FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^:()]+)(?::\d+)?\)$")
 
 # Inclusive buckets: a sample counts for a bucket when every marker of one of its alternatives is in its stack.
 BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "decode + validate request (pydantic)": (("decode (worker/consumer.py",),),
+    "decode + validate request (pydantic)": (("decode (worker/broker/consumer.py",),),
     "decode request (plain loop: orjson)": (("on_message (bench/target.py", "loads"),),
     "prompt building (build_call)": (("build_call (",),),
     "thread-pool handoff (submit, wake-up, pool threads)": (
@@ -17,9 +17,9 @@ BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("_write_to_self (",),
         ("_worker (concurrent/futures/thread.py",),
     ),
-    "build the reply model (InferenceReply)": (("_reply (worker/handler.py",),),
-    "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/settle.py", "model_dump ("),),
-    "settle: publish + confirm + ack calls": (("settle (worker/settle.py",),),
+    "build the reply model (InferenceReply)": (("_reply (worker/handling/handler.py",),),
+    "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/broker/settle.py", "model_dump ("),),
+    "settle: publish + confirm + ack calls": (("settle (worker/broker/settle.py",),),
     "publish + ack calls (plain loop)": (
         ("on_message (bench/target.py", "publish ("),
         ("on_message (bench/target.py", "ack ("),

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from contracts import Topology
 from contracts.tenant import ProviderSettings
 from worker.app import WorkerApp
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.providers.base import Finish, ModelCall, ModelResult, Provider
 from worker.settings import WorkerSettings

@@ -23,7 +23,7 @@ from bench.common import (
 )
 from bench.profile import Profile, summarise
 from bench.stats import Spread, alternate, pairwise_ratios, spread
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 MODES = ("worker", "baseline")
 

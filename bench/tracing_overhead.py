@@ -15,7 +15,7 @@ from aiohttp import web
 from bench.common import ROOT, Namespace, Process, amqp_url, cpu_seconds, incident_body, namespace, preload, python
 from bench.common import write_tenant as write_bench_tenant
 from bench.stats import Spread, alternate, pairwise_ratios, spread
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 MODES = ("before", "off", "on")
 

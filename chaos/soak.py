@@ -24,7 +24,7 @@ from chaos.provider import FaultyProvider
 from contracts import REQUEST_ROUTING_KEY
 from tests import samples
 from tests.fakes.tcp_proxy import TcpProxy
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 LADDER = RetryLadder(0.2, 2.0, 4)
 TENANTS: dict[str, str] = {  # tenant → fallback policy; "none" has no file and is served by Atlas Cloud

@@ -76,4 +76,4 @@ class Header:
     CIRCUIT_WAITS: Final = "atlas-circuit-waits"  # times an open circuit parked the request without a call
     LAST_PROVIDER_ERROR_CODE: Final = "atlas-last-provider-error-code"  # beside a circuit_open dead letter
     LAST_PROVIDER_ERROR_MESSAGE: Final = "atlas-last-provider-error-message"
-    HISTORY: Final = "atlas-history"  # compact JSON: the request's last failed tries (worker.history)
+    HISTORY: Final = "atlas-history"  # compact JSON: the request's last failed tries (worker.handling.history)

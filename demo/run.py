@@ -24,11 +24,11 @@ import aio_pika
 import orjson
 
 from contracts import Topology
+from worker.broker.definitions import delete_everything
+from worker.broker.topology import topology_spec
 from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
-from worker.ladder import RetryLadder
-from worker.ops.definitions import delete_everything
+from worker.handling.ladder import RetryLadder
 from worker.settings import WorkerSettings, env_amqp_url
-from worker.topology import topology_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 INCIDENTS = ROOT / "demo" / "incidents"

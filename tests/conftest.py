@@ -15,9 +15,9 @@ from contracts import Topology
 from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
 from tests.fakes.openai_server import FakeOpenAI
 from worker.app import WorkerApp
-from worker.breaker import BreakerPolicy
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
+from worker.providers.breaker import BreakerPolicy
 from worker.settings import WorkerSettings
 from worker.tenants import NO_TENANTS_MARKER
 

@@ -10,20 +10,20 @@ import structlog
 from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy
-from worker.breaker import BreakerBoard, BreakerState, CircuitBreaker
-from worker.consumer import Consumer, Settled
-from worker.egress import egress_session
+from worker.broker.consumer import Consumer, Settled
+from worker.broker.header_trust import HeaderTrust, load_key
+from worker.broker.settle import Settler
+from worker.broker.topology import declare, declare_atlas_cloud, topology_spec
 from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
-from worker.handler import Handler
-from worker.header_trust import HeaderTrust, load_key
+from worker.handling.handler import Handler
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
-from worker.providers import ProviderFactory, ProviderPool
+from worker.providers.breaker import BreakerBoard, BreakerState, CircuitBreaker
+from worker.providers.egress import egress_session
+from worker.providers.pool import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
-from worker.settle import Settler
 from worker.tenants import TenantRegistry, TenantSourceFault, scan_directory
-from worker.topology import declare, declare_atlas_cloud, topology_spec
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
 
 log = structlog.get_logger("worker.app")

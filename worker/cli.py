@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
-from worker.breaker import BreakerPolicy
-from worker.egress import DEFAULT_MAX_RESPONSE_BYTES
+from worker.broker.limits import MAX_BODY_BYTES
+from worker.broker.publishers import PublisherRules
 from worker.exit_codes import ExitCode, StartupError
-from worker.ladder import RetryLadder
-from worker.limits import MAX_BODY_BYTES
+from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
-from worker.publishers import PublisherRules
+from worker.providers.breaker import BreakerPolicy
+from worker.providers.egress import DEFAULT_MAX_RESPONSE_BYTES
 from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_path
@@ -348,8 +348,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _test_connection(args: argparse.Namespace) -> int:
     """Exit 0 when the provider is usable (maybe with warnings), 1 when it is not, 2 when the file is invalid."""
-    from worker.connection_test import DraftError, check_tenant, load_draft, load_stored
-    from worker.model_requirements import render
+    from worker.connection_check.requirements import render
+    from worker.connection_check.task import DraftError, check_tenant, load_draft, load_stored
 
     try:
         tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)

@@ -5,11 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
-from worker.breaker import BreakerPolicy
-from worker.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
-from worker.ladder import RetryLadder
-from worker.limits import MAX_BODY_BYTES
-from worker.publishers import PublisherRules
+from worker.broker.limits import MAX_BODY_BYTES
+from worker.broker.publishers import PublisherRules
+from worker.handling.ladder import RetryLadder
+from worker.providers.breaker import BreakerPolicy
+from worker.providers.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 

@@ -19,11 +19,11 @@ from opentelemetry.util.types import AttributeValue
 
 from contracts import Header
 from worker.errors import ProviderError
+from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
-from worker.outcome import RequestIds
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
-    from worker.policy import Decision
+    from worker.handling.policy import Decision
     from worker.providers.base import ModelCall, ModelResult
 
 log = structlog.get_logger("worker.tracing")

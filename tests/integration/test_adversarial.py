@@ -18,8 +18,8 @@ from tests import hostile_schemas, samples
 from tests.broker import broker_client, collect, delete_namespace, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
-from worker.breaker import BreakerPolicy
-from worker.limits import MAX_BODY_BYTES
+from worker.broker.limits import MAX_BODY_BYTES
+from worker.providers.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 

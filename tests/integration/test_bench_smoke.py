@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from bench import ladder, throughput, tracing_overhead
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 pytestmark = pytest.mark.broker
 

@@ -22,10 +22,10 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.integration.test_process_lifecycle import wait_until
 from tests.ops.cli import CliResult, atlas_worker
 from tests.process import ROOT, WorkerProcess
+from worker.broker.topology import topology_spec
 from worker.exit_codes import ExitCode
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 from worker.ops.commands import declared_summary
-from worker.topology import topology_spec
 
 
 @pytest.fixture

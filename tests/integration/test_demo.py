@@ -14,8 +14,8 @@ from contracts import Topology
 from demo.run import LADDER
 from tests.ops.cli import CliResult, atlas_worker
 from tests.process import ROOT
+from worker.broker.topology import topology_spec
 from worker.settings import WorkerSettings
-from worker.topology import topology_spec
 
 pytestmark = pytest.mark.broker
 

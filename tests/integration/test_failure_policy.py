@@ -14,7 +14,7 @@ from tests import samples
 from tests.broker import BrokerClient, collect, drain_now, json_body
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 pytestmark = pytest.mark.broker
 

@@ -19,8 +19,8 @@ from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_process_lifecycle import wait_until
 from tests.process import WorkerProcess
-from worker.breaker import BreakerPolicy
 from worker.log import configure_logging
+from worker.providers.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 

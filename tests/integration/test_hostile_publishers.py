@@ -18,9 +18,9 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
 from tests.ops.scrape import Samples
-from worker.consumer import MAX_BODY_BYTES, Settled
-from worker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
-from worker.publishers import PublisherRules
+from worker.broker.consumer import MAX_BODY_BYTES, Settled
+from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
+from worker.broker.publishers import PublisherRules
 
 pytestmark = pytest.mark.broker
 

@@ -12,7 +12,7 @@ from tests.broker import BrokerClient, collect
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.ops.scrape import free_port, get_json, scrape, scrape_until
-from worker.breaker import BreakerPolicy
+from worker.providers.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 

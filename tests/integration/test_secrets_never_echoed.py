@@ -15,8 +15,8 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.fixtures import VertexFake, fake_vertex  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
-from worker.breaker import BreakerPolicy
 from worker.log import configure_logging
+from worker.providers.breaker import BreakerPolicy
 
 pytestmark = pytest.mark.broker
 

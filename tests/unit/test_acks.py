@@ -2,7 +2,7 @@
 
 import asyncio
 
-from worker.acks import Acknowledger, TagRuns
+from worker.broker.acks import Acknowledger, TagRuns
 
 
 def test_in_order_settles_become_one_multiple_ack() -> None:

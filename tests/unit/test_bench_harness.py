@@ -46,9 +46,9 @@ def test_table_is_markdown_with_aligned_columns() -> None:
 def test_profile_summary_attributes_samples_to_buckets_and_modules(tmp_path: Path) -> None:
     raw = tmp_path / "profile.txt"
     raw.write_text(
-        "run (worker/app.py:1);decode (worker/consumer.py:50);model_validate_json "
+        "run (worker/app.py:1);decode (worker/broker/consumer.py:50);model_validate_json "
         "(/v/lib/python3.11/site-packages/pydantic/main.py:3) 3\n"
-        "run (worker/app.py:1);settle (worker/settle.py:40);publish "
+        "run (worker/app.py:1);settle (worker/broker/settle.py:40);publish "
         "(/v/lib/python3.11/site-packages/aio_pika/exchange.py:9) 1\n"
     )
     profile = summarise(raw)

@@ -4,11 +4,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts import Fallback
-from worker.breaker import BreakerBoard, BreakerPolicy, BreakerState, CircuitBreaker, Permit
 from worker.errors import ErrorClass, ProviderError
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 from worker.providers.base import ModelCall, ModelResult
-from worker.providers.guard import GuardedProvider
+from worker.providers.bounded import GuardedProvider
+from worker.providers.breaker import BreakerBoard, BreakerPolicy, BreakerState, CircuitBreaker, Permit
 
 POLICY = BreakerPolicy(failure_rate=0.5, min_calls=4, window_s=60, cooldown_s=30, probes=3)
 

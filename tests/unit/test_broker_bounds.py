@@ -10,14 +10,14 @@ from pamqp.encode import field_table
 from contracts import ErrorInfo, Header, Topology
 from tests.ops.cli import atlas_worker
 from tests.unit.test_operations_metrics import reply, scrape
-from worker.consumer import Settled
+from worker.broker.consumer import Settled
+from worker.broker.header_trust import HeaderTrust, load_key
+from worker.broker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers, read_count
 from worker.exit_codes import StartupError
-from worker.handler import PROBES_IN_FLIGHT, TenantSlots
-from worker.header_trust import HeaderTrust, load_key
-from worker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers, read_count
+from worker.handling.handler import PROBES_IN_FLIGHT, TenantSlots
+from worker.handling.outcome import DeadLetter, Reply, RequestIds
 from worker.ops.dlq import escaped
 from worker.ops.metrics import Metrics
-from worker.outcome import DeadLetter, Reply, RequestIds
 
 TOPOLOGY = Topology("t")
 KEY = b"k" * 32

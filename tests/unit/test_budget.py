@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from contracts import IncidentContext, Pricing
 from tests import fixtures
-from worker import budget, evidence
-from worker.cost import priced_usage
+from worker.handling.cost import priced_usage
+from worker.prompting import budget, evidence
 
 
 def _at(minute: int) -> str:

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from contracts import Topology
+from worker.broker.limits import MAX_BODY_BYTES
 from worker.cli import build_parser
-from worker.limits import MAX_BODY_BYTES
 from worker.ops.metrics import Metrics
 from worker.tenants import validate_path
 

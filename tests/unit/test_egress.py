@@ -20,11 +20,11 @@ from tests.fakes.hostile_server import (
     redirect,
 )
 from tests.fakes.vertex_server import service_account_json
-from worker.egress import EgressPolicy, egress_session
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.azure_openai import AzureOpenAIProvider
 from worker.providers.base import ModelCall, Provider, Turn
 from worker.providers.bedrock import BedrockProvider
+from worker.providers.egress import EgressPolicy, egress_session
 from worker.providers.openai_compatible import OpenAICompatibleProvider
 from worker.providers.vertex import VertexProvider
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from worker.connection_check.requirements import FIX_BY_CLASS, FIX_BY_CODE, fix_for
 from worker.errors import ErrorClass, ProviderError
-from worker.model_requirements import FIX_BY_CLASS, FIX_BY_CODE, fix_for
 from worker.providers.http import classify_status
 from worker.secrets import SecretUnresolved, resolve_secret
 

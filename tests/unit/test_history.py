@@ -2,9 +2,9 @@
 
 import orjson
 
-from worker import history
+from worker.broker.limits import encoded_size
 from worker.errors import ErrorClass, ProviderError
-from worker.limits import encoded_size
+from worker.handling import history
 from worker.ops.dlq import history_table
 
 

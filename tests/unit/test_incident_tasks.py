@@ -13,13 +13,13 @@ from contracts import InferenceReply, InferenceRequest, Status, TenantConfig
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from tests import fixtures
 from tests.fakes.openai_server import FakeOpenAI, Fault, chat_completion
-from worker.egress import EgressPolicy, egress_session
 from worker.errors import ErrorClass, ProviderError
-from worker.handler import DeliveryContext, Handler
-from worker.ladder import RetryLadder
-from worker.outcome import Reply
-from worker.providers import ProviderPool
-from worker.tasks import explain_provider_error
+from worker.handling.handler import DeliveryContext, Handler
+from worker.handling.ladder import RetryLadder
+from worker.handling.outcome import Reply
+from worker.prompting.results import explain_provider_error
+from worker.providers.egress import EgressPolicy, egress_session
+from worker.providers.pool import ProviderPool
 from worker.tenants import ConfigProblem
 
 Ask = Callable[..., Awaitable[Reply]]

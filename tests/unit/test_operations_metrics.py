@@ -7,9 +7,9 @@ from prometheus_client import generate_latest
 
 from contracts import ErrorInfo, InferenceReply, Provenance, Status, Timings, Usage
 from tests.ops.scrape import Samples
-from worker.consumer import Settled
+from worker.broker.consumer import Settled
+from worker.handling.outcome import DeadLetter, Reply, RequestIds, Reroute
 from worker.ops.metrics import Metrics, endpoint_label
-from worker.outcome import DeadLetter, Reply, RequestIds, Reroute
 
 CONFIGURED = {"acme"}
 

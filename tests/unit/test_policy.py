@@ -6,8 +6,8 @@ import pytest
 
 from contracts import FallbackPolicy, Status
 from worker.errors import ErrorClass
-from worker.ladder import RetryLadder
-from worker.policy import Action, Decision, decide, decide_refused
+from worker.handling.ladder import RetryLadder
+from worker.handling.policy import Action, Decision, decide, decide_refused
 
 LADDER = RetryLadder(base_s=1.0, factor=2.5, levels=8)
 FAIL_CLOSED, RETRY, CLOUD = FallbackPolicy.FAIL_CLOSED, FallbackPolicy.QUEUE_AND_RETRY, FallbackPolicy.ATLAS_CLOUD

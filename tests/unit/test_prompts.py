@@ -10,8 +10,8 @@ import pytest
 from contracts import InferenceRequest, RcaResult, Task, TenantConfig
 from contracts.schema_export import SCHEMA_DIR
 from tests import fixtures
-from worker.budget import estimate_tokens
-from worker.prompts import PROMPT_VERSIONS, build_call, canonical, rca_output_schema
+from worker.prompting.budget import estimate_tokens
+from worker.prompting.prompts import PROMPT_VERSIONS, build_call, canonical, rca_output_schema
 
 TENANT = TenantConfig.model_validate(
     {

@@ -2,7 +2,7 @@
 
 import pytest
 
-from worker.publishers import PublisherRules
+from worker.broker.publishers import PublisherRules
 
 
 def test_restriction_rules_are_read_from_flags() -> None:

@@ -10,12 +10,12 @@ from prometheus_client import CollectorRegistry
 from contracts import InferenceRequest
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from tests import hostile_schemas, samples
-from worker import tool_schemas
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import loop_lag_histogram
-from worker.prompts import runbook_tools
-from worker.tasks import TaskFailure
-from worker.tool_schemas import SchemaLimits, ToolSchemaError, argument_error, check_parameters
+from worker.prompting import tool_schemas
+from worker.prompting.prompts import runbook_tools
+from worker.prompting.results import TaskFailure
+from worker.prompting.tool_schemas import SchemaLimits, ToolSchemaError, argument_error, check_parameters
 
 HOSTILE = hostile_schemas.hostile("http://127.0.0.1:9/schema.json", "file:///etc/passwd")
 TREE: dict[str, Any] = {

@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 import aio_pika
 
 from contracts import Topology
+from worker.broker.definitions import declare_everything, definitions, render
+from worker.broker.topology import TopologySpec, topology_spec
 from worker.exit_codes import broker_error, first_connection
-from worker.ladder import RetryLadder
-from worker.ops.definitions import declare_everything, definitions, render
+from worker.handling.ladder import RetryLadder
 from worker.ops.dlq import (
     DeadLetterQueue,
     Progress,
@@ -25,7 +26,6 @@ from worker.ops.dlq import (
     row,
     table,
 )
-from worker.topology import TopologySpec, topology_spec
 
 
 def _selection(args: argparse.Namespace) -> Selection:

@@ -19,9 +19,9 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
 
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
-from worker.history import History, decode_history
-from worker.limits import read_count
-from worker.outcome import DEAD_LETTER_REASONS
+from worker.broker.limits import read_count
+from worker.handling.history import History, decode_history
+from worker.handling.outcome import DEAD_LETTER_REASONS
 from worker.redaction import redact, redact_text
 
 REPLAYED_AT = Header.REPLAYED_AT

@@ -7,10 +7,10 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from contracts import ProviderSettings, Status, Task
-from worker.consumer import Settled
+from worker.broker.consumer import Settled
 from worker.errors import ErrorClass
+from worker.handling.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
 from worker.ops.genai_metrics import GenAIMetrics
-from worker.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
 
 OTHER_TENANT: Final = "other"
 OTHER: Final = "other"  # any label value outside its closed set

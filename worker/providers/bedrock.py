@@ -23,9 +23,9 @@ from botocore.httpsession import ProxyConfiguration
 from botocore.parsers import ResponseParserError
 
 from contracts import BedrockSettings, ToolCall
-from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult, StructuredOutputMode, ToolSpec
+from worker.providers.egress import egress_error
 from worker.providers.http import CONNECT_TIMEOUT_S, CONTEXT_OVERFLOW_PATTERNS, retry_after_seconds
 from worker.redaction import redact_url
 from worker.secrets import resolve_secret

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
+from worker.providers.egress import egress_error
 
 CONTEXT_OVERFLOW_PATTERNS = re.compile(
     r"context_length_exceeded|maximum context length|longer than the maximum model length"

@@ -13,9 +13,9 @@ import orjson
 from google.oauth2 import service_account
 
 from contracts import ToolCall, VertexSettings
-from worker.egress import egress_error
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, ModelCall, ModelResult
+from worker.providers.egress import egress_error
 from worker.providers.http import classify_status, json_object, malformed, retry_after_seconds, send_json
 from worker.redaction import redact_url
 from worker.secrets import resolve_secret

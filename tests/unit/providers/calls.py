@@ -7,7 +7,7 @@ from typing import Any
 from contracts import InferenceRequest, TenantConfig
 from tests import samples
 from worker import cli
-from worker.prompts import build_call
+from worker.prompting.prompts import build_call
 from worker.providers.base import ModelCall
 
 

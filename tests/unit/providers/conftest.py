@@ -6,7 +6,7 @@ import aiohttp
 import pytest
 
 from tests.fakes.fixtures import _isolated_cloud_sdks, fake_aws, fake_azure, fake_ollama, fake_vertex  # noqa: F401
-from worker.egress import EgressPolicy, egress_session
+from worker.providers.egress import EgressPolicy, egress_session
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, pr
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 from tests.unit.providers.calls import run_test_connection
-from worker.connection_guard import ConfigRefused, refuse_unsafe_endpoints
-from worker.connection_test import check_connection, check_draft_from_message
-from worker.egress import EgressPolicy, egress_session
+from worker.connection_check.guard import ConfigRefused, refuse_unsafe_endpoints
+from worker.connection_check.task import check_connection, check_draft_from_message
 from worker.providers.bedrock import BedrockProvider
+from worker.providers.egress import EgressPolicy, egress_session
 
 DRAFTS = EgressPolicy(drafts=True)
 LOCAL_DRAFTS = EgressPolicy.for_drafts(["127.0.0.0/8", "::1/128", "10.0.0.0/8"])

@@ -2,7 +2,7 @@
 
 An `IncidentView` says which items are shown. Positions are always those of the request, so a citation such as
 `[log 812]` still points at the right line after older lines were left out to fit the context window. This
-text is part of every incident prompt: changing its format means bumping the versions in `worker.prompts`.
+text is part of every incident prompt: changing its format means bumping the versions in `worker.prompting.prompts`.
 """
 
 from collections.abc import Mapping

@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from contracts import IncidentContext, InferenceRequest, RcaResult, ReplyResult, Task, ToolCall, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
-from worker import tool_schemas
 from worker.errors import ErrorClass, ProviderError
+from worker.prompting import tool_schemas
+from worker.prompting.tool_schemas import ToolSchemaError
 from worker.providers.base import Finish, ModelResult
-from worker.tool_schemas import ToolSchemaError
 
 REPAIRABLE = frozenset({"invalid_output", "truncated_output"})
 # What providers say when a model cannot call tools (Ollama, Bedrock, Gemini, vLLM without a tool parser).

@@ -23,23 +23,24 @@ from contracts import (
     Timings,
     Usage,
 )
-from worker import budget, history
-from worker.connection_test import answer_test_connection
-from worker.cost import priced_usage
-from worker.egress import EgressPolicy
+from worker.connection_check.task import answer_test_connection
 from worker.errors import ErrorClass, ProviderError
-from worker.ladder import RetryLadder
-from worker.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
-from worker.policy import Action, Decision, decide, decide_refused
-from worker.prompts import REPAIR_VERSION, PreparedCall, build_call, repair_call
-from worker.providers import ProviderPool
+from worker.handling import history
+from worker.handling.cost import priced_usage
+from worker.handling.ladder import RetryLadder
+from worker.handling.outcome import DeadLetter, Defer, Outcome, Reply, Reroute, Retry
+from worker.handling.policy import Action, Decision, decide, decide_refused
+from worker.prompting import budget
+from worker.prompting.prompts import REPAIR_VERSION, PreparedCall, build_call, repair_call
+from worker.prompting.results import TaskFailure, explain_provider_error, interpret
 from worker.providers.base import ModelCall, ModelResult
-from worker.providers.guard import CIRCUIT_OPEN, GuardedProvider
-from worker.tasks import TaskFailure, explain_provider_error, interpret
+from worker.providers.bounded import CIRCUIT_OPEN, GuardedProvider
+from worker.providers.egress import EgressPolicy
+from worker.providers.pool import ProviderPool
 from worker.tenants import ConfigProblem
 from worker.tracing import NO_TRACING, Tracing
 
-log = structlog.get_logger("worker.handler")
+log = structlog.get_logger("worker.handling.handler")
 
 
 class TenantLookup(Protocol):
@@ -536,7 +537,7 @@ async def _interpret(
 
 def _declares_tools(request: InferenceRequest) -> bool:
     """A runbook with the publisher's own tool schemas: checking them and validating arguments against them runs
-    off the event loop, within `worker.tool_schemas`' time budget (the platform's default tools are small, fixed
+    off the event loop, within `prompting.tool_schemas`' time budget (the platform's default tools are small, fixed
     and checked by the tests)."""
     return request.task is Task.RUNBOOK and bool(request.tools)
 

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 import structlog
 
-log = structlog.get_logger("worker.breaker")
+log = structlog.get_logger("worker.providers.breaker")
 
 
 class BreakerState(StrEnum):

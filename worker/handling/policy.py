@@ -27,7 +27,7 @@ from enum import StrEnum
 from contracts import FallbackPolicy, Status
 from contracts.messages import StoppedBecause
 from worker.errors import ErrorClass
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 AVAILABILITY = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
 MISCONFIGURED = frozenset({ErrorClass.QUOTA, ErrorClass.AUTH, ErrorClass.NOT_FOUND})

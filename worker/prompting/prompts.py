@@ -1,7 +1,7 @@
 """Builds the model call for a request from versioned templates, deterministically, within the context budget.
 
 The same request and tenant always build the byte-identical call (`canonical`): no clocks, no randomness, no
-unordered iteration. Any change to a template, or to the incident text in `worker.evidence`, bumps its version,
+unordered iteration. Any change to a template, or to the incident text in `prompting.evidence`, bumps its version,
 which every reply reports in `provenance.prompt_version`.
 """
 
@@ -13,14 +13,14 @@ from pydantic import BaseModel
 
 from contracts import InferenceRequest, RcaResult, Task, TenantConfig, ToolDeclaration
 from contracts.tools import DEFAULT_RUNBOOK_TOOLS
-from worker import budget as budgets
-from worker import tool_schemas
-from worker.budget import Budget
-from worker.evidence import IncidentView
+from worker.prompting import budget as budgets
+from worker.prompting import tool_schemas
+from worker.prompting.budget import Budget
+from worker.prompting.evidence import IncidentView
+from worker.prompting.results import TaskFailure
+from worker.prompting.strict_schema import strict_json_schema
+from worker.prompting.tool_schemas import ToolSchemaError
 from worker.providers.base import ModelCall, OutputSchema, ToolSpec, Turn
-from worker.strict_schema import strict_json_schema
-from worker.tasks import TaskFailure
-from worker.tool_schemas import ToolSchemaError
 
 PROMPT_VERSIONS: dict[Task, str] = {
     Task.RCA: "rca/1",
@@ -100,7 +100,7 @@ def rca_output_schema() -> OutputSchema:
 
 def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
     """The request's tool declarations, or the platform defaults; rejects declarations that break a tool-schema
-    rule (`worker.tool_schemas`). CPU-bound for a publisher's schemas: the handler calls it off the event loop."""
+    rule (`prompting.tool_schemas`). CPU-bound for a publisher's schemas: the handler calls it off the event loop."""
     if not request.tools:
         return DEFAULT_RUNBOOK_TOOLS
     declarations = tuple(request.tools)

@@ -16,7 +16,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
-log = structlog.get_logger("worker.acks")
+log = structlog.get_logger("worker.broker.acks")
 
 
 @dataclass

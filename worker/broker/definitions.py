@@ -6,7 +6,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import ExchangeType
 
-from worker.topology import TopologySpec, declare, declare_atlas_cloud
+from worker.broker.topology import TopologySpec, declare, declare_atlas_cloud
 
 
 def definitions(spec: TopologySpec, *, vhost: str = "/", atlas_cloud_exchange: str | None = None) -> dict[str, Any]:

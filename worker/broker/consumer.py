@@ -14,15 +14,15 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
-from worker import history
-from worker.handler import DeliveryContext, Handler
-from worker.limits import MAX_BODY_BYTES, read_count
-from worker.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
-from worker.publishers import PublisherRules
-from worker.settle import Settler
+from worker.broker.limits import MAX_BODY_BYTES, read_count
+from worker.broker.publishers import PublisherRules
+from worker.broker.settle import Settler
+from worker.handling import history
+from worker.handling.handler import DeliveryContext, Handler
+from worker.handling.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
 from worker.tracing import NO_TRACING, Tracing
 
-log = structlog.get_logger("worker.consumer")
+log = structlog.get_logger("worker.broker.consumer")
 
 __all__ = ["MAX_BODY_BYTES", "Consumer", "Malformed", "Settled", "decode"]
 

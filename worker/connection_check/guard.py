@@ -10,9 +10,9 @@ import orjson
 
 from contracts import ConnectionReport
 from contracts.tenant import ProviderSettings
-from worker.egress import EgressPolicy, egress_session
-from worker.providers import ProviderPool
 from worker.providers.base import Provider
+from worker.providers.egress import EgressPolicy, egress_session
+from worker.providers.pool import ProviderPool
 from worker.secrets import is_reference
 from worker.tenants import secret_fields
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from contracts import IncidentContext
-from worker import evidence
-from worker.evidence import IncidentView
+from worker.prompting import evidence
+from worker.prompting.evidence import IncidentView
 
 BYTES_PER_TOKEN = 3
 DEFAULT_CONTEXT_WINDOW = 32_768  # the product's minimum; a tenant sets `provider.context_window` when it knows

@@ -3,9 +3,9 @@
 import asyncio
 from collections.abc import Hashable
 
-from worker.breaker import CircuitBreaker, Permit
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
+from worker.providers.breaker import CircuitBreaker, Permit
 from worker.tracing import NO_TRACING, Tracing
 
 # Only failures that say "the endpoint is not serving" trip the breaker; a rejected request proves it is up,

@@ -7,7 +7,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, ExchangeType
 
 from contracts import REQUEST_ROUTING_KEY, Topology
-from worker.ladder import RetryLadder
+from worker.handling.ladder import RetryLadder
 
 # Quorum queues with at-least-once dead-lettering: a message moved by TTL or rejection is kept by the
 # source until the target confirms it (needs overflow=reject-publish; RabbitMQ 3.10+).

@@ -15,15 +15,15 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
-from worker import history
-from worker.acks import Acknowledger
-from worker.header_trust import HeaderTrust
-from worker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
-from worker.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.broker.acks import Acknowledger
+from worker.broker.header_trust import HeaderTrust
+from worker.broker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
+from worker.handling import history
+from worker.handling.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
 from worker.redaction import redact_body, redact_text
 from worker.tracing import NO_TRACING, Tracing
 
-log = structlog.get_logger("worker.settle")
+log = structlog.get_logger("worker.broker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0

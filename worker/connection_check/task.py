@@ -35,7 +35,7 @@ from contracts import (
 from contracts._base import TENANT_ID_PATTERN
 from contracts.messages import ContextWindowSource, StructuredOutputSupport, ToolCallingSupport
 from contracts.tenant import ProviderSettings
-from worker.connection_guard import (
+from worker.connection_check.guard import (
     Builder,
     ConfigRefused,
     endpoints_of,
@@ -43,9 +43,7 @@ from worker.connection_guard import (
     refuse_unsafe_endpoints,
     with_guarded_session,
 )
-from worker.egress import EgressPolicy, egress_session
-from worker.errors import ErrorClass, ProviderError
-from worker.model_requirements import (
+from worker.connection_check.requirements import (
     context_check,
     fix_for,
     latency_check,
@@ -53,9 +51,10 @@ from worker.model_requirements import (
     tools_check,
     verdict,
 )
-from worker.outcome import Outcome, Reply
-from worker.prompts import build_call
-from worker.providers import ProviderPool
+from worker.errors import ErrorClass, ProviderError
+from worker.handling.outcome import Outcome, Reply
+from worker.prompting.prompts import build_call
+from worker.prompting.results import TaskFailure, interpret
 from worker.providers.base import (
     Describable,
     Finish,
@@ -68,15 +67,16 @@ from worker.providers.base import (
     structured_output_mode,
 )
 from worker.providers.bedrock import UNKNOWN_FAMILY, BedrockProvider
+from worker.providers.egress import EgressPolicy, egress_session
+from worker.providers.pool import ProviderPool
 from worker.redaction import redact, redact_url
 from worker.secrets import SecretUnresolved, resolve_secret
-from worker.tasks import TaskFailure, interpret
 from worker.tenants import TenantConfigError, load_tenant_file, secret_fields
 
 if TYPE_CHECKING:
-    from worker.handler import DeliveryContext, TenantLookup
+    from worker.handling.handler import DeliveryContext, TenantLookup
 
-log = structlog.get_logger("worker.connection_test")
+log = structlog.get_logger("worker.connection_check.task")
 
 DEFAULT_TIMEOUT_S = 30.0
 # Context windows of well-known models, for providers whose APIs do not report one.
