@@ -9,13 +9,16 @@ import aio_pika
 import structlog
 from opentelemetry.trace import TracerProvider
 
-from contracts import FallbackPolicy
+from contracts import FallbackPolicy, InferenceRequest
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.settle import Settler
 from worker.broker.topology import declare, declare_atlas_cloud, topology_spec
+from worker.connection_check.task import answer_test_connection
 from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
 from worker.handling.handler import Handler
+from worker.handling.outcome import DeliveryContext, Outcome
+from worker.handling.route import Router
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
@@ -109,6 +112,15 @@ class WorkerApp:
             return Tracing(self._tracer_provider, genai=self.metrics.genai, capture_content=content_capture_requested())
         return tracing_from_env(self.metrics.genai)
 
+    def _router(self, providers: ProviderPool, tracing: Tracing) -> Router:
+        """Handling, with Test Connection plugged in here: only the composition root knows `connection_check`."""
+        draft_egress = self.settings.draft_egress
+
+        async def test_connection(request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+            return await answer_test_connection(request, ctx, self.registry, providers, draft_egress)
+
+        return Router(self.registry, Handler(providers, self.settings.ladder, tracing), test_connection)
+
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
@@ -163,9 +175,7 @@ class WorkerApp:
             )
 
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
-            handler = Handler(
-                self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
-            )
+            handler = self._router(providers, tracing)
             settler = Settler(
                 publish_channel,
                 settings.topology,
