@@ -5,7 +5,7 @@ from pathlib import Path
 
 from contracts import ConnectionReport, TenantConfig
 from contracts._base import TENANT_ID_PATTERN
-from worker.connection_check.probes import check_connection
+from worker.connection_check.probes import check_connection, stored_timeout_s
 from worker.providers.egress import EgressPolicy, egress_session
 from worker.providers.pool import ProviderPool
 from worker.tenants import TenantConfigError, load_tenant_file
@@ -39,4 +39,4 @@ async def check_tenant(tenant: TenantConfig, timeout_s: float | None) -> Connect
     """Test Connection as the operator runs it: the worker's own network and secrets, the stored-tenant policy."""
     async with egress_session(EgressPolicy()) as session:
         pool = ProviderPool(session)
-        return await check_connection(tenant.provider, pool.build, timeout_s or min(tenant.limits.timeout_s, 60.0))
+        return await check_connection(tenant.provider, pool.build, timeout_s or stored_timeout_s(tenant))

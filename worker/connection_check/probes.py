@@ -55,6 +55,7 @@ from worker.tenants import secret_fields
 log = structlog.get_logger("worker.connection_check.probes")
 
 DEFAULT_TIMEOUT_S = 30.0
+STORED_TIMEOUT_CAP_S = 60.0  # a stored tenant is probed within its own timeout, but never longer than this
 # Context windows of well-known models, for providers whose APIs do not report one.
 MODEL_CONTEXT: tuple[tuple[re.Pattern[str], int], ...] = tuple(
     (re.compile(pattern), tokens)
@@ -351,6 +352,11 @@ def scrubbed(report: ConnectionReport) -> ConnectionReport:
 
 
 # --- entry points -------------------------------------------------------------------------------------------
+
+
+def stored_timeout_s(tenant: TenantConfig) -> float:
+    """How long each probe of a stored tenant's configuration may take."""
+    return min(tenant.limits.timeout_s, STORED_TIMEOUT_CAP_S)
 
 
 async def check_connection(

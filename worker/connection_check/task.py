@@ -4,7 +4,7 @@ import time
 
 from contracts import ErrorInfo, InferenceRequest, Provenance, ReplyResult, Status, Usage
 from worker.connection_check.guard import ConfigRefused
-from worker.connection_check.probes import check_connection, check_draft_from_message
+from worker.connection_check.probes import check_connection, check_draft_from_message, stored_timeout_s
 from worker.handling import replies
 from worker.handling.outcome import DeliveryContext, Outcome, Reply
 from worker.handling.route import TenantLookup
@@ -33,7 +33,7 @@ async def answer_test_connection(
         if request.provider is not None:
             report = await check_draft_from_message(request.provider, draft_egress)
         elif tenant is not None:
-            report = await check_connection(tenant.provider, providers.build, min(tenant.limits.timeout_s, 60.0))
+            report = await check_connection(tenant.provider, providers.build, stored_timeout_s(tenant))
         else:
             raise ConfigRefused(
                 "no_provider_config",
