@@ -6,15 +6,16 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
+import aiohttp
 import structlog
 from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy
-from worker.broker.connection import connect_worker
+from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.settle import Settler
-from worker.broker.topology import declare, declare_atlas_cloud, topology_spec
+from worker.broker.topology import topology_spec
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.handler import Handler
 from worker.ops.health import serve_health
@@ -149,20 +150,7 @@ class WorkerApp:
                 await stack.enter_async_context(health)
             lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
             stack.callback(lag.cancel)
-            try:
-                scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
-            except TenantSourceFault as fault:
-                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
-            self.registry.refresh()
-            if self.registry.fault is not None:
-                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")
-            log.info(
-                "tenants_loaded",
-                directory=str(settings.tenants_dir),
-                tenants=self.registry.tenants(),
-                quarantined=self.registry.quarantined(),
-            )
-            self._warn_short_patience()
+            self._load_tenants()
 
             connection = await connect_worker(settings.amqp_url, settings.namespace, settings.connect_timeout_s)
             stack.push_async_callback(connection.close)
@@ -180,40 +168,9 @@ class WorkerApp:
             if self._tracer_provider is None:
                 stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # flushes buffered spans
 
-            publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
-            await declare(publish_channel, spec)
-            await declare_atlas_cloud(connection, settings.atlas_cloud_exchange)
-
-            consume_channel = await connection.channel(publisher_confirms=False)
-            await consume_channel.set_qos(prefetch_count=settings.prefetch)
-            # Declared (not just looked up) on this channel so the robust connection re-consumes it after a reconnect.
-            requests_spec = spec.queues[0]
-            requests = await consume_channel.declare_queue(
-                requests_spec.name, durable=True, arguments=requests_spec.arguments
-            )
-
-            providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
-            handler = Handler(
-                self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
-            )
-            settler = Settler(
-                publish_channel,
-                settings.topology,
-                settings.atlas_cloud_exchange,
-                trust=HeaderTrust(settings.topology, header_key),
-                max_body_bytes=settings.max_body_bytes,
-                tracing=tracing,
-            )
-            self.consumer = Consumer(
-                requests,
-                handler,
-                settler,
-                on_settled=self._settled,
-                publishers=settings.publishers,
-                max_body_bytes=settings.max_body_bytes,
-                tracing=tracing,
-            )
+            channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
+            self.consumer = self._consumer(channels, session, tracing, header_key)
             await self.consumer.start()
             watcher = asyncio.create_task(self._watch_tenants())
             watcher.add_done_callback(_report_watch_end)
@@ -227,19 +184,66 @@ class WorkerApp:
             )
 
             await self._stop.wait()
-            self.draining = True
             watcher.cancel()
-            self.ready.clear()
-            log.info("worker_draining", in_flight=self.consumer.in_flight, grace_s=settings.grace_s)
-            returned = await self.consumer.drain(settings.grace_s, force=self._force)
-            log.info(
-                "worker_stopped",
-                returned_to_queue=len(returned),
-                returned_request_ids=returned[:RETURNED_IDS_LOGGED],
-                forced=self._force.is_set(),
-            )
+            await self._drain(self.consumer)
             with contextlib.suppress(Exception):
-                await consume_channel.close()
+                await channels.consume.close()
+
+    def _load_tenants(self) -> None:
+        settings = self.settings
+        try:
+            scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
+        except TenantSourceFault as fault:
+            raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
+        self.registry.refresh()
+        if self.registry.fault is not None:
+            raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")
+        log.info(
+            "tenants_loaded",
+            directory=str(settings.tenants_dir),
+            tenants=self.registry.tenants(),
+            quarantined=self.registry.quarantined(),
+        )
+        self._warn_short_patience()
+
+    def _consumer(
+        self, channels: WorkerChannels, session: aiohttp.ClientSession, tracing: Tracing, header_key: bytes | None
+    ) -> Consumer:
+        """The message path, wired: consumer → handler → providers, and the settler behind them."""
+        settings = self.settings
+        providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
+        handler = Handler(
+            self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
+        )
+        settler = Settler(
+            channels.publish,
+            settings.topology,
+            settings.atlas_cloud_exchange,
+            trust=HeaderTrust(settings.topology, header_key),
+            max_body_bytes=settings.max_body_bytes,
+            tracing=tracing,
+        )
+        return Consumer(
+            channels.requests,
+            handler,
+            settler,
+            on_settled=self._settled,
+            publishers=settings.publishers,
+            max_body_bytes=settings.max_body_bytes,
+            tracing=tracing,
+        )
+
+    async def _drain(self, consumer: Consumer) -> None:
+        self.draining = True
+        self.ready.clear()
+        log.info("worker_draining", in_flight=consumer.in_flight, grace_s=self.settings.grace_s)
+        returned = await consumer.drain(self.settings.grace_s, force=self._force)
+        log.info(
+            "worker_stopped",
+            returned_to_queue=len(returned),
+            returned_request_ids=returned[:RETURNED_IDS_LOGGED],
+            forced=self._force.is_set(),
+        )
 
     def _tenant_source_fault(self, reason: str) -> None:
         self.metrics.tenant_source_faults.inc()

@@ -173,7 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
+    for add in (_add_run, _add_test_connection, _add_tenants, _add_dlq, _add_topology):
+        add(commands)
+    return parser
 
+
+def _add_run(commands: _Commands) -> None:
+    """`run`: the worker itself."""
     run = commands.add_parser("run", help="consume requests and publish replies until SIGTERM")
     _add_broker_flags(run)
     run.add_argument(
@@ -231,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(run)
     run.set_defaults(func=_run)
 
+
+def _add_test_connection(commands: _Commands) -> None:
+    """`test-connection`: probe a tenant's provider."""
     test = commands.add_parser(
         "test-connection", help="probe a tenant's provider and check it against the model requirements"
     )
@@ -247,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--timeout", type=float, default=None, help="seconds per probe (default: limits.timeout_s)")
     test.set_defaults(func=_test_connection)
 
+
+def _add_tenants(commands: _Commands) -> None:
+    """`tenants validate`."""
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
     tenant_commands = commands.nested(tenants, "tenants_command")
     validate = tenant_commands.add_parser(
@@ -258,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print JSON (for CI)")
     validate.set_defaults(func=_validate_tenants)
 
+
+def _add_dlq(commands: _Commands) -> None:
+    """`dlq list|show|replay|purge`."""
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
     dlq_commands = commands.nested(dlq, "dlq_command")
     dlq_list = dlq_commands.add_parser(
@@ -290,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--reason", help="only this reason (e.g. exhausted, malformed, delivery_limit)")
     dlq_show.set_defaults(tenant=None, task=None, reason=None)
 
+
+def _add_topology(commands: _Commands) -> None:
+    """`topology declare|definitions`, with the flags of `run` that shape the topology."""
     topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
     topology_commands = commands.nested(topology, "topology_command")
     topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
@@ -304,7 +322,6 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--delivery-limit", type=int, default=WorkerSettings.delivery_limit)
         _add_ladder_flags(sub, helped=False)
         sub.set_defaults(func=_topology)
-    return parser
 
 
 def _positive_int(text: str) -> int:

@@ -4,10 +4,12 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
+from worker.broker.topology import TopologySpec, declare, declare_atlas_cloud
 from worker.exit_codes import ExitCode, StartupError
 from worker.redaction import redact_text
 
@@ -45,3 +47,27 @@ async def connect_worker(amqp_url: str, namespace: str, timeout_s: float) -> Abs
             )
     except (OSError, aio_pika.exceptions.AMQPError) as exc:  # TimeoutError is an OSError
         raise broker_error(exc, amqp_url) from None
+
+
+@dataclass(frozen=True)
+class WorkerChannels:
+    """The worker's two channels: one publishing with confirms, one consuming `{ns}.requests`."""
+
+    publish: AbstractChannel
+    consume: AbstractChannel
+    requests: AbstractQueue
+
+
+async def open_channels(
+    connection: AbstractRobustConnection, spec: TopologySpec, atlas_cloud_exchange: str, prefetch: int
+) -> WorkerChannels:
+    """Declare the topology, then open the channel the requests are consumed on with `prefetch` in flight."""
+    publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+    await declare(publish, spec)
+    await declare_atlas_cloud(connection, atlas_cloud_exchange)
+    consume = await connection.channel(publisher_confirms=False)
+    await consume.set_qos(prefetch_count=prefetch)
+    # Declared (not just looked up) on this channel so the robust connection re-consumes it after a reconnect.
+    requests_spec = spec.queues[0]
+    requests = await consume.declare_queue(requests_spec.name, durable=True, arguments=requests_spec.arguments)
+    return WorkerChannels(publish, consume, requests)
