@@ -45,6 +45,14 @@ def _import_nodes(tree: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
                 yield from _import_nodes(node)
 
 
+def _absolute(package: str, level: int, module: str | None) -> str:
+    """The module a `from` import names; `level` dots climb from `package` (one dot is the package itself)."""
+    if not level:
+        return module or ""
+    parts = package.split(".")[: len(package.split(".")) - level + 1]
+    return ".".join([*parts, module] if module else parts)
+
+
 def _imports(modules: dict[str, Path]) -> list[Import]:
     found = []
     for name, path in modules.items():
@@ -54,10 +62,13 @@ def _imports(modules: dict[str, Path]) -> list[Import]:
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             else:
-                parts = package.split(".")
-                base = ".".join([*parts[: len(parts) - node.level + 1], node.module or ""]).strip(".")
-                base = base if node.level else node.module or ""
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+                base = _absolute(package, node.level, node.module)
+                # `from a import b` imports the module `a.b` when there is one; of our modules, `a` otherwise.
+                # A library's names are kept whole (`from google import auth` is `google.auth`).
+                targets = [
+                    f"{base}.{a.name}" if base not in modules or f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                ]
             found += [Import(source, name, target, node.lineno) for target in targets]
     return found
 
