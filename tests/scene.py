@@ -32,37 +32,38 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0, what: st
         await asyncio.sleep(0.02)
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return None
-    return info.st_ino, info.st_mtime_ns, info.st_size
+def _files(directory: Path) -> dict[Path, tuple[tuple[int, int, int], bytes]]:
+    """Each readable file's (inode, mtime, size) stamp and contents."""
+    found = {}
+    for path in directory.iterdir():
+        try:
+            info, content = path.stat(), path.read_bytes()
+        except OSError:
+            continue
+        found[path] = ((info.st_ino, info.st_mtime_ns, info.st_size), content)
+    return found
 
 
-async def reload_tenants(app: WorkerApp, change: Callable[[], Path | None]) -> None:
-    """Make a change to the tenants directory (`change` returns the file it wrote, if any), then wait until the
-    running worker's reload loop has read it: the registry's version moves only on a reload that saw a change."""
-    before = app.registry.version
-    written = change()
-    if written is not None and written.exists():
-        # A rewrite within one tick of the file system clock, same size, would look unchanged to the watcher.
-        info = written.stat()
-        os.utime(written, ns=(info.st_atime_ns, info.st_mtime_ns + 1_000_000))
-    await until(lambda: app.registry.version > before, what="tenant reload")
+@asynccontextmanager
+async def tenants_reloaded(app: WorkerApp) -> AsyncIterator[None]:
+    """Change the tenants directory inside the block; on leaving, wait until the running worker's reload loop has
+    read the change. The registry's version moves only on a reload that saw a change, and none can run while
+    the block runs without awaiting, so a later version is a reload that saw the block's change."""
+    directory = app.settings.tenants_dir
+    before, version = _files(directory), app.registry.version
+    yield
+    for path, (stamp, content) in _files(directory).items():
+        if path in before and before[path][0] == stamp and before[path][1] != content:
+            # Rewritten within one tick of the file system clock at the same size: the watcher, which compares
+            # stamps, would not see it. Move the mtime on, as a later write would have.
+            os.utime(path, ns=(stamp[1], stamp[1] + 1_000_000))
+    await until(lambda: app.registry.version > version, what="tenant reload")
 
 
-async def write_tenant_and_reload(
-    app: WorkerApp, directory: Path, tenant_id: str, base_url: str, **options: Any
-) -> Path:
-    """`write_tenant`, then wait until the running worker has loaded the file."""
-    path = directory / f"{tenant_id}.toml"
-
-    def write() -> Path:
-        return write_tenant(directory, tenant_id, base_url, **options)
-
-    await reload_tenants(app, write)
-    return path
+async def write_tenant_and_reload(app: WorkerApp, tenant_id: str, base_url: str, **options: Any) -> Path:
+    """`write_tenant` into the running worker's tenants directory, then wait until it has loaded the file."""
+    async with tenants_reloaded(app):
+        return write_tenant(app.settings.tenants_dir, tenant_id, base_url, **options)
 
 
 class Settlements:
@@ -131,7 +132,7 @@ class Scene:
 
     async def tenant(self, tenant_id: str = "acme", **options: Any) -> Path:
         """Give `tenant_id` a tenant file for the fake provider (`write_tenant`'s options) and wait for the reload."""
-        return await write_tenant_and_reload(self.app, self.tenants_dir, tenant_id, self.fake.base_url, **options)
+        return await write_tenant_and_reload(self.app, tenant_id, self.fake.base_url, **options)
 
     async def send(
         self,

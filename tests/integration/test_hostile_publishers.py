@@ -18,6 +18,7 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
 from tests.ops.scrape import Samples
+from tests.scene import tenants_reloaded
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
 from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
 from worker.broker.publishers import PublisherRules
@@ -77,8 +78,8 @@ def big_headers(total_bytes: int) -> dict[str, Any]:
 async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_other_tenants(
     client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url)
     reconnects = count_reconnects(worker)
     replies = await client.reply_queue()
     # Malformed, so the worker dead-letters it: a copy with the publisher's headers plus its own.
@@ -101,8 +102,8 @@ async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_
 async def test_attempts_header_out_of_range_or_of_the_wrong_type_never_loops_the_message(
     client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, attempts: Any
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
     fake_openai.always = Fault("server_error")
     reconnects = count_reconnects(worker)
     replies = await client.reply_queue()
@@ -171,8 +172,8 @@ async def test_hostile_task_values_add_no_metric_series(
 ) -> None:
     from prometheus_client import generate_latest
 
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url)
     replies = await client.reply_queue()
     hostile = [f"task-{uuid.uuid4().hex}" for _ in range(30)] + ["\n", 'x"}', "rca\x00"]
     for task in hostile:

@@ -15,6 +15,7 @@ from tests.fakes.fixtures import AWS_KEY_ID, AWS_SECRET, AZURE_KEY, AwsFakes, Ve
 from tests.fakes.hostile_server import HostileServer, redirect
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 # The fakes listen on loopback, which drafts from messages may reach only where the operator allows it.
@@ -52,8 +53,8 @@ async def ask(client: BrokerClient, body: dict[str, Any]) -> tuple[InferenceRepl
 async def test_stored_config_is_tested_and_reported_on_the_reply_queue(
     client: BrokerClient, worker: RunningWorker, fake_ollama: FakeOllama, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    write_provider_tenant(tenants_dir, "acme", "ollama", fake_ollama.base_url, tmp_path / "unused.json")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(tenants_dir, "acme", "ollama", fake_ollama.base_url, tmp_path / "unused.json")
 
     reply, _ = await ask(client, connection_request("acme"))
 
