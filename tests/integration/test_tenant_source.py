@@ -1,12 +1,10 @@
 """A missing or broken tenant source never reroutes a tenant: the worker stops consuming, keeps last-good configs,
 quarantines bad files, and says so — observed on the broker, through the CLI and on /readyz."""
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from tests.broker import BrokerClient, collect, drain_now
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI
 from tests.ops.scrape import free_port, get_json, scrape
+from tests.scene import until
 from worker.tenants import NO_TENANTS_MARKER
 
 pytestmark = pytest.mark.broker
@@ -31,14 +30,6 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
         check=False,
         env={**os.environ, **(env or {})},
     )
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait until `condition()` holds (polling the worker's own state, not sleeping to prove absence)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def test_run_with_a_wrong_tenants_directory_refuses_to_start_in_one_line(tmp_path: Path, amqp_url: str) -> None:
