@@ -269,9 +269,8 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     write_tenant(tenants_dir, "globex", fake_openai.base_url)
     rules = PublisherRules.parse(["guest=acme"], ["replies-*"])
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, publishers=rules))
-    try:
-        replies = await client.reply_queue()
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene:
+        replies = scene.replies
         victim = await client.channel.declare_queue(f"victim-{uuid.uuid4().hex[:8]}", exclusive=True)
         await publish(client, samples.request("acme", request_id="allowed"), user_id="guest", reply_to=replies.name)
         await publish(client, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
@@ -285,12 +284,14 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
             reply_to=victim.name,
             correlation_id="their-rpc",
         )
-        answered = {json_body(m)["request_id"]: json_body(m) for m in await collect(replies, 3)}
-        refused = await dead_letters(client, 3)
+        for request_id in ("allowed", "anonymous", "other-tenant", "injected"):
+            await scene.settled(request_id)
+        left = await scene.leftovers()
         injected = await drain_now(victim)
-    finally:
-        await running.stop()
 
+    answered = {json_body(m)["request_id"]: json_body(m) for m in left.replies}
+    refused = left.dead
+    assert len(answered) == 3
     assert answered["allowed"]["status"] == "ok"
     assert answered["anonymous"]["status"] == "rejected"
     assert answered["anonymous"]["error"]["code"] == "publisher_refused"
