@@ -127,7 +127,7 @@ def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **over
         prefetch=32,
         atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud",
         grace_s=5.0,
-        tenants_poll_s=0.2,
+        tenants_poll_s=0.05,  # a test waiting for a reload (tests/scene.py) waits at most this long
         ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
         breaker=BreakerPolicy(min_calls=1000),  # tests that are about the breaker pass their own
     )
