@@ -48,7 +48,8 @@ def _files(directory: Path) -> dict[Path, tuple[tuple[int, int, int], bytes]]:
 async def tenants_reloaded(app: WorkerApp) -> AsyncIterator[None]:
     """Change the tenants directory inside the block; on leaving, wait until the running worker's reload loop has
     read the change. The registry's version moves only on a reload that saw a change, and none can run while
-    the block runs without awaiting, so a later version is a reload that saw the block's change."""
+    the block runs without awaiting, so a later version is a reload that saw the block's change. The block must
+    change something (a rewrite with the same bytes is no change, and this would time out)."""
     directory = app.settings.tenants_dir
     before, version = _files(directory), app.registry.version
     yield
