@@ -163,6 +163,7 @@ class WorkerApp:
             )
 
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
+            stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
             handler = Handler(
                 self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
             )
