@@ -24,9 +24,10 @@ import aio_pika
 import orjson
 
 from contracts import Topology
+from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import delete_everything
 from worker.broker.topology import topology_spec
-from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
+from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
 from worker.settings import WorkerSettings, env_amqp_url
 

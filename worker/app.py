@@ -4,17 +4,18 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
-import aio_pika
 import structlog
 from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy
+from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.settle import Settler
-from worker.broker.topology import declare, declare_atlas_cloud, topology_spec
-from worker.exit_codes import ExitCode, StartupError, broker_error, first_connection
+from worker.broker.topology import topology_spec
+from worker.exit_codes import ExitCode, StartupError
 from worker.handling.handler import Handler
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
@@ -25,6 +26,9 @@ from worker.providers.pool import ProviderFactory, ProviderPool
 from worker.settings import WorkerSettings
 from worker.tenants import TenantRegistry, TenantSourceFault, scan_directory
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
+
+if TYPE_CHECKING:  # the broker's types stay in the broker folder at run time
+    from aio_pika.abc import AbstractRobustConnection
 
 log = structlog.get_logger("worker.app")
 
@@ -53,7 +57,7 @@ class WorkerApp:
         self._on_settled = on_settled
         self._provider_factories = provider_factories  # None: the real providers; benchmarks plug in others
         self.consumer: Consumer | None = None
-        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self.connection: AbstractRobustConnection | None = None
         # A caller's tracer provider (tests, embedding) stays the caller's to shut down; else the OTEL_* variables.
         self._tracer_provider = tracer_provider
         self.breakers = BreakerBoard(settings.breaker, on_change=self._breaker_changed)
@@ -99,6 +103,31 @@ class WorkerApp:
                     fix="raise max_attempts or the retry ladder, or lower --breaker-cooldown",
                 )
 
+    def checks(self) -> dict[str, bool]:
+        """What `/readyz` requires; every check is a cheap attribute read (probes come every few seconds)."""
+        connection = self.connection
+        consumer = self.consumer
+        return {
+            "started": self.ready.is_set(),
+            "broker_connected": connection is not None and connection.connected.is_set(),
+            "consuming": consumer is not None and consumer.consuming,
+            # A faulty tenants source would make BYOC tenants look unconfigured (and be rerouted): not ready, and
+            # the app stops consuming until it is healthy again.
+            "tenant_source_healthy": self.registry.healthy,
+            "tenants_watched": self.tenants_watched,
+            "not_draining": not self.draining,
+        }
+
+    def _gauges_read_at_scrape(self) -> None:
+        """Gauges read at scrape time, so the hot path never updates them."""
+        metrics = self.metrics
+        metrics.in_flight.set_function(lambda: self.consumer.in_flight if self.consumer else 0)
+        metrics.consuming.set_function(lambda: 1 if self.consumer is not None and self.consumer.consuming else 0)
+        metrics.ready.set_function(lambda: 1 if all(self.checks().values()) else 0)
+        metrics.tenants.set_function(lambda: len(self.registry.tenants()))
+        metrics.tenants_quarantined.set_function(lambda: len(self.registry.quarantined()))
+        metrics.tenant_source_healthy.set_function(lambda: 1 if self.registry.healthy else 0)
+
     def _settled(self, settled: Settled) -> None:
         self.metrics.observe(settled)
         if self._on_settled is not None:
@@ -115,25 +144,14 @@ class WorkerApp:
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
-                await stack.enter_async_context(serve_health(self, settings.metrics_host, settings.metrics_port))
+                self._gauges_read_at_scrape()
+                health = serve_health(self.checks, self.metrics.registry, settings.metrics_host, settings.metrics_port)
+                await stack.enter_async_context(health)
             lag = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag, settings.loop_lag_interval_s))
             stack.callback(lag.cancel)
-            try:
-                scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
-            except TenantSourceFault as fault:
-                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
-            self.registry.refresh()
-            if self.registry.fault is not None:
-                raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")
-            log.info(
-                "tenants_loaded",
-                directory=str(settings.tenants_dir),
-                tenants=self.registry.tenants(),
-                quarantined=self.registry.quarantined(),
-            )
-            self._warn_short_patience()
+            self._load_tenants()
 
-            connection = await self._connect()
+            connection = await connect_worker(settings.amqp_url, settings.namespace, settings.connect_timeout_s)
             stack.push_async_callback(connection.close)
             self.connection = connection
             session = egress_session(
@@ -149,41 +167,11 @@ class WorkerApp:
             if self._tracer_provider is None:
                 stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # flushes buffered spans
 
-            publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
-            await declare(publish_channel, spec)
-            await declare_atlas_cloud(connection, settings.atlas_cloud_exchange)
-
-            consume_channel = await connection.channel(publisher_confirms=False)
-            await consume_channel.set_qos(prefetch_count=settings.prefetch)
-            # Declared (not just looked up) on this channel so the robust connection re-consumes it after a reconnect.
-            requests_spec = spec.queues[0]
-            requests = await consume_channel.declare_queue(
-                requests_spec.name, durable=True, arguments=requests_spec.arguments
-            )
-
+            channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
             stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
-            handler = Handler(
-                self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
-            )
-            settler = Settler(
-                publish_channel,
-                settings.topology,
-                settings.atlas_cloud_exchange,
-                trust=HeaderTrust(settings.topology, header_key),
-                max_body_bytes=settings.max_body_bytes,
-                tracing=tracing,
-            )
-            self.consumer = Consumer(
-                requests,
-                handler,
-                settler,
-                on_settled=self._settled,
-                publishers=settings.publishers,
-                max_body_bytes=settings.max_body_bytes,
-                tracing=tracing,
-            )
+            self.consumer = self._consumer(channels, providers, tracing, header_key)
             await self.consumer.start()
             watcher = asyncio.create_task(self._watch_tenants())
             watcher.add_done_callback(_report_watch_end)
@@ -197,19 +185,65 @@ class WorkerApp:
             )
 
             await self._stop.wait()
-            self.draining = True
             watcher.cancel()
-            self.ready.clear()
-            log.info("worker_draining", in_flight=self.consumer.in_flight, grace_s=settings.grace_s)
-            returned = await self.consumer.drain(settings.grace_s, force=self._force)
-            log.info(
-                "worker_stopped",
-                returned_to_queue=len(returned),
-                returned_request_ids=returned[:RETURNED_IDS_LOGGED],
-                forced=self._force.is_set(),
-            )
+            await self._drain(self.consumer)
             with contextlib.suppress(Exception):
-                await consume_channel.close()
+                await channels.consume.close()
+
+    def _load_tenants(self) -> None:
+        settings = self.settings
+        try:
+            scan_directory(settings.tenants_dir)  # a wrong path is the operator's to fix: one line, no log
+        except TenantSourceFault as fault:
+            raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {fault}") from None
+        self.registry.refresh()
+        if self.registry.fault is not None:
+            raise StartupError(ExitCode.TENANT_SOURCE, f"tenants directory: {self.registry.fault}")
+        log.info(
+            "tenants_loaded",
+            directory=str(settings.tenants_dir),
+            tenants=self.registry.tenants(),
+            quarantined=self.registry.quarantined(),
+        )
+        self._warn_short_patience()
+
+    def _consumer(
+        self, channels: WorkerChannels, providers: ProviderPool, tracing: Tracing, header_key: bytes | None
+    ) -> Consumer:
+        """The message path, wired: consumer → handler → providers, and the settler behind them."""
+        settings = self.settings
+        handler = Handler(
+            self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
+        )
+        settler = Settler(
+            channels.publish,
+            settings.topology,
+            settings.atlas_cloud_exchange,
+            trust=HeaderTrust(settings.topology, header_key),
+            max_body_bytes=settings.max_body_bytes,
+            tracing=tracing,
+        )
+        return Consumer(
+            channels.requests,
+            handler,
+            settler,
+            on_settled=self._settled,
+            publishers=settings.publishers,
+            max_body_bytes=settings.max_body_bytes,
+            tracing=tracing,
+        )
+
+    async def _drain(self, consumer: Consumer) -> None:
+        self.draining = True
+        self.ready.clear()
+        log.info("worker_draining", in_flight=consumer.in_flight, grace_s=self.settings.grace_s)
+        returned = await consumer.drain(self.settings.grace_s, force=self._force)
+        log.info(
+            "worker_stopped",
+            returned_to_queue=len(returned),
+            returned_request_ids=returned[:RETURNED_IDS_LOGGED],
+            forced=self._force.is_set(),
+        )
 
     def _tenant_source_fault(self, reason: str) -> None:
         self.metrics.tenant_source_faults.inc()
@@ -244,20 +278,6 @@ class WorkerApp:
         elif not self.tenant_source_ready and consumer.consuming:
             await consumer.stop_consuming()
             log.warning("consuming_paused", reason=self.registry.fault or "tenant watcher not running")
-
-    async def _connect(self) -> aio_pika.abc.AbstractRobustConnection:
-        settings = self.settings
-        try:
-            # Only the first connection is bounded in time: once connected, the robust connection reconnects.
-            with first_connection():
-                return await asyncio.wait_for(
-                    aio_pika.connect_robust(
-                        settings.amqp_url, client_properties={"connection_name": f"atlas-worker:{settings.namespace}"}
-                    ),
-                    settings.connect_timeout_s,
-                )
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:  # TimeoutError is an OSError
-            raise broker_error(exc, settings.amqp_url) from None
 
 
 def _report_watch_end(task: "asyncio.Task[None]") -> None:

@@ -10,27 +10,28 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE
-from worker.broker.limits import MAX_BODY_BYTES
 from worker.broker.publishers import PublisherRules
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
-from worker.providers.egress import DEFAULT_MAX_RESPONSE_BYTES
 from worker.secrets import REFERENCE_PREFIXES
-from worker.settings import WorkerSettings, env_amqp_url, env_tenants_dir
+from worker.settings import DEFAULT_AMQP_URL, DEFAULT_TENANTS_DIR, WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_path
+
+TENANTS_HELP = f"directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default {DEFAULT_TENANTS_DIR})"
 
 
 def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amqp-url",
         default=env_amqp_url(),
-        help="broker URL (env AMQP_URL; default amqp://guest:guest@127.0.0.1:5672/)",
+        help=f"broker URL (env AMQP_URL; default {DEFAULT_AMQP_URL})",
     )
     parser.add_argument(
-        "--namespace", default=DEFAULT_NAMESPACE, help="prefix of every exchange and queue (default: %(default)s)"
+        "--namespace",
+        default=WorkerSettings.namespace,
+        help="prefix of every exchange and queue (default: %(default)s)",
     )
 
 
@@ -38,7 +39,7 @@ def _add_security_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-body-bytes",
         type=int,
-        default=MAX_BODY_BYTES,
+        default=WorkerSettings.max_body_bytes,
         help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
     )
     run.add_argument(
@@ -106,6 +107,18 @@ def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ladder_flags(parser: argparse.ArgumentParser, *, helped: bool) -> None:
+    """The retry ladder's flags, defaults from `RetryLadder` (shown as `1`, not `1.0`)."""
+    ladder = RetryLadder
+    flags = (
+        ("--retry-base", float, ladder.base_s, "first retry delay in seconds"),
+        ("--retry-factor", float, ladder.factor, "growth per retry level"),
+        ("--retry-levels", int, ladder.levels, "number of retry levels"),
+    )
+    for flag, kind, default, text in flags:
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default:g})" if helped else None)
+
+
 LOG_LEVEL_DEFAULT = "info"
 
 
@@ -160,38 +173,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), common)
+    for add in (_add_run, _add_test_connection, _add_tenants, _add_dlq, _add_topology):
+        add(commands)
+    return parser
 
+
+def _add_run(commands: _Commands) -> None:
+    """`run`: the worker itself."""
     run = commands.add_parser("run", help="consume requests and publish replies until SIGTERM")
     _add_broker_flags(run)
     run.add_argument(
         "--tenants",
         type=Path,
         default=env_tenants_dir(),
-        help="directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default ./tenants)",
+        help=TENANTS_HELP,
     )
-    run.add_argument("--prefetch", type=int, default=64, help="deliveries in flight (default: %(default)s)")
+    run.add_argument(
+        "--prefetch", type=int, default=WorkerSettings.prefetch, help="deliveries in flight (default: %(default)s)"
+    )
     run.add_argument(
         "--atlas-cloud-exchange",
-        default=DEFAULT_ATLAS_CLOUD_EXCHANGE,
+        default=WorkerSettings.atlas_cloud_exchange,
         help="where unconfigured tenants and atlas_cloud fallbacks go (default: %(default)s)",
     )
     run.add_argument(
         "--grace",
         type=float,
-        default=30.0,
+        default=WorkerSettings.grace_s,
         help="seconds in-flight calls may finish after SIGTERM (default: %(default)s)",
     )
     run.add_argument(
         "--delivery-limit",
         type=int,
-        default=20,
+        default=WorkerSettings.delivery_limit,
         help="deliveries of one message before the broker dead-letters it (default: %(default)s)",
     )
-    run.add_argument("--retry-base", type=float, default=1.0, help="first retry delay in seconds (default: 1)")
-    run.add_argument("--retry-factor", type=float, default=2.5, help="growth per retry level (default: 2.5)")
-    run.add_argument("--retry-levels", type=int, default=8, help="number of retry levels (default: 8)")
+    _add_ladder_flags(run, helped=True)
     _add_breaker_flags(run)
-    run.add_argument("--metrics-port", type=int, default=None, help="serve /healthz, /readyz, /metrics here")
+    run.add_argument(
+        "--metrics-port", type=int, default=WorkerSettings.metrics_port, help="serve /healthz, /readyz, /metrics here"
+    )
     run.add_argument(
         "--metrics-host",
         default=WorkerSettings.metrics_host,
@@ -200,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-response-bytes",
         type=_positive_int,
-        default=DEFAULT_MAX_RESPONSE_BYTES,
+        default=WorkerSettings.max_response_bytes,
         help="largest provider response, counted before and after decompression (default: %(default)s)",
     )
     run.add_argument(
@@ -216,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_security_flags(run)
     run.set_defaults(func=_run)
 
+
+def _add_test_connection(commands: _Commands) -> None:
+    """`test-connection`: probe a tenant's provider."""
     test = commands.add_parser(
         "test-connection", help="probe a tenant's provider and check it against the model requirements"
     )
@@ -226,12 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--tenants",
         type=Path,
         default=env_tenants_dir(),
-        help="directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default ./tenants)",
+        help=TENANTS_HELP,
     )
     test.add_argument("--json", action="store_true", help="print the report as JSON")
     test.add_argument("--timeout", type=float, default=None, help="seconds per probe (default: limits.timeout_s)")
     test.set_defaults(func=_test_connection)
 
+
+def _add_tenants(commands: _Commands) -> None:
+    """`tenants validate`."""
     tenants = commands.add_parser("tenants", help="work with tenant configuration files")
     tenant_commands = commands.nested(tenants, "tenants_command")
     validate = tenant_commands.add_parser(
@@ -243,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--json", action="store_true", help="print JSON (for CI)")
     validate.set_defaults(func=_validate_tenants)
 
+
+def _add_dlq(commands: _Commands) -> None:
+    """`dlq list|show|replay|purge`."""
     dlq = commands.add_parser("dlq", help="list, show, replay or purge dead letters ({namespace}.dead)")
     dlq_commands = commands.nested(dlq, "dlq_command")
     dlq_list = dlq_commands.add_parser(
@@ -275,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--reason", help="only this reason (e.g. exhausted, malformed, delivery_limit)")
     dlq_show.set_defaults(tenant=None, task=None, reason=None)
 
+
+def _add_topology(commands: _Commands) -> None:
+    """`topology declare|definitions`, with the flags of `run` that shape the topology."""
     topology = commands.add_parser("topology", help="declare the broker topology, or print it as RabbitMQ definitions")
     topology_commands = commands.nested(topology, "topology_command")
     topology_declare = topology_commands.add_parser("declare", help="declare every exchange, queue and binding")
@@ -285,13 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (topology_declare, topology_definitions):
         _add_broker_flags(sub)
         # The same flags and defaults as `run`, which shape the same topology.
-        sub.add_argument("--atlas-cloud-exchange", default=DEFAULT_ATLAS_CLOUD_EXCHANGE)
+        sub.add_argument("--atlas-cloud-exchange", default=WorkerSettings.atlas_cloud_exchange)
         sub.add_argument("--delivery-limit", type=int, default=WorkerSettings.delivery_limit)
-        sub.add_argument("--retry-base", type=float, default=RetryLadder.base_s)
-        sub.add_argument("--retry-factor", type=float, default=RetryLadder.factor)
-        sub.add_argument("--retry-levels", type=int, default=RetryLadder.levels)
+        _add_ladder_flags(sub, helped=False)
         sub.set_defaults(func=_topology)
-    return parser
 
 
 def _positive_int(text: str) -> int:

@@ -1,13 +1,6 @@
 """The command line's exit codes, and the one-line start-up errors that carry them."""
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import IntEnum
-
-import aio_pika
-
-from worker.redaction import redact_text
 
 
 class ExitCode(IntEnum):
@@ -30,25 +23,3 @@ class StartupError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def broker_error(exc: BaseException, amqp_url: str) -> StartupError:
-    """Classify a failed connection attempt; the URL is shown without its password."""
-    where = redact_text(amqp_url)
-    detail = redact_text(str(exc) or type(exc).__name__)
-    if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in detail:
-        return StartupError(ExitCode.BROKER_AUTH, f"the broker at {where} refused the credentials: {detail}")
-    return StartupError(ExitCode.BROKER_UNREACHABLE, f"cannot reach the broker at {where}: {detail}")
-
-
-@contextmanager
-def first_connection() -> Iterator[None]:
-    """Around a first connection attempt whose failure the caller reports as one line: the AMQP library would
-    log the same failure again, with a traceback."""
-    library = logging.getLogger("aiormq.connection")
-    level = library.level
-    library.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        library.setLevel(level)

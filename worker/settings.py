@@ -12,6 +12,7 @@ from worker.providers.breaker import BreakerPolicy
 from worker.providers.egress import DEFAULT_MAX_RESPONSE_BYTES, EgressPolicy
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_TENANTS_DIR = "./tenants"
 
 
 def env_amqp_url() -> str:
@@ -19,7 +20,7 @@ def env_amqp_url() -> str:
 
 
 def env_tenants_dir() -> Path:
-    return Path(os.environ.get("ATLAS_TENANTS_DIR", "./tenants"))
+    return Path(os.environ.get("ATLAS_TENANTS_DIR", DEFAULT_TENANTS_DIR))
 
 
 @dataclass(frozen=True)

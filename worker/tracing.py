@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 
 import orjson
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
@@ -23,6 +22,8 @@ from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
+    from aio_pika.abc import AbstractIncomingMessage  # only the broker folder imports aio-pika at run time
+
     from worker.handling.policy import Decision
     from worker.providers.base import ModelCall, ModelResult
 
@@ -97,7 +98,7 @@ class Tracing:
         if callable(shutdown):
             shutdown()
 
-    def delivery(self, message: AbstractIncomingMessage, queue: str) -> AbstractContextManager[object]:
+    def delivery(self, message: "AbstractIncomingMessage", queue: str) -> AbstractContextManager[object]:
         """The consumer span of one delivery, a child of the publisher's span; a copy the worker republished
         (retry, deferral) is also linked to the delivery that made it, so every attempt shows in one trace."""
         if not self.enabled:

@@ -12,7 +12,8 @@ from tests.ops.cli import atlas_worker
 from tests.unit.test_operations_metrics import reply, scrape
 from worker.broker.consumer import Settled
 from worker.broker.header_trust import HeaderTrust, load_key
-from worker.broker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers, read_count
+from worker.broker.headers import read_count
+from worker.broker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers
 from worker.exit_codes import StartupError
 from worker.handling.handler import PROBES_IN_FLIGHT, TenantSlots
 from worker.handling.outcome import DeadLetter, Reply, RequestIds

@@ -2,13 +2,15 @@
 
 from datetime import UTC, datetime
 
+import aiohttp
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from contracts import ErrorInfo, InferenceReply, Provenance, Status, Timings, Usage
 from tests.ops.scrape import Samples
 from worker.broker.consumer import Settled
 from worker.handling.outcome import DeadLetter, Reply, RequestIds, Reroute
+from worker.ops.health import HealthServer
 from worker.ops.metrics import Metrics, endpoint_label
 
 CONFIGURED = {"acme"}
@@ -99,3 +101,26 @@ def test_two_workers_in_one_process_keep_separate_counts() -> None:
 )
 def test_endpoint_labels_keep_where_but_not_credentials(endpoint: str, label: str) -> None:
     assert endpoint_label(endpoint) == label
+
+
+# What Prometheus 3 sends: it prefers OpenMetrics, which would change the series scrapers and dashboards read.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"
+)
+
+
+async def test_metrics_are_served_in_the_0_0_4_text_format_whatever_the_scraper_accepts() -> None:
+    metrics = Metrics(CONFIGURED.__contains__)
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 10.0))
+    server = HealthServer(lambda: {"started": True}, metrics.registry, host="127.0.0.1", port=0)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for accept in (None, PROMETHEUS_ACCEPT):
+                headers = {"Accept": accept} if accept else {}
+                async with session.get(f"http://127.0.0.1:{server.port}/metrics", headers=headers) as response:
+                    assert response.headers["Content-Type"] == CONTENT_TYPE_PLAIN_0_0_4
+                    assert await response.read() == generate_latest(metrics.registry)
+    finally:
+        await server.stop()

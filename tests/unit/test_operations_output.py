@@ -5,7 +5,8 @@ from datetime import UTC, datetime
 import pytest
 
 from contracts import Header
-from worker.ops.dlq import DeadLetterView, detail, format_age, replay_headers
+from worker.broker.copies import replay_headers
+from worker.ops.dlq import DeadLetterView, detail, format_age
 from worker.redaction import MASK, redact, redact_text
 
 

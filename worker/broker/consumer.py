@@ -13,11 +13,11 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, LastProviderError, Status, Timings
-from worker.broker.limits import MAX_BODY_BYTES, read_count
+from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from worker.broker.headers import first_failure_at, last_error, read_count, read_history
+from worker.broker.limits import MAX_BODY_BYTES
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
-from worker.handling import history
 from worker.handling.handler import DeliveryContext, Handler
 from worker.handling.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
 from worker.tracing import NO_TRACING, Tracing
@@ -87,36 +87,17 @@ def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
     return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task)
 
 
-def _first_failure_at(believed: dict[str, Any]) -> datetime | None:
-    value = believed.get(Header.FIRST_FAILURE_AT)
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo is not None else None
-
-
-def _last_error(believed: dict[str, Any]) -> LastProviderError | None:
-    """The provider error our headers recorded at the last real attempt (circuit waits do not overwrite it)."""
-    code, text, error_class = (believed.get(h) for h in (Header.ERROR_CODE, Header.ERROR_MESSAGE, Header.ERROR_CLASS))
-    if not isinstance(code, str) or not isinstance(text, str):
-        return None
-    return LastProviderError(code=code, message=text, error_class=error_class if isinstance(error_class, str) else None)
-
-
 def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], started: float) -> DeliveryContext:
     """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
     return DeliveryContext(
         attempts=read_count(believed, Header.ATTEMPTS),
         received_at=datetime.now(UTC),
         received_monotonic=started,
-        first_failure_at=_first_failure_at(believed),
-        last_error=_last_error(believed),
+        first_failure_at=first_failure_at(believed),
+        last_error=last_error(believed),
         settle_seq=read_count(believed, Header.SETTLE_SEQ),
         redeliveries=read_count(believed, Header.REDELIVERIES) + bool(message.redelivered),
-        history=history.decode(believed.get(Header.HISTORY)),
+        history=read_history(believed),
     )
 
 

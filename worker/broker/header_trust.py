@@ -19,6 +19,7 @@ from typing import Any, Final
 from pydantic import SecretStr
 
 from contracts import Header, Topology
+from worker.broker.headers import latest_death, read_text
 from worker.errors import ProviderError
 from worker.exit_codes import ExitCode, StartupError
 from worker.secrets import resolve_secret
@@ -106,17 +107,10 @@ class HeaderTrust:
         return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def _back_from_ladder(self, headers: Mapping[str, Any]) -> bool:
-        deaths = headers.get("x-death")
-        if not isinstance(deaths, list) or not deaths or not isinstance(deaths[0], Mapping):
-            return False
-        latest = deaths[0]  # RabbitMQ keeps the most recent death first
-        queue, reason = latest.get("queue"), latest.get("reason")
-        if isinstance(queue, bytes):
-            queue = queue.decode("utf-8", "replace")
-        if isinstance(reason, bytes):
-            reason = reason.decode("utf-8", "replace")
+        latest = latest_death(headers)
+        queue, reason = read_text(latest.get("queue")), read_text(latest.get("reason"))
         return (
-            isinstance(queue, str)
+            queue is not None
             and queue.startswith(self._retry_prefix)
             and queue.removeprefix(self._retry_prefix).isdigit()
             and reason == "expired"

@@ -23,15 +23,6 @@ MAX_COUNT: Final = 1_000_000
 _TABLE_LENGTH_BYTES: Final = 4
 
 
-def read_count(headers: Mapping[str, Any] | None, name: str) -> int:
-    """A non-negative count from a header: anything that is not an int (bools included) or is negative
-    counts as 0; anything huge is clamped to MAX_COUNT."""
-    value = (headers or {}).get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        return 0
-    return min(value, MAX_COUNT)
-
-
 def encoded_size(name: str, value: Any) -> int | None:
     """Bytes `name: value` takes in an AMQP field table, or None when it cannot be encoded (an integer
     outside int64, a name over 255 bytes, a type AMQP has no field for)."""

@@ -3,7 +3,6 @@
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -16,20 +15,19 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishErro
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.broker.acks import Acknowledger
+from worker.broker.copies import copy_body, copy_of, lineage_headers, publisher_headers
 from worker.broker.header_trust import HeaderTrust
-from worker.broker.limits import MAX_BODY_BYTES, bounded_body, bounded_headers, read_count
+from worker.broker.headers import read_count
+from worker.broker.limits import MAX_BODY_BYTES, bounded_headers
 from worker.handling import history
 from worker.handling.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
-from worker.redaction import redact_body, redact_text
+from worker.redaction import redact_text
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.broker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0
-ATLAS_PREFIX = "atlas-"
-# Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
-PASSED_ON = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
 ERROR_MESSAGE_LIMIT = 1000
 SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
 
@@ -82,7 +80,7 @@ class Settler:
                 believed = self.trust.believed(delivery.headers, ids.request_id)
                 headers = {
                     Header.DEFERRALS: read_count(believed, Header.DEFERRALS) + 1,
-                    **_lineage_headers(delivery, believed, put_back=True),
+                    **lineage_headers(delivery, believed, put_back=True),
                 }
                 await self._publish_copy(delivery, ids, self._topology.retry, "0", headers)
                 done = "deferred"
@@ -96,7 +94,7 @@ class Settler:
         headers: dict[str, Any] = {
             Header.ATTEMPTS: outcome.attempts,
             Header.RETRY_LEVEL: outcome.level,
-            **_lineage_headers(delivery, believed, put_back=True),
+            **lineage_headers(delivery, believed, put_back=True),
         }
         if outcome.refused_by_circuit:
             # No provider call was made: the last real error stays on the message (believed headers travel on
@@ -198,19 +196,15 @@ class Settler:
             # The worker's, never the publisher's message_id: `dlq` acts on exactly the dead letter it names.
             Header.DEAD_LETTER_ID: uuid.uuid4().hex,
             **self._failure_headers(delivery, ids, dead.error, dead.provider_kind),
-            **_lineage_headers(delivery, self.trust.believed(delivery.headers, ids.request_id), put_back=False),
+            **lineage_headers(delivery, self.trust.believed(delivery.headers, ids.request_id), put_back=False),
         }
-        # A parked body is read by operators and kept for days: a draft's literal keys must not be in it.
-        body = redact_body(delivery.body)
-        if body is not None:
-            headers[Header.REDACTED] = True
         last = dead.error.last_provider_error
         if last is not None:
             headers[Header.LAST_PROVIDER_ERROR_CODE] = last.code
             headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = redact_text(last.message)[:ERROR_MESSAGE_LIMIT]
         if dead.history:  # else the history it arrived with (vouched for) travels on
             headers[Header.HISTORY] = history.encode(dead.history)
-        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, body=body)
+        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, dead_letter=True)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
         headers: dict[str, Any] = {
@@ -278,34 +272,21 @@ class Settler:
         routing_key: str,
         extra: dict[str, Any],
         *,
-        body: bytes | None = None,
+        dead_letter: bool = False,
     ) -> None:
-        """Republish the original body (or `body`, its redacted copy) and properties with extra headers. The
-        body is otherwise never changed, only cut to a prefix when it is over the size limit; publisher headers
+        """Republish the original body and properties with extra headers. The body is otherwise never changed,
+        only cut to a prefix when it is over the size limit (and masked in a dead letter); publisher headers
         are left off when they would not fit."""
-        body, cut = bounded_body(delivery.body if body is None else body, self._max_body_bytes)
+        body, about_body = copy_body(delivery.body, self._max_body_bytes, dead_letter=dead_letter)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         ours = {
             **self.trust.believed(delivery.headers, ids.request_id),
             **{k: v for k, v in identity.items() if v is not None},
             **extra,
-            **cut,
+            **about_body,
         }
         ours |= self.trust.signature(ids.request_id, ours)
-        message = aio_pika.Message(
-            body,
-            headers=bounded_headers(_publisher_headers(delivery.headers), ours),
-            content_type=delivery.content_type,
-            content_encoding=delivery.content_encoding,
-            correlation_id=delivery.correlation_id,
-            reply_to=delivery.reply_to,
-            message_id=delivery.message_id,
-            timestamp=delivery.timestamp,
-            type=delivery.type,
-            app_id=delivery.app_id,
-            priority=delivery.priority,
-            delivery_mode=DeliveryMode.PERSISTENT,
-        )
+        message = copy_of(delivery, body, bounded_headers(publisher_headers(delivery.headers), ours))
         with self._tracing.publish(exchange_name, routing_key, message.headers, delivery.headers):
             await self._exchange(exchange_name).publish(message, routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
@@ -323,21 +304,3 @@ def _masked(error: ErrorInfo) -> ErrorInfo:
         last = error.last_provider_error
         update["last_provider_error"] = last.model_copy(update={"message": redact_text(last.message)})
     return error.model_copy(update=update)
-
-
-def _publisher_headers(headers: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
-    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
-    return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
-
-
-def _lineage_headers(
-    delivery: AbstractIncomingMessage, believed: Mapping[str, Any], *, put_back: bool
-) -> dict[str, int]:
-    """Where this copy stands in the request's history (README, delivery guarantees): `settle_seq` grows
-    each time a worker puts the request back on the ladder, `redeliveries` each time the broker redelivered
-    it. A redelivered original whose earlier run already put a copy back thus ranks below that copy."""
-    return {
-        Header.SETTLE_SEQ: read_count(believed, Header.SETTLE_SEQ) + put_back,
-        Header.REDELIVERIES: read_count(believed, Header.REDELIVERIES) + bool(delivery.redelivered),
-    }

@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 import aio_pika
 
 from contracts import Topology
+from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
 from worker.broker.topology import TopologySpec, topology_spec
-from worker.exit_codes import broker_error, first_connection
 from worker.handling.ladder import RetryLadder
 from worker.ops.dlq import (
     DeadLetterQueue,

@@ -9,52 +9,23 @@ import asyncio
 import hashlib
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, TextIO
 
-import aio_pika
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue, DeliveryMode
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
-from worker.broker.limits import read_count
-from worker.handling.history import History, decode_history
+from worker.broker.copies import copy_of, replay_headers
+from worker.broker.headers import latest_death, read_count, read_history, read_text, read_time
+from worker.handling.history import History
 from worker.handling.outcome import DEAD_LETTER_REASONS
 from worker.redaction import redact, redact_text
 
-REPLAYED_AT = Header.REPLAYED_AT
-REPLAYS = Header.REPLAYS
 PUBLISH_TIMEOUT_S = 30.0
 REQUEUE_POLLS, REQUEUE_POLL_S = 50, 0.02  # up to a second for a browse's messages to be back in the queue
-# Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
-FAILURE_HEADERS = frozenset(
-    {
-        Header.REASON,
-        Header.ERROR_CODE,
-        Header.ERROR_CLASS,
-        Header.ERROR_MESSAGE,
-        Header.FIRST_FAILURE_AT,
-        Header.LAST_FAILURE_AT,
-        Header.DEAD_LETTERED_AT,
-        Header.ORIGINAL_EXCHANGE,
-        Header.ORIGINAL_ROUTING_KEY,
-        Header.RETRY_LEVEL,
-        Header.PROVIDER_KIND,
-        Header.CIRCUIT_WAITS,
-        Header.LAST_PROVIDER_ERROR_CODE,
-        Header.LAST_PROVIDER_ERROR_MESSAGE,
-        Header.DEFERRALS,
-        Header.DEAD_LETTER_ID,
-        Header.HEADERS_DROPPED,
-        Header.BODY_TRUNCATED,
-        Header.ORIGINAL_BODY_BYTES,
-        Header.HISTORY,
-    }
-)
-
-
 # Reasons the broker itself records in `x-death` when it dead-letters a message.
 BROKER_REASONS: Final = frozenset({"delivery_limit", "rejected", "expired", "maxlen"})
 KNOWN_REASONS: Final = DEAD_LETTER_REASONS | BROKER_REASONS
@@ -138,24 +109,6 @@ class Selection:
         )
 
 
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value if isinstance(value, str) and value else None
-
-
-def _time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
 def _body_fields(body: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(body)
@@ -164,17 +117,17 @@ def _body_fields(body: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _parked_by_worker(headers: dict[str, Any], last_death: dict[str, Any]) -> bool:
+def _parked_by_worker(headers: dict[str, Any], last_death: Mapping[str, Any]) -> bool:
     """A message the broker dead-lettered itself (its latest death is not a retry level's expiry) kept the
     publisher's headers, so an `atlas-` header there may be forged."""
-    own = _text(headers.get(Header.DEAD_LETTER_ID))
-    return bool(own) and (not last_death or _text(last_death.get("reason")) == "expired")
+    own = read_text(headers.get(Header.DEAD_LETTER_ID))
+    return bool(own) and (not last_death or read_text(last_death.get("reason")) == "expired")
 
 
-def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: dict[str, Any]) -> str:
+def _identity(headers: dict[str, Any], properties: dict[str, Any], body: bytes, last_death: Mapping[str, Any]) -> str:
     """The worker's `atlas-dead-letter-id` when the worker parked the message; otherwise the message is
     named by a digest of everything it carries."""
-    own = _text(headers.get(Header.DEAD_LETTER_ID))
+    own = read_text(headers.get(Header.DEAD_LETTER_ID))
     if own and _parked_by_worker(headers, last_death):
         return own
     carried = orjson.dumps([_plain(headers), _plain(properties)], default=str, option=orjson.OPT_SORT_KEYS)
@@ -187,37 +140,36 @@ def describe(message: AbstractIncomingMessage) -> DeadLetterView:
     headers = dict(message.headers or {})
     body = message.body
     fields = _body_fields(body)
-    request_id = _text(headers.get(Header.REQUEST_ID)) or _text(fields.get("request_id"))
-    message_id = _text(message.message_id)
-    deaths = headers.get("x-death")
-    last_death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    request_id = read_text(headers.get(Header.REQUEST_ID)) or read_text(fields.get("request_id"))
+    message_id = read_text(message.message_id)
+    last_death = latest_death(headers)
     if Header.DEAD_LETTERED_AT in headers:
-        reason = _text(headers.get(Header.REASON)) or "unknown"
-        at = _time(headers.get(Header.DEAD_LETTERED_AT))
+        reason = read_text(headers.get(Header.REASON)) or "unknown"
+        at = read_time(headers.get(Header.DEAD_LETTERED_AT))
     else:
-        reason = _text(last_death.get("reason")) or _text(headers.get("x-first-death-reason")) or "unknown"
-        at = _time(last_death.get("time"))
+        reason = read_text(last_death.get("reason")) or read_text(headers.get("x-first-death-reason")) or "unknown"
+        at = read_time(last_death.get("time"))
     properties = {
         "message_id": message_id,
-        "correlation_id": _text(message.correlation_id),
-        "reply_to": _text(message.reply_to),
-        "content_type": _text(message.content_type),
+        "correlation_id": read_text(message.correlation_id),
+        "reply_to": read_text(message.reply_to),
+        "content_type": read_text(message.content_type),
         "timestamp": message.timestamp,
-        "app_id": _text(message.app_id),
+        "app_id": read_text(message.app_id),
     }
     return DeadLetterView(
         id=_identity(headers, properties, body, last_death),
         request_id=request_id,
-        tenant=_text(headers.get(Header.TENANT_ID)) or _text(fields.get("tenant_id")),
-        task=_text(headers.get(Header.TASK)) or _text(fields.get("task")),
+        tenant=read_text(headers.get(Header.TENANT_ID)) or read_text(fields.get("tenant_id")),
+        task=read_text(headers.get(Header.TASK)) or read_text(fields.get("task")),
         reason=reason,
-        error_code=_text(headers.get(Header.ERROR_CODE)),
+        error_code=read_text(headers.get(Header.ERROR_CODE)),
         attempts=read_count(headers, Header.ATTEMPTS),
-        dead_lettered_at=at or _time(message.timestamp),
+        dead_lettered_at=at or read_time(message.timestamp),
         headers=headers,
         properties={k: v for k, v in properties.items() if v is not None},
         body=body,
-        history=decode_history(headers.get(Header.HISTORY)) if _parked_by_worker(headers, last_death) else (),
+        history=read_history(headers) if _parked_by_worker(headers, last_death) else (),
     )
 
 
@@ -346,20 +298,7 @@ class DeadLetterQueue:
             exchange = await channel.get_exchange(self.topology.requests, ensure=False)
 
             async def republish(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
-                copy = aio_pika.Message(
-                    message.body,
-                    headers=replay_headers(view.headers, keep_attempts=keep_attempts),
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    correlation_id=message.correlation_id,
-                    reply_to=message.reply_to,
-                    message_id=message.message_id,
-                    timestamp=message.timestamp,
-                    type=message.type,
-                    app_id=message.app_id,
-                    priority=message.priority,
-                    delivery_mode=DeliveryMode.PERSISTENT,
-                )
+                copy = copy_of(message, message.body, replay_headers(view.headers, keep_attempts=keep_attempts))
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
 
@@ -381,23 +320,6 @@ class DeadLetterQueue:
             return None
 
         return await self.take(selection, drop, progress, expected)
-
-
-def replay_headers(headers: dict[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
-    """The headers a replayed request carries: the publisher's own, none of the failure history (the
-    broker's `x-` headers included), attempts only if asked, and when it was replayed."""
-    kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
-    if not keep_attempts:
-        kept.pop(Header.ATTEMPTS, None)
-    kept[REPLAYS] = _count(headers.get(REPLAYS)) + 1
-    kept[REPLAYED_AT] = datetime.now(UTC).isoformat()
-    # A replay is a new step of the request's history: its reply must outrank the dead letter's.
-    kept[Header.SETTLE_SEQ] = _count(headers.get(Header.SETTLE_SEQ)) + 1
-    return kept
-
-
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 # --- output -------------------------------------------------------------------------------------------
@@ -423,7 +345,7 @@ def row(view: DeadLetterView, now: datetime) -> dict[str, Any]:
         "task": view.task,
         "reason": view.reason,
         "error_code": view.error_code,
-        "error_message": _text(view.headers.get(Header.ERROR_MESSAGE)),
+        "error_message": read_text(view.headers.get(Header.ERROR_MESSAGE)),
         "attempts": view.attempts,
         "dead_lettered_at": view.dead_lettered_at.isoformat() if view.dead_lettered_at else None,
         "age_s": round(age, 3) if (age := view.age_s(now)) is not None else None,

@@ -82,6 +82,14 @@ class Metrics:
             ["tenant", "endpoint", "state"],
             registry=r,
         )
+        self._declare_worker_state(r)
+        self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
+        for kind in ("reply", "reroute"):
+            self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
+        self.loop_lag = loop_lag_histogram(r)
+
+    def _declare_worker_state(self, r: CollectorRegistry) -> None:
+        """Gauges of the worker's own state, read at scrape time, and the tenant source's faults."""
         self.in_flight = Gauge("atlas_worker_in_flight", "Deliveries being handled right now.", registry=r)
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
@@ -101,10 +109,6 @@ class Metrics:
             "Times the tenant source was found faulty (missing, unlistable, emptied at once) or its watch failed.",
             registry=r,
         )
-        self.genai = GenAIMetrics(r)  # observed per model call, by the provider guard
-        for kind in ("reply", "reroute"):
-            self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
-        self.loop_lag = loop_lag_histogram(r)
 
     def tenant(self, tenant_id: str | None) -> str:
         return tenant_id if tenant_id and self._tenant_known(tenant_id) else OTHER_TENANT

@@ -1,0 +1,99 @@
+"""Message copies: a delivery republished (retry, deferral, reroute, dead letter, replay) with new headers."""
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+
+from contracts import Header
+from worker.broker.headers import Headers, read_count
+from worker.broker.limits import bounded_body
+from worker.redaction import redact_body
+
+ATLAS_PREFIX: Final = "atlas-"
+# Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
+PASSED_ON: Final = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
+# Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
+FAILURE_HEADERS: Final = frozenset(
+    {
+        Header.REASON,
+        Header.ERROR_CODE,
+        Header.ERROR_CLASS,
+        Header.ERROR_MESSAGE,
+        Header.FIRST_FAILURE_AT,
+        Header.LAST_FAILURE_AT,
+        Header.DEAD_LETTERED_AT,
+        Header.ORIGINAL_EXCHANGE,
+        Header.ORIGINAL_ROUTING_KEY,
+        Header.RETRY_LEVEL,
+        Header.PROVIDER_KIND,
+        Header.CIRCUIT_WAITS,
+        Header.LAST_PROVIDER_ERROR_CODE,
+        Header.LAST_PROVIDER_ERROR_MESSAGE,
+        Header.DEFERRALS,
+        Header.DEAD_LETTER_ID,
+        Header.HEADERS_DROPPED,
+        Header.BODY_TRUNCATED,
+        Header.ORIGINAL_BODY_BYTES,
+        Header.HISTORY,
+    }
+)
+
+
+def copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
+    """A persistent copy of `message` with `body` and `headers`: every other property is the original's."""
+    return aio_pika.Message(
+        body,
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        app_id=message.app_id,
+        priority=message.priority,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+def copy_body(body: bytes, limit: int, *, dead_letter: bool) -> tuple[bytes, dict[str, Any]]:
+    """The body a copy carries and the headers that say how it differs from the original: cut to a prefix
+    when over `limit`, and for a dead letter (read by operators, kept for days) a draft's literal keys masked."""
+    extra: dict[str, Any] = {}
+    if dead_letter and (masked := redact_body(body)) is not None:
+        body, extra[Header.REDACTED] = masked, True
+    body, cut = bounded_body(body, limit)
+    return body, extra | cut
+
+
+def publisher_headers(headers: Headers) -> dict[str, Any]:
+    """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
+    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
+    return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
+
+
+def lineage_headers(delivery: AbstractIncomingMessage, believed: Headers, *, put_back: bool) -> dict[str, int]:
+    """Where this copy stands in the request's history (README, delivery guarantees): `settle_seq` grows
+    each time a worker puts the request back on the ladder, `redeliveries` each time the broker redelivered
+    it. A redelivered original whose earlier run already put a copy back thus ranks below that copy."""
+    return {
+        Header.SETTLE_SEQ: read_count(believed, Header.SETTLE_SEQ) + put_back,
+        Header.REDELIVERIES: read_count(believed, Header.REDELIVERIES) + bool(delivery.redelivered),
+    }
+
+
+def replay_headers(headers: Mapping[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
+    """The headers a replayed request carries: the publisher's own, none of the failure history (the
+    broker's `x-` headers included), attempts only if asked, and when it was replayed."""
+    kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
+    if not keep_attempts:
+        kept.pop(Header.ATTEMPTS, None)
+    kept[Header.REPLAYS] = read_count(headers, Header.REPLAYS) + 1
+    kept[Header.REPLAYED_AT] = datetime.now(UTC).isoformat()
+    # A replay is a new step of the request's history: its reply must outrank the dead letter's.
+    kept[Header.SETTLE_SEQ] = read_count(headers, Header.SETTLE_SEQ) + 1
+    return kept
