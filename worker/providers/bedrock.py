@@ -427,6 +427,7 @@ class BedrockProvider:
         self._lock = asyncio.Lock()
         self._client: _HeldClient | None = None
         self._client_lock = asyncio.Lock()
+        self._closed = False
         self._who = f"Bedrock ({settings.model_id} in {settings.region})"
 
     @property
@@ -560,7 +561,11 @@ class BedrockProvider:
             if held is None or held.credentials is not creds:
                 if held is not None:
                     await self._retire(held)
-                held = self._client = await self._open(creds)
+                held = await self._open(creds)
+                if self._closed:
+                    held.retired = True  # a call that arrives after closing gets a client of its own
+                else:
+                    self._client = held
             held.users += 1
             return held
 
@@ -589,6 +594,7 @@ class BedrockProvider:
     async def aclose(self) -> None:
         """Close the client; a call still using it closes it when it is done."""
         async with self._client_lock:
+            self._closed = True
             held, self._client = self._client, None
             if held is not None:
                 await self._retire(held)

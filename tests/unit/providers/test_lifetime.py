@@ -120,7 +120,7 @@ async def test_bedrock_opens_one_client_for_many_calls_and_closes_it(
         await asyncio.gather(*(within(30, bedrock.endpoint, bedrock.complete(call)) for _ in range(3)))
         await bedrock.complete(call)
         await bedrock.aclose()
-        await bedrock.complete(call)  # a provider used after closing opens a fresh client
+        await bedrock.complete(call)  # a call arriving after closing gets a client of its own, closed after it
 
     assert len(fake_aws.bedrock.access_keys_seen) == 5
     assert [e["event"] for e in logs].count("bedrock_client_opened") == 2
