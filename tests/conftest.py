@@ -3,10 +3,11 @@
 import asyncio
 import logging
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
@@ -20,6 +21,9 @@ from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
 from worker.settings import WorkerSettings
 from worker.tenants import NO_TENANTS_MARKER
+
+if TYPE_CHECKING:
+    from tests.scene import Scene
 
 configure_logging("warning", cache=False)
 
@@ -123,7 +127,7 @@ def worker_settings(amqp_url: str, topology: Topology, tenants_dir: Path, **over
         prefetch=32,
         atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud",
         grace_s=5.0,
-        tenants_poll_s=0.2,
+        tenants_poll_s=0.05,  # a test waiting for a reload (tests/scene.py) waits at most this long
         ladder=RetryLadder(base_s=0.2, factor=2.0, levels=4),
         breaker=BreakerPolicy(min_calls=1000),  # tests that are about the breaker pass their own
     )
@@ -156,3 +160,24 @@ async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncI
     running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def scene(
+    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
+) -> AsyncIterator["Scene"]:
+    """A running worker, the OpenAI fake, and observers on every queue a request can reach (see tests/scene.py)."""
+    from tests.scene import open_scene  # tests.scene builds on the helpers above
+
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai) as opened:
+        yield opened
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound (so no one else gets it) but never
+    listening, so a connection attempt is reset instead of answered."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+        yield port

@@ -29,15 +29,6 @@ from worker.ops.commands import declared_summary
 
 
 @pytest.fixture
-def closed_port() -> int:
-    """A port nothing listens on: bound to learn a free number, then closed."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@pytest.fixture
 def held_port() -> Iterator[int]:
     """A port some other program is listening on."""
     with socket.socket() as holder:

@@ -11,6 +11,7 @@ from tests.broker import BrokerClient, collect, drain_now, json_body
 from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.tcp_proxy import TcpProxy
+from tests.scene import until
 
 pytestmark = pytest.mark.broker
 
@@ -41,9 +42,10 @@ async def test_calls_in_flight_across_a_cut_do_not_answer_a_second_time(
                 break
             await asyncio.sleep(0.05)
 
-        await asyncio.sleep(fake_openai.latency_s + 1.0)  # every call made so far has answered by now
-
         received = [json_body(m)["request_id"] for m in await collect(replies, len(ids), timeout_s=30)]
+        # Every delivery's handling has ended, the lost ones' calls included (they outlive the cut by seconds):
+        # whatever they could have published is on the queue by now.
+        await until(lambda: running.app.consumer is not None and running.app.consumer.in_flight == 0, 30, "drained")
         late = [json_body(m)["request_id"] for m in await drain_now(replies)]
         assert sorted(received) == sorted(ids)
         assert late == [], "a call whose delivery was lost with the connection still published its reply"

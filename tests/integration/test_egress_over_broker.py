@@ -10,6 +10,7 @@ from tests import samples
 from tests.broker import BrokerClient, collect
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.hostile_server import HostileServer, gzip_bomb, gzip_response, redirect
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 CAP = 64 * 1024
@@ -42,8 +43,8 @@ async def test_compressed_answer_inflating_past_the_cap_fails_as_too_large(
     client: BrokerClient, capped_worker: RunningWorker, hostile: HostileServer, tenants_dir: Path
 ) -> None:
     hostile.response = gzip_response(gzip_bomb())
-    write_tenant(tenants_dir, "acme", f"{hostile.url()}/v1")
-    capped_worker.app.registry.refresh()
+    async with tenants_reloaded(capped_worker.app):
+        write_tenant(tenants_dir, "acme", f"{hostile.url()}/v1")
 
     reply = await ask(client, "acme")
 
@@ -59,8 +60,8 @@ async def test_stored_tenant_redirect_is_an_error_naming_it_and_its_target_is_ne
 ) -> None:
     target = await HostileServer(host="0.0.0.0").start()
     hostile.response = redirect(302, f"http://0.0.0.0:{target.port}/v1/chat/completions")
-    write_tenant(tenants_dir, "acme", f"{hostile.url()}/v1")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", f"{hostile.url()}/v1")
     try:
         reply = await ask(client, "acme")
     finally:

@@ -78,10 +78,15 @@ async def test_hanging_tenant_does_not_starve_a_healthy_one(
         await healthy.close()
 
     # Nothing of the flood was lost: what was not answered is back on the broker.
-    await asyncio.sleep(1.0)  # let deferred copies come back from the 0.2 s delay level
+    # Deferred copies come back from the 0.2 s delay level: counted once they are all back on the request queue.
+    levels = [topology.retry_queue(level) for level in range(settings.ladder.levels)]
+    for _ in range(200):  # bounded
+        if sum([await queue_depth(client, name) for name in levels]) == 0:
+            break
+        await asyncio.sleep(0.05)
     remaining = await queue_depth(client, topology.requests)
-    for level in range(settings.ladder.levels):
-        remaining += await queue_depth(client, topology.retry_queue(level))
+    for name in levels:
+        remaining += await queue_depth(client, name)
     late = [json_body(m) for m in await drain_now(replies)]
     flood_replied = {r["request_id"] for r in received + late if r["tenant_id"] == "flood"}
     assert len(flood_replied) + remaining == 200

@@ -18,6 +18,7 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
 from tests.ops.scrape import Samples
+from tests.scene import Scene, open_scene
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
 from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
 from worker.broker.publishers import PublisherRules
@@ -48,15 +49,15 @@ async def publish(client: BrokerClient, body: bytes | dict[str, Any], **properti
 # --- 4: bounded bodies, headers and integers -----------------------------------------------------------------
 
 
-async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_headers_saying_why(
-    client: BrokerClient, worker: RunningWorker
-) -> None:
+async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_headers_saying_why(scene: Scene) -> None:
     body = b'{"request_id": "huge", "padding": "' + b"x" * (MAX_BODY_BYTES + 1000) + b'"}'
-    replies = await client.reply_queue()
-    await client.publish_request(body, reply_to=replies.name, correlation_id="huge")
 
-    [reply] = await collect(replies, 1)
-    [dead] = await dead_letters(client, 1)
+    await scene.client.publish_request(body, reply_to=scene.replies.name, correlation_id="huge")
+    await scene.settled(None)  # a body this size is not read, so not even its request_id is known
+
+    left = await scene.leftovers()
+    [reply] = left.replies
+    [dead] = left.dead
 
     assert json_body(reply)["error"]["code"] == "body_too_large"
     assert len(dead.body) == DEAD_LETTER_BODY_PREFIX_BYTES
@@ -74,20 +75,18 @@ def big_headers(total_bytes: int) -> dict[str, Any]:
     return headers
 
 
-async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_other_tenants(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    reconnects = count_reconnects(worker)
-    replies = await client.reply_queue()
+async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_other_tenants(scene: Scene) -> None:
+    await scene.tenant("acme")
+    reconnects = count_reconnects(scene.running)
     # Malformed, so the worker dead-letters it: a copy with the publisher's headers plus its own.
-    await client.publish_request(b"{not json", headers=big_headers(129_000), reply_to=replies.name)
+    await scene.client.publish_request(b"{not json", headers=big_headers(129_000), reply_to=scene.replies.name)
     for n in range(5):
-        await client.publish_request(samples.request("acme", request_id=f"after-{n}"), reply_to=replies.name)
+        await scene.send(samples.request("acme", request_id=f"after-{n}"))
+    await scene.settled(None)
 
-    answered = [json_body(m) for m in await collect(replies, 6)]
-    [dead] = await dead_letters(client, 1)
+    left = await scene.leftovers()
+    answered = [json_body(m) for m in left.replies]
+    [dead] = left.dead
 
     assert sorted(r["status"] for r in answered) == ["ok"] * 5 + ["rejected"]
     assert dead.headers[Header.REASON] == "malformed"
@@ -99,21 +98,19 @@ async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_
 
 @pytest.mark.parametrize("attempts", [2**63 - 1, -(2**63), -5, True, "3", 2.5])
 async def test_attempts_header_out_of_range_or_of_the_wrong_type_never_loops_the_message(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, attempts: Any
+    scene: Scene, attempts: Any
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
-    worker.app.registry.refresh()
-    fake_openai.always = Fault("server_error")
-    reconnects = count_reconnects(worker)
-    replies = await client.reply_queue()
+    await scene.tenant("acme", policy="queue_and_retry", max_attempts=2)
+    scene.fake.always = Fault("server_error")
+    reconnects = count_reconnects(scene.running)
     # A forged x-death, as if back from the ladder: without a header key the worker believes it.
-    forged_death = [{"queue": client.topology.retry_queue(0), "reason": "expired", "count": 1}]
-    await client.publish_request(
-        samples.request("acme"), reply_to=replies.name, headers={Header.ATTEMPTS: attempts, "x-death": forged_death}
-    )
+    forged_death = [{"queue": scene.client.topology.retry_queue(0), "reason": "expired", "count": 1}]
 
-    [reply] = await collect(replies, 1)
-    [dead] = await dead_letters(client, 1)
+    await scene.send(samples.request("acme"), headers={Header.ATTEMPTS: attempts, "x-death": forged_death})
+
+    left = await scene.leftovers()
+    [reply] = left.replies
+    [dead] = left.dead
 
     assert json_body(reply)["status"] == "failed"
     assert dead.headers[Header.REASON] == "exhausted"
@@ -166,22 +163,20 @@ async def test_a_flood_of_hanging_probes_does_not_delay_another_tenants_request(
 # --- 6: closed label sets -------------------------------------------------------------------------------------
 
 
-async def test_hostile_task_values_add_no_metric_series(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
+async def test_hostile_task_values_add_no_metric_series(scene: Scene) -> None:
     from prometheus_client import generate_latest
 
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    replies = await client.reply_queue()
+    await scene.tenant("acme")
     hostile = [f"task-{uuid.uuid4().hex}" for _ in range(30)] + ["\n", 'x"}', "rca\x00"]
     for task in hostile:
-        await client.publish_request({**samples.request("acme"), "task": task}, reply_to=replies.name)
-    await client.publish_request(samples.request("acme"), reply_to=replies.name)
-    await collect(replies, len(hostile) + 1)
-    await dead_letters(client, len(hostile))
+        await scene.client.publish_request({**samples.request("acme"), "task": task}, reply_to=scene.replies.name)
+    await scene.send(samples.request("acme"))
+    for _ in hostile:
+        await scene.settled(None)
 
-    scraped = Samples(generate_latest(worker.app.metrics.registry).decode())
+    left = await scene.leftovers()
+    assert (len(left.replies), len(left.dead)) == (len(hostile) + 1, len(hostile))
+    scraped = Samples(generate_latest(scene.app.metrics.registry).decode())
     tasks = {labels["task"] for name, labels, _ in scraped.rows if "task" in labels}
     assert tasks <= {"rca", "runbook", "summary", "chat", "test_connection", "other", "none"}
     assert "other" in tasks
@@ -217,14 +212,11 @@ async def test_forged_worker_headers_on_a_fresh_publish_neither_skip_the_ladder_
     monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3)
     fake_openai.always = Fault("server_error")
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, header_key=header_key))
-    try:
-        replies = await client.reply_queue()
-        await client.publish_request(samples.request("acme"), reply_to=replies.name, headers=FORGED)
-        [reply] = await collect(replies, 1)
-        [dead] = await dead_letters(client, 1)
-    finally:
-        await running.stop()
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, header_key=header_key) as scene:
+        await scene.send(samples.request("acme"), headers=FORGED)
+        left = await scene.leftovers()
+    [reply] = left.replies
+    [dead] = left.dead
 
     assert json_body(reply)["provenance"]["attempts"] == 3
     assert len(fake_openai.requests) == 3  # every attempt of the ladder was made
@@ -255,21 +247,13 @@ async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believe
     monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
     fake_openai.always = Fault("server_error")
-    running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, header_key="env:ATLAS_TEST_HEADER_KEY")
-    )
-    try:
-        replies = await client.reply_queue()
-        await client.publish_request(samples.request("acme", request_id="first"), reply_to=replies.name)
-        [dead] = await dead_letters(client, 1)
+    key = "env:ATLAS_TEST_HEADER_KEY"
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, header_key=key) as scene:
+        await scene.send(samples.request("acme", request_id="first"))
+        [dead] = (await scene.leftovers()).dead
         stolen = {k: v for k, v in dead.headers.items() if k in (Header.ATTEMPTS, Header.SIGNATURE)}
-        await collect(replies, 1)
-        await client.publish_request(
-            samples.request("acme", request_id="second"), reply_to=replies.name, headers=stolen
-        )
-        [reply] = await collect(replies, 1)
-    finally:
-        await running.stop()
+        await scene.send(samples.request("acme", request_id="second"), headers=stolen)
+        [reply] = (await scene.leftovers()).replies
 
     assert json_body(reply)["request_id"] == "second"
     assert json_body(reply)["provenance"]["attempts"] == 2
@@ -285,9 +269,8 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     write_tenant(tenants_dir, "globex", fake_openai.base_url)
     rules = PublisherRules.parse(["guest=acme"], ["replies-*"])
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, publishers=rules))
-    try:
-        replies = await client.reply_queue()
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene:
+        replies = scene.replies
         victim = await client.channel.declare_queue(f"victim-{uuid.uuid4().hex[:8]}", exclusive=True)
         await publish(client, samples.request("acme", request_id="allowed"), user_id="guest", reply_to=replies.name)
         await publish(client, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
@@ -301,12 +284,14 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
             reply_to=victim.name,
             correlation_id="their-rpc",
         )
-        answered = {json_body(m)["request_id"]: json_body(m) for m in await collect(replies, 3)}
-        refused = await dead_letters(client, 3)
+        for request_id in ("allowed", "anonymous", "other-tenant", "injected"):
+            await scene.settled(request_id)
+        left = await scene.leftovers()
         injected = await drain_now(victim)
-    finally:
-        await running.stop()
 
+    answered = {json_body(m)["request_id"]: json_body(m) for m in left.replies}
+    refused = left.dead
+    assert len(answered) == 3
     assert answered["allowed"]["status"] == "ok"
     assert answered["anonymous"]["status"] == "rejected"
     assert answered["anonymous"]["error"]["code"] == "publisher_refused"

@@ -13,6 +13,7 @@ from tests import fixtures
 from tests.broker import BrokerClient, collect, json_body
 from tests.conftest import RunningWorker
 from tests.fakes.openai_server import FakeOpenAI
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 RCA_SCHEMA = json.loads((SCHEMA_DIR / "rca_result.schema.json").read_text())
@@ -44,8 +45,8 @@ def incidents() -> dict[str, dict[str, Any]]:
 async def test_each_sample_incident_yields_rca_runbook_and_summary(
     client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
 ) -> None:
-    write_priced_tenant(tenants_dir, fake_openai.base_url)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_priced_tenant(tenants_dir, fake_openai.base_url)
     replies = await client.reply_queue()
     sent: dict[str, tuple[str, str]] = {}
     for name, incident in incidents().items():

@@ -15,6 +15,7 @@ from tests.broker import BrokerClient, collect, drain_now
 from tests.conftest import RunningWorker, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.ops.cli import CliResult, atlas_worker
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 
@@ -65,8 +66,8 @@ async def test_list_shows_each_dead_letter_with_its_reason_and_show_masks_secret
     tenants_dir: Path,
     topology: Topology,
 ) -> None:
-    write_tenant(tenants_dir, "retrier", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "retrier", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
     fake_openai.always = Fault("server_error")
     failing = request_with_leaked_secret("retrier")
     await client.publish_request(failing, headers={"api-key": PUBLISHER_SECRET})
@@ -120,8 +121,8 @@ async def test_replay_of_one_dead_letter_is_answered_once_the_provider_is_back(
     tenants_dir: Path,
     topology: Topology,
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
     replies = await client.reply_queue()
     fake_openai.always = Fault("server_error")  # the provider outage
     outage = [samples.request("acme", "summary") for _ in range(2)]
@@ -248,8 +249,8 @@ async def test_dead_letters_are_found_by_request_id_or_a_unique_id_prefix_and_te
     tenants_dir: Path,
     topology: Topology,
 ) -> None:
-    write_tenant(tenants_dir, "retrier", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "retrier", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
     fake_openai.always = Fault("server_error")
     bodies = [samples.request("retrier", "summary") for _ in range(3)]
     for body in bodies:

@@ -11,23 +11,20 @@ import pytest
 from contracts import Header, InferenceReply, RcaResult, Status, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect, drain_now, json_body
-from tests.conftest import RunningWorker, write_tenant
-from tests.fakes.openai_server import FakeOpenAI, Fault
+from tests.fakes.openai_server import Fault
+from tests.scene import Scene
 
 pytestmark = pytest.mark.broker
 
 
-async def test_summary_request_gets_one_reply_with_same_correlation_id(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    replies = await client.reply_queue()
+async def test_summary_request_gets_one_reply_with_same_correlation_id(scene: Scene) -> None:
+    await scene.tenant("acme")
     body = samples.request("acme", "summary")
 
-    await client.publish_request(body, reply_to=replies.name, correlation_id="corr-1")
+    await scene.send(body, correlation_id="corr-1")
 
-    [message] = await collect(replies, 1)
+    left = await scene.leftovers()
+    [message] = left.replies  # one reply, and only one
     reply = InferenceReply.model_validate_json(message.body)
     assert message.correlation_id == "corr-1"
     assert reply.request_id == body["request_id"]
@@ -39,23 +36,13 @@ async def test_summary_request_gets_one_reply_with_same_correlation_id(
     assert reply.provenance.fallback_used is False
     assert reply.usage.input_tokens > 0
     # The fake saw the tenant's key and model, resolved from env: and never echoed anywhere.
-    assert fake_openai.requests[0]["model"] == "fake-model"
+    assert scene.fake.requests[0]["model"] == "fake-model"
     assert b"sk-test-fake" not in message.body
-    await asyncio.sleep(0.3)
-    assert await drain_now(replies) == []
 
 
-async def test_request_published_with_pika_is_answered(
-    amqp_url: str,
-    client: BrokerClient,
-    worker: RunningWorker,
-    fake_openai: FakeOpenAI,
-    tenants_dir: Path,
-    topology: Topology,
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    replies = await client.reply_queue()
+async def test_request_published_with_pika_is_answered(amqp_url: str, scene: Scene, topology: Topology) -> None:
+    await scene.tenant("acme")
+    replies = scene.replies
     body = samples.request("acme", "rca")
 
     def publish_with_pika() -> None:
@@ -87,38 +74,37 @@ async def test_request_published_with_pika_is_answered(
 
 
 async def test_reply_without_reply_to_goes_to_replies_queue_by_tenant_and_task(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, topology: Topology
+    scene: Scene, topology: Topology
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    observer = await client.bind_observer(topology.replies, "acme.summary")
+    await scene.tenant("acme")
+    observer = await scene.client.bind_observer(topology.replies, "acme.summary")
     body = samples.request("acme", "summary")
 
-    await client.publish_request(body)
+    await scene.send(body, reply=False)
 
-    [message] = await collect(observer, 1)
+    [message] = await drain_now(observer)
     assert message.routing_key == "acme.summary"
     assert json_body(message)["request_id"] == body["request_id"]
 
 
-async def test_malformed_message_is_dead_lettered_and_next_one_answered(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path, topology: Topology
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
-    replies = await client.reply_queue()
-    dead = await client.channel.get_queue(topology.dead)
+async def test_malformed_message_is_dead_lettered_and_next_one_answered(scene: Scene) -> None:
+    await scene.tenant("acme")
+    replies = scene.replies
 
-    await client.publish_request(b"{not json", reply_to=replies.name, correlation_id="bad-1")
-    await client.publish_request(
+    await scene.client.publish_request(b"{not json", reply_to=replies.name, correlation_id="bad-1")
+    await scene.client.publish_request(
         {"request_id": "r-unknown-task", "tenant_id": "acme", "task": "poem"},
         reply_to=replies.name,
         correlation_id="bad-2",
     )
     good = samples.request("acme", "summary")
-    await client.publish_request(good, reply_to=replies.name, correlation_id="good")
+    await scene.send(good, correlation_id="good")
+    for _ in range(2):
+        await scene.settled(None)
 
-    messages = {m.correlation_id: m for m in await collect(replies, 3)}
+    left = await scene.leftovers()
+    messages = {m.correlation_id: m for m in left.replies}
+    assert len(left.replies) == 3
     assert json_body(messages["bad-1"])["status"] == "rejected"
     assert json_body(messages["bad-1"])["error"]["code"] == "invalid_json"
     assert json_body(messages["bad-2"])["status"] == "rejected"
@@ -126,7 +112,8 @@ async def test_malformed_message_is_dead_lettered_and_next_one_answered(
     assert json_body(messages["bad-2"])["request_id"] == "r-unknown-task"
     assert json_body(messages["good"])["status"] == "ok"
 
-    dead_letters = await collect(dead, 2)
+    dead_letters = left.dead
+    assert len(dead_letters) == 2
     by_body = {m.body: m for m in dead_letters}
     assert by_body[b"{not json"].headers[Header.REASON] == "malformed"
     assert by_body[b"{not json"].headers[Header.ERROR_CODE] == "invalid_json"
@@ -135,22 +122,19 @@ async def test_malformed_message_is_dead_lettered_and_next_one_answered(
     assert "task" in str(unknown.headers[Header.ERROR_MESSAGE])
 
 
-async def test_tenant_without_config_is_rerouted_to_atlas_cloud_unchanged(
-    client: BrokerClient, worker: RunningWorker, topology: Topology
-) -> None:
-    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    replies = await client.reply_queue()
+async def test_tenant_without_config_is_rerouted_to_atlas_cloud_unchanged(scene: Scene) -> None:
     raw = orjson.dumps(samples.request("globex", "rca"))
 
-    await client.publish_request(raw, reply_to=replies.name, correlation_id="c-globex")
+    await scene.send(raw, correlation_id="c-globex")
 
-    [message] = await collect(cloud, 1)
+    left = await scene.leftovers()
+    [message] = left.cloud
     assert message.body == raw
-    assert message.reply_to == replies.name
+    assert message.reply_to == scene.replies.name
     assert message.correlation_id == "c-globex"
     assert message.headers[Header.REASON] == "no_byoc_config"
     assert message.headers[Header.REROUTED_FROM_TENANT] == "globex"
-    assert await drain_now(replies) == []
+    assert left.replies == []
 
 
 async def test_unroutable_reroute_is_dead_lettered_with_reason(
@@ -173,37 +157,31 @@ async def test_unroutable_reroute_is_dead_lettered_with_reason(
         await running.stop()
 
 
-async def test_fail_closed_tenant_gets_unavailable_and_nothing_leaves(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed")
-    worker.app.registry.refresh()
-    fake_openai.always = Fault("server_error")
-    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    replies = await client.reply_queue()
+async def test_fail_closed_tenant_gets_unavailable_and_nothing_leaves(scene: Scene) -> None:
+    await scene.tenant("acme", policy="fail_closed")
+    scene.fake.always = Fault("server_error")
 
-    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
+    await scene.send(samples.request("acme", "summary"))
 
-    [message] = await collect(replies, 1)
+    left = await scene.leftovers()
+    [message] = left.replies
     reply = json_body(message)
     assert reply["status"] == "unavailable"
     assert reply["error"]["error_class"] == "transient"
     assert "503" in reply["error"]["message"]
-    await asyncio.sleep(0.3)
-    assert await drain_now(cloud) == []
+    assert left.cloud == []
 
 
-async def test_unique_request_ids_each_get_exactly_one_reply_under_concurrency(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, max_concurrency=64)
-    worker.app.registry.refresh()
-    fake_openai.latency_s = 0.05
-    replies = await client.reply_queue()
+async def test_unique_request_ids_each_get_exactly_one_reply_under_concurrency(scene: Scene) -> None:
+    await scene.tenant("acme", max_concurrency=64)
+    scene.fake.latency_s = 0.05
     ids = [f"bulk-{uuid.uuid4().hex[:8]}" for _ in range(100)]
 
     for request_id in ids:
-        await client.publish_request(samples.request("acme", "summary", request_id=request_id), reply_to=replies.name)
+        body = samples.request("acme", "summary", request_id=request_id)
+        await scene.client.publish_request(body, reply_to=scene.replies.name)
+    for request_id in ids:
+        await scene.settled(request_id, timeout_s=60)
 
-    received = [json_body(m)["request_id"] for m in await collect(replies, len(ids), timeout_s=60)]
+    received = [json_body(m)["request_id"] for m in (await scene.leftovers()).replies]
     assert sorted(received) == sorted(ids)

@@ -15,6 +15,7 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.fixtures import VertexFake, fake_vertex  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
+from tests.scene import tenants_reloaded
 from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
 
@@ -56,10 +57,10 @@ async def test_a_401_body_quoting_the_key_reaches_no_reply_header_or_dlq_output(
 ) -> None:
     fake_openai.quote_refused_key = True
     monkeypatch.setenv("ATLAS_TEST_WRONG_KEY", WRONG_KEY)
-    write_tenant(
-        tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", api_key="env:ATLAS_TEST_WRONG_KEY"
-    )
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(
+            tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", api_key="env:ATLAS_TEST_WRONG_KEY"
+        )
 
     reply, raw = await ask(client, samples.request("acme", "summary"))
 
@@ -99,9 +100,9 @@ async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
     configure_logging("info", cache=False)  # the worker's own JSON lines, written to the captured stderr
     fake_openai.api_key = None  # the URL's own credentials are the only ones: no bearer key beside them
     with_password = fake_openai.base_url.replace("://", f"://svc:{URL_PASSWORD}@")
-    write_tenant(tenants_dir, "pw", with_password, api_key=None)
-    write_tenant(tenants_dir, "qk", f"{fake_openai.base_url}?api-key={URL_KEY}", api_key=None)
-    breaking_worker.app.registry.refresh()
+    async with tenants_reloaded(breaking_worker.app):
+        write_tenant(tenants_dir, "pw", with_password, api_key=None)
+        write_tenant(tenants_dir, "qk", f"{fake_openai.base_url}?api-key={URL_KEY}", api_key=None)
     fake_openai.always = Fault("server_error")
 
     first, first_raw = await ask(client, samples.request("pw", "summary"))  # 503: the breaker opens
@@ -128,8 +129,8 @@ async def test_a_password_in_the_url_beside_an_api_key_is_a_config_error_that_na
     client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
 ) -> None:
     with_password = fake_openai.base_url.replace("://", f"://svc:{URL_PASSWORD}@")
-    write_tenant(tenants_dir, "both", with_password, api_key="env:TEST_FAKE_OPENAI_KEY")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "both", with_password, api_key="env:TEST_FAKE_OPENAI_KEY")
 
     reply, raw = await ask(client, samples.request("both", "summary"))
 
@@ -195,8 +196,8 @@ async def test_stored_tenant_with_an_unset_variable_is_not_reported_reachable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("ATLAS_TEST_UNSET_KEY", raising=False)
-    write_tenant(tenants_dir, "acme", fake_openai.base_url, api_key="env:ATLAS_TEST_UNSET_KEY")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url, api_key="env:ATLAS_TEST_UNSET_KEY")
 
     reply, _ = await ask(client, {"request_id": "tc-acme", "tenant_id": "acme", "task": "test_connection"})
 

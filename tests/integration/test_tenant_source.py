@@ -1,12 +1,10 @@
 """A missing or broken tenant source never reroutes a tenant: the worker stops consuming, keeps last-good configs,
 quarantines bad files, and says so — observed on the broker, through the CLI and on /readyz."""
 
-import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,10 @@ import pytest
 from contracts import InferenceReply, Status, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect, drain_now
-from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.conftest import start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI
 from tests.ops.scrape import free_port, get_json, scrape
+from tests.scene import Scene, tenants_reloaded, until
 from worker.tenants import NO_TENANTS_MARKER
 
 pytestmark = pytest.mark.broker
@@ -31,14 +30,6 @@ def run_cli(*argv: str, env: dict[str, str] | None = None) -> subprocess.Complet
         check=False,
         env={**os.environ, **(env or {})},
     )
-
-
-async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    """Wait until `condition()` holds (polling the worker's own state, not sleeping to prove absence)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def test_run_with_a_wrong_tenants_directory_refuses_to_start_in_one_line(tmp_path: Path, amqp_url: str) -> None:
@@ -98,66 +89,61 @@ async def test_directory_removed_mid_run_pauses_consumption_and_nothing_reaches_
         await running.stop()
 
 
-async def test_a_non_utf8_file_quarantines_its_tenant_and_later_edits_still_load(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    path = write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="atlas_cloud")
-    path.write_bytes(path.read_bytes().replace(b"fake-model", b"fake-mod\xe8le"))
-    await until(lambda: worker.app.registry.problems("acme") is not None)
-    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    replies = await client.reply_queue()
+async def test_a_non_utf8_file_quarantines_its_tenant_and_later_edits_still_load(scene: Scene) -> None:
+    async with tenants_reloaded(scene.app):
+        path = write_tenant(scene.tenants_dir, "acme", scene.fake.base_url, policy="atlas_cloud")
+        path.write_bytes(path.read_bytes().replace(b"fake-model", b"fake-mod\xe8le"))
+    assert scene.app.registry.problems("acme") is not None
 
-    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
-    [message] = await collect(replies, 1)
+    await scene.send(samples.request("acme", "summary"))
+
+    left = await scene.leftovers()
+    [message] = left.replies
     reply = InferenceReply.model_validate_json(message.body)
     assert reply.status is Status.FAILED
     assert reply.error is not None
     assert reply.error.code == "tenant_config_invalid"
     assert "UTF-8" in reply.error.message
-    assert await drain_now(cloud) == []
+    assert left.cloud == []
 
     # The watcher is alive: a new tenant and the fixed file load.
-    write_tenant(tenants_dir, "globex", fake_openai.base_url)
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    await until(lambda: worker.app.registry.get("globex") is not None and worker.app.registry.get("acme") is not None)
-    assert worker.app.tenants_watched
+    async with tenants_reloaded(scene.app):
+        write_tenant(scene.tenants_dir, "globex", scene.fake.base_url)
+        write_tenant(scene.tenants_dir, "acme", scene.fake.base_url)
+    assert scene.app.registry.get("globex") is not None
+    assert scene.app.registry.get("acme") is not None
+    assert scene.app.tenants_watched
 
 
-async def test_a_misspelled_key_quarantines_the_tenant_and_validate_names_the_fix(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    path = write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry")
-    path.write_text(path.read_text().replace("[fallback]", "[fallbak]"))
-    await until(lambda: worker.app.registry.problems("acme") is not None)
+async def test_a_misspelled_key_quarantines_the_tenant_and_validate_names_the_fix(scene: Scene) -> None:
+    async with tenants_reloaded(scene.app):
+        path = write_tenant(scene.tenants_dir, "acme", scene.fake.base_url, policy="queue_and_retry")
+        path.write_text(path.read_text().replace("[fallback]", "[fallbak]"))
+    assert scene.app.registry.problems("acme") is not None
 
     done = run_cli("tenants", "validate", str(path))
     assert done.returncode == 1
     assert "fallbak: unknown key; did you mean 'fallback'?" in done.stdout
 
-    replies = await client.reply_queue()
-    await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
-    [message] = await collect(replies, 1)
+    await scene.send(samples.request("acme", "summary"))
+    [message] = (await scene.leftovers()).replies
     assert InferenceReply.model_validate_json(message.body).error.code == "tenant_config_invalid"  # type: ignore[union-attr]
 
 
-async def test_a_tenant_id_differing_only_in_case_is_rejected_not_rerouted(
-    client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    await until(lambda: worker.app.registry.get("acme") is not None)
-    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    replies = await client.reply_queue()
+async def test_a_tenant_id_differing_only_in_case_is_rejected_not_rerouted(scene: Scene) -> None:
+    await scene.tenant("acme")
 
-    await client.publish_request(samples.request("ACME", "summary"), reply_to=replies.name)
+    await scene.send(samples.request("ACME", "summary"))
 
-    [message] = await collect(replies, 1)
+    left = await scene.leftovers()
+    [message] = left.replies
     reply = InferenceReply.model_validate_json(message.body)
     assert reply.status is Status.REJECTED
     assert reply.error is not None
     assert reply.error.code == "tenant_id_case_mismatch"
     assert "'acme'" in reply.error.message
-    assert await drain_now(cloud) == []
-    assert fake_openai.requests == []
+    assert left.cloud == []
+    assert scene.fake.requests == []
 
 
 def test_tenants_validate_reports_references_without_values_and_speaks_json(tmp_path: Path) -> None:

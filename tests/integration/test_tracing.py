@@ -18,6 +18,7 @@ from tests.conftest import RunningWorker, start_worker, worker_settings, write_t
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.fakes.otlp_receiver import OtlpReceiver
 from tests.ops.scrape import free_port, scrape
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 
@@ -215,8 +216,8 @@ async def test_request_retried_twice_is_three_linked_deliveries_in_one_trace(
 async def test_tracing_off_reply_still_carries_the_callers_trace_context(
     client: BrokerClient, worker: RunningWorker, fake_openai: FakeOpenAI, tenants_dir: Path
 ) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_tenant(tenants_dir, "acme", fake_openai.base_url)
     upstream = Upstream()
     replies = await client.reply_queue()
 

@@ -1,6 +1,5 @@
 """Test Connection as a request on the queue: stored and draft configs, and the drafts the worker refuses."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -8,13 +7,14 @@ from typing import Any
 import pytest
 
 from contracts import InferenceReply, Status, Topology
-from tests.broker import BrokerClient, collect, drain_now
+from tests.broker import BrokerClient, collect
 from tests.conftest import RunningWorker, start_worker, worker_settings
 from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.fixtures import AWS_KEY_ID, AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, write_provider_tenant
 from tests.fakes.hostile_server import HostileServer, redirect
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
+from tests.scene import Scene, open_scene, tenants_reloaded
 
 pytestmark = pytest.mark.broker
 # The fakes listen on loopback, which drafts from messages may reach only where the operator allows it.
@@ -26,6 +26,15 @@ async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncI
     running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=LOOPBACK))
     yield running
     await running.stop()
+
+
+@pytest.fixture
+async def scene(
+    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
+) -> AsyncIterator[Scene]:
+    """The scene on a worker that lets drafts reach the loopback fakes."""
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, allow_draft_cidrs=LOOPBACK) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -52,8 +61,8 @@ async def ask(client: BrokerClient, body: dict[str, Any]) -> tuple[InferenceRepl
 async def test_stored_config_is_tested_and_reported_on_the_reply_queue(
     client: BrokerClient, worker: RunningWorker, fake_ollama: FakeOllama, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    write_provider_tenant(tenants_dir, "acme", "ollama", fake_ollama.base_url, tmp_path / "unused.json")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(tenants_dir, "acme", "ollama", fake_ollama.base_url, tmp_path / "unused.json")
 
     reply, _ = await ask(client, connection_request("acme"))
 
@@ -111,18 +120,16 @@ def drafts(
 @pytest.mark.parametrize("kind", ["azure_openai", "bedrock", "vertex", "ollama", "openai_compatible"])
 async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rerouting(
     kind: str,
-    client: BrokerClient,
-    worker: RunningWorker,
+    scene: Scene,
     fake_azure: FakeAzureOpenAI,
     fake_aws: AwsFakes,
     fake_vertex: VertexFake,
     fake_ollama: FakeOllama,
-    fake_openai: FakeOpenAI,
 ) -> None:
-    cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
-    draft = drafts(fake_azure, fake_aws, fake_vertex, fake_ollama, fake_openai)[kind]
+    draft = drafts(fake_azure, fake_aws, fake_vertex, fake_ollama, scene.fake)[kind]
 
-    reply, raw = await ask(client, connection_request("newco", draft))  # newco has no stored config yet
+    reply, raw = await ask(scene.client, connection_request("newco", draft))  # newco has no stored config yet
+    await scene.settled("tc-newco")
 
     assert reply.status is Status.OK
     assert reply.result is not None
@@ -132,8 +139,7 @@ async def test_draft_with_literal_secrets_is_tested_without_echoing_them_or_rero
     assert reply.result.connection.structured_output == "schema"
     for secret in (AZURE_KEY, AWS_SECRET, "PRIVATE KEY", "sk-test-fake"):
         assert secret.encode() not in raw
-    await asyncio.sleep(0.2)
-    assert await drain_now(cloud) == []
+    assert (await scene.leftovers()).cloud == []
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from tests.fakes.common import Fault
 from tests.fakes.fixtures import AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, write_provider_tenant
 from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
+from tests.scene import tenants_reloaded
 
 pytestmark = pytest.mark.broker
 KINDS = ["azure_openai", "bedrock", "vertex", "ollama", "openai_compatible"]
@@ -47,8 +48,8 @@ async def test_rca_and_runbook_are_answered_through_each_provider(
     tmp_path: Path,
     fake_vertex: VertexFake,
 ) -> None:
-    write_provider_tenant(tenants_dir, "acme", kind, urls[kind], tmp_path / "vertex-key.json")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(tenants_dir, "acme", kind, urls[kind], tmp_path / "vertex-key.json")
     replies = await client.reply_queue()
     rca, runbook = samples.request("acme", "rca"), samples.request("acme", "runbook")
 
@@ -94,8 +95,8 @@ async def test_truncated_rca_fails_and_is_never_passed_on_as_a_result(
         "ollama": fake_ollama.faults,
     }[kind]
     faults.always = Fault("truncated")
-    write_provider_tenant(tenants_dir, "acme", kind, urls[kind], tmp_path / "vertex-key.json")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(tenants_dir, "acme", kind, urls[kind], tmp_path / "vertex-key.json")
     replies = await client.reply_queue()
 
     await client.publish_request(samples.request("acme", "rca"), reply_to=replies.name)
@@ -117,8 +118,8 @@ async def test_throttled_bedrock_tenant_with_fail_closed_gets_unavailable_with_t
     fake_aws: AwsFakes,
 ) -> None:
     fake_aws.bedrock.faults.always = Fault("rate_limit", 3)
-    write_provider_tenant(tenants_dir, "acme", "bedrock", urls["bedrock"], tmp_path / "vertex-key.json")
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(tenants_dir, "acme", "bedrock", urls["bedrock"], tmp_path / "vertex-key.json")
     replies = await client.reply_queue()
 
     await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
@@ -135,10 +136,10 @@ async def test_throttled_bedrock_tenant_with_fail_closed_gets_unavailable_with_t
 async def test_vertex_tenant_on_a_palm_model_is_quarantined_and_told_to_move_to_gemini(
     urls: dict[str, str], client: BrokerClient, worker: RunningWorker, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    write_provider_tenant(
-        tenants_dir, "acme", "vertex", urls["vertex"], tmp_path / "vertex-key.json", model='"chat-bison@002"'
-    )
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(
+            tenants_dir, "acme", "vertex", urls["vertex"], tmp_path / "vertex-key.json", model='"chat-bison@002"'
+        )
     replies = await client.reply_queue()
 
     await client.publish_request(samples.request("acme", "summary"), reply_to=replies.name)
@@ -154,10 +155,10 @@ async def test_vertex_tenant_on_a_palm_model_is_quarantined_and_told_to_move_to_
 async def test_azure_tenant_on_a_retired_api_version_is_quarantined_not_rerouted(
     urls: dict[str, str], client: BrokerClient, worker: RunningWorker, tenants_dir: Path, tmp_path: Path
 ) -> None:
-    write_provider_tenant(
-        tenants_dir, "acme", "azure_openai", urls["azure_openai"], tmp_path / "k", api_version='"2023-05-15"'
-    )
-    worker.app.registry.refresh()
+    async with tenants_reloaded(worker.app):
+        write_provider_tenant(
+            tenants_dir, "acme", "azure_openai", urls["azure_openai"], tmp_path / "k", api_version='"2023-05-15"'
+        )
     cloud = await client.bind_observer(worker.app.settings.atlas_cloud_exchange)
     replies = await client.reply_queue()
 

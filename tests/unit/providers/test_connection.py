@@ -164,9 +164,11 @@ async def test_ollama_model_without_tools_capability_is_reported(
     assert ConnectionReport.model_validate_json(out).tool_calling == "no"
 
 
-async def test_unreachable_endpoint_says_check_the_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # Port 9 (discard) on loopback: nothing listens there.
-    code, out = await run_cli("--config", str(draft(tmp_path, "ollama", "http://127.0.0.1:9")), "--json", capsys=capsys)
+async def test_unreachable_endpoint_says_check_the_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], closed_port: int
+) -> None:
+    url = f"http://127.0.0.1:{closed_port}"
+    code, out = await run_cli("--config", str(draft(tmp_path, "ollama", url)), "--json", capsys=capsys)
 
     report = ConnectionReport.model_validate_json(out)
     assert code == 1
