@@ -45,6 +45,9 @@ class InstantProvider:
     def model(self) -> str:
         return "instant"
 
+    async def aclose(self) -> None:
+        pass
+
     async def complete(self, call: ModelCall) -> ModelResult:
         return ModelResult(ANSWER, Finish.STOP, input_tokens=612, output_tokens=31, model="instant")
 

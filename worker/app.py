@@ -6,7 +6,6 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
-import aiohttp
 import structlog
 from opentelemetry.trace import TracerProvider
 
@@ -173,7 +172,9 @@ class WorkerApp:
 
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
             channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
-            self.consumer = self._consumer(channels, session, tracing, header_key)
+            providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
+            stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
+            self.consumer = self._consumer(channels, providers, tracing, header_key)
             await self.consumer.start()
             watcher = asyncio.create_task(self._watch_tenants())
             watcher.add_done_callback(_report_watch_end)
@@ -219,11 +220,10 @@ class WorkerApp:
         return Router(self.registry, Handler(providers, self.settings.ladder, tracing), test_connection)
 
     def _consumer(
-        self, channels: WorkerChannels, session: aiohttp.ClientSession, tracing: Tracing, header_key: bytes | None
+        self, channels: WorkerChannels, providers: ProviderPool, tracing: Tracing, header_key: bytes | None
     ) -> Consumer:
         """The message path, wired: consumer → handler → providers, and the settler behind them."""
         settings = self.settings
-        providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
         handler = self._router(providers, tracing)
         settler = Settler(
             channels.publish,

@@ -13,7 +13,7 @@ through here; nothing else masks secrets.
 
 import re
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
 import orjson
@@ -154,10 +154,10 @@ def redact_provider_text(text: str) -> str:
 def redact(value: Any, field: str = "") -> Any:
     """A copy of a JSON-like value with secrets masked. Strings under a secret-looking field name are masked
     whole; counters such as `input_tokens` stay readable because only strings are masked by name."""
-    if isinstance(value, dict):
-        return {key: redact(item, str(key)) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(item, field) for item in value]
+    return _copy_leaves(value, field, _redact_leaf)[0]
+
+
+def _redact_leaf(value: Any, field: str) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
@@ -165,6 +165,27 @@ def redact(value: Any, field: str = "") -> Any:
             return MASK
         return redact_text(value)
     return value
+
+
+def _copy_leaves(value: Any, field: str, leaf: Callable[[Any, str], Any]) -> tuple[Any, bool]:
+    """A copy of a JSON-like tree with `leaf(value, field name)` applied to everything that is not a dict or a
+    list, and whether any leaf changed. A loop with its own stack, not recursion: a publisher chooses how deep
+    its body is nested, and the copy must not run out of the interpreter's stack on the way."""
+    root: list[Any] = [None]
+    changed = False
+    pending: list[tuple[Any, str, Any, Any]] = [(value, field, root, 0)]
+    while pending:
+        item, name, parent, slot = pending.pop()
+        if isinstance(item, dict):
+            parent[slot] = mapping = dict.fromkeys(item)
+            pending.extend((child, str(key), mapping, key) for key, child in item.items())
+        elif isinstance(item, list | tuple):
+            parent[slot] = sequence = [None] * len(item)
+            pending.extend((child, name, sequence, index) for index, child in enumerate(item))
+        else:
+            parent[slot] = masked = leaf(item, name)
+            changed = changed or (masked is not item and masked != item)
+    return root[0], changed
 
 
 def redact_body(body: bytes) -> bytes | None:
@@ -179,8 +200,9 @@ def redact_body(body: bytes) -> bytes | None:
     except orjson.JSONDecodeError:
         data = None
     if isinstance(data, dict):
-        masked = {key: redact(item) if key == "provider" else _strip_secrets(item) for key, item in data.items()}
-        return orjson.dumps(masked) if masked != data else None
+        masked_json = _masked_json(data)
+        if masked_json is not _TOO_DEEP_TO_WRITE:
+            return masked_json
     try:
         text, encoding = body.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
@@ -189,15 +211,35 @@ def redact_body(body: bytes) -> bytes | None:
     return stripped.encode(encoding, "replace") if stripped != text else None
 
 
-def _strip_secrets(value: Any) -> Any:
-    """Known secret values and PEM blocks masked in every string of a JSON-like value, nothing else."""
-    if isinstance(value, dict):
-        return {key: _strip_secrets(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_strip_secrets(item) for item in value]
-    if isinstance(value, str):
-        return PEM_BLOCK.sub(PEM_MASKED, known_secrets.scrub(value))
-    return value
+_TOO_DEEP_TO_WRITE = b""
+
+
+def _masked_json(data: dict[str, Any]) -> bytes | None:
+    """The masked object as JSON, None when nothing was masked, or `_TOO_DEEP_TO_WRITE` when the JSON writer
+    refuses its depth (orjson reads 1,024 levels but writes 255): then the body is masked as text instead."""
+    masked: dict[str, Any] = {}
+    changed = False
+    for key, item in data.items():
+        if key == "provider":
+            masked[key], item_changed = _copy_leaves(item, "", _redact_leaf)
+        else:
+            masked[key], item_changed = _copy_leaves(item, key, _strip_leaf)
+        changed = changed or item_changed
+    if not changed:
+        return None
+    try:
+        return orjson.dumps(masked)
+    except orjson.JSONEncodeError:
+        return _TOO_DEEP_TO_WRITE
+
+
+def _strip_leaf(value: Any, field: str) -> Any:
+    return _strip_secrets(value) if isinstance(value, str) else value
+
+
+def _strip_secrets(text: str) -> str:
+    """Known secret values and PEM blocks masked in a text, nothing else."""
+    return PEM_BLOCK.sub(PEM_MASKED, known_secrets.scrub(text))
 
 
 def redact_log_event(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:

@@ -182,6 +182,9 @@ class Failing:
     def __init__(self, error_class: ErrorClass, code: str) -> None:
         self.error = ProviderError(error_class, "boom", code=code)
 
+    async def aclose(self) -> None:
+        pass
+
     async def complete(self, call: ModelCall) -> ModelResult:
         raise self.error
 

@@ -12,6 +12,7 @@ from worker.redaction import (
     MASK,
     KnownSecrets,
     known_secrets,
+    redact,
     redact_body,
     redact_provider_text,
     redact_text,
@@ -156,3 +157,29 @@ def test_log_lines_carry_no_secret_whoever_wrote_them(
     for secret in ("pa55word", "qk-123456", '"plain"', "opaque-tenant-key-77", KEY_MATERIAL):
         assert secret not in out
     assert "circuit_open" in out
+
+
+@pytest.mark.parametrize("depth", [50, 600, 1000, 1023, 5000])
+def test_a_body_nested_as_deep_as_a_publisher_likes_is_masked_without_running_out_of_stack(depth: int) -> None:
+    # orjson parses up to 1,024 levels; Python's own stack gives out near 1,000 frames, and a walk that recurses
+    # would fail the settle of the very dead letter this body belongs to, and put it back on the queue for ever.
+    deep = b'{"k":' * depth + orjson.dumps(PRIVATE_KEY) + b"}" * depth
+    body = b'{"request_id": "r", "incident": ' + deep + b"}"
+
+    masked = redact_body(body)
+
+    assert masked is not None
+    assert KEY_MATERIAL.encode() not in masked
+    assert redact_body(body.replace(orjson.dumps(PRIVATE_KEY), b'"leaf"')) is None
+
+
+def test_a_log_event_nested_deeper_than_the_stack_is_masked() -> None:
+    value: object = {"api_key": "literal-key-value-1234"}
+    for _ in range(3000):
+        value = {"k": [value]}
+
+    masked = redact(value)
+
+    for _ in range(3000):
+        masked = masked["k"][0]
+    assert masked == {"api_key": MASK}

@@ -6,13 +6,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
-import orjson
-
 from contracts import ConnectionReport
 from contracts.tenant import ProviderSettings
 from worker.providers.base import Provider
 from worker.providers.egress import EgressPolicy, egress_session
-from worker.providers.pool import ProviderPool
+from worker.providers.pool import build_provider, endpoints
 from worker.secrets import is_reference
 from worker.tenants import secret_fields
 
@@ -46,36 +44,11 @@ def refuse_secret_references(settings: ProviderSettings) -> None:
         )
 
 
-def endpoints_of(settings: ProviderSettings) -> list[str]:
-    """Every URL the worker would contact for this configuration."""
-    match settings.kind:
-        case "openai_compatible" | "ollama":
-            return [settings.base_url]
-        case "azure_openai":
-            return [settings.endpoint]
-        case "bedrock":
-            urls = [settings.endpoint_url or f"https://bedrock-runtime.{settings.region}.amazonaws.com"]
-            if settings.role_arn:
-                urls.append(settings.sts_endpoint_url or f"https://sts.{settings.region}.amazonaws.com")
-            return urls
-        case "vertex":
-            host = f"{settings.location}-aiplatform.googleapis.com"
-            urls = [settings.base_url or f"https://{host}"]
-            try:
-                key = orjson.loads(settings.service_account.get_secret_value())
-            except orjson.JSONDecodeError:
-                key = None
-            if isinstance(key, dict) and isinstance(key.get("token_uri"), str):
-                urls.append(key["token_uri"])  # google-auth posts the signed assertion here
-            return urls
-    raise AssertionError(settings)
-
-
 async def refuse_unsafe_endpoints(settings: ProviderSettings, policy: EgressPolicy) -> None:
     """Refuse now, with a clear reason, a configuration whose endpoints the egress policy would refuse at connect
     time anyway (the connection-level check is what holds; this one only makes the answer readable)."""
     loop = asyncio.get_running_loop()
-    for url in endpoints_of(settings):
+    for url in endpoints(settings):
         parts = urlsplit(url)
         host = (parts.hostname or "").rstrip(".").lower()
         if parts.scheme not in ("http", "https") or not host:
@@ -98,4 +71,4 @@ async def with_guarded_session(
 ) -> ConnectionReport:
     """Runs `run` with providers whose every connection goes through `policy` (for configs from messages)."""
     async with egress_session(policy) as session:
-        return await run(ProviderPool(session).build)
+        return await run(lambda settings: build_provider(settings, session))

@@ -7,7 +7,6 @@ what to fix. Secrets are resolved first: one that cannot be is its own failed ch
 `reachable` is claimed only when the provider answered. Reports never hold secrets (`worker.redaction`).
 """
 
-import asyncio
 import re
 import time
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from contracts.messages import ContextWindowSource, StructuredOutputSupport, Too
 from contracts.tenant import ProviderSettings
 from worker.connection_check.guard import (
     Builder,
-    endpoints_of,
     refuse_secret_references,
     refuse_unsafe_endpoints,
     with_guarded_session,
@@ -47,7 +45,9 @@ from worker.providers.base import (
     Turn,
     structured_output_mode,
 )
+from worker.providers.bounded import within
 from worker.providers.egress import EgressPolicy
+from worker.providers.pool import endpoints
 from worker.redaction import redact, redact_url
 from worker.secrets import SecretUnresolved, resolve_secret
 from worker.tenants import secret_fields
@@ -153,12 +153,7 @@ def _sample_rca(settings: ProviderSettings, timeout_s: float) -> tuple[Inference
 async def _call(provider: Provider, call: ModelCall) -> tuple[ModelResult, float]:
     started = time.monotonic()
     try:
-        async with asyncio.timeout(call.timeout_s):
-            result = await provider.complete(call)
-    except TimeoutError:
-        raise ProviderError(
-            ErrorClass.TRANSIENT, f"{provider.kind} did not answer within {call.timeout_s:g}s", code="timeout"
-        ) from None
+        result = await within(call.timeout_s, provider.endpoint, provider.complete(call))
     except ProviderError:
         raise
     except Exception as exc:
@@ -221,7 +216,7 @@ async def _describe(provider: Provider, timeout_s: float) -> ModelInfo:
     if not isinstance(provider, Describable):
         return ModelInfo()
     try:
-        return await provider.describe(timeout_s)
+        return await within(timeout_s, provider.endpoint, provider.describe())
     except Exception:  # discovery is a bonus; the model calls already said what matters
         return ModelInfo()
 
@@ -321,7 +316,7 @@ def _unbuilt_report(settings: ProviderSettings, checks: list[RequirementCheck]) 
     model = next((getattr(settings, n) for n in ("model", "deployment", "model_id") if hasattr(settings, n)), "")
     return ConnectionReport(
         provider_kind=settings.kind,
-        endpoint=redact_url(endpoints_of(settings)[0]),
+        endpoint=redact_url(endpoints(settings)[0]),
         model=str(model),
         reachable=False,
         verdict="not_ready",
@@ -372,7 +367,10 @@ async def check_connection(
             requirement="connection", status="fail", message=exc.message, fix=fix_for(settings.kind, exc)
         )
         return scrubbed(_unbuilt_report(settings, [check]))
-    return scrubbed(await probe_provider(provider, settings, timeout_s))
+    try:
+        return scrubbed(await probe_provider(provider, settings, timeout_s))
+    finally:
+        await provider.aclose()
 
 
 async def check_draft_from_message(

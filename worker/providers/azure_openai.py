@@ -11,8 +11,8 @@ from contracts import AzureOpenAISettings
 from contracts.tenant import OLDEST_AZURE_API_VERSION, azure_api_version_key
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, StructuredOutputMode
+from worker.providers.chat_completions import chat_body, parse_chat_response
 from worker.providers.http import classify_status, error_text, json_object, send_json
-from worker.providers.openai_compatible import chat_body, parse_chat_response
 from worker.redaction import redact_url
 from worker.secrets import resolve_secret
 
@@ -69,6 +69,18 @@ def _filtered_categories(result: Any) -> list[str]:
     return sorted(name for name, verdict in result.items() if isinstance(verdict, dict) and verdict.get("filtered"))
 
 
+def endpoints(settings: AzureOpenAISettings) -> list[str]:
+    """The resource endpoint; the deployment's chat URL lies under it."""
+    return [settings.endpoint]
+
+
+def chat_url(settings: AzureOpenAISettings) -> str:
+    return (
+        f"{settings.endpoint.rstrip('/')}/openai/deployments/{quote(settings.deployment, safe='')}/chat/completions"
+        f"?api-version={quote(settings.api_version, safe='')}"
+    )
+
+
 class AzureOpenAIProvider:
     """Calls `{endpoint}/openai/deployments/{deployment}/chat/completions?api-version=…`."""
 
@@ -84,12 +96,8 @@ class AzureOpenAIProvider:
             )
         self._settings = settings
         self._session = session
-        base = settings.endpoint.rstrip("/")
-        self._url = (
-            f"{base}/openai/deployments/{quote(settings.deployment, safe='')}/chat/completions"
-            f"?api-version={quote(settings.api_version, safe='')}"
-        )
-        self._who = f"Azure OpenAI ({urlsplit(base).hostname}, deployment {settings.deployment})"
+        self._url = chat_url(settings)
+        self._who = f"Azure OpenAI ({urlsplit(settings.endpoint).hostname}, deployment {settings.deployment})"
 
     @property
     def endpoint(self) -> str:
@@ -98,6 +106,9 @@ class AzureOpenAIProvider:
     @property
     def model(self) -> str:
         return self._settings.deployment
+
+    async def aclose(self) -> None:
+        """Nothing of its own to release: connections belong to the shared session."""
 
     @property
     def structured_output(self) -> StructuredOutputMode:
@@ -123,7 +134,6 @@ class AzureOpenAIProvider:
             self._url,
             body=self.body(call),
             headers=headers,
-            timeout_s=call.timeout_s,
             who=self._who,
             classify=classify_azure,
         )

@@ -82,7 +82,13 @@ class Provider(Protocol):
     @property
     def model(self) -> str: ...
 
-    async def complete(self, call: ModelCall) -> ModelResult: ...
+    async def complete(self, call: ModelCall) -> ModelResult:
+        """One model call, not bounded in time here: `worker.providers.bounded` applies the call's timeout."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the provider holds (SDK clients); the shared HTTP session belongs to its owner."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +105,9 @@ class ModelInfo:
 class Describable(Protocol):
     """Optional: a provider that can describe its model (context window, capabilities) cheaply."""
 
-    async def describe(self, timeout_s: float) -> ModelInfo: ...
+    async def describe(self) -> ModelInfo:
+        """Not bounded in time here either: the caller bounds it (`worker.providers.bounded.within`)."""
+        ...
 
 
 # How a provider delivers `ModelCall.output_schema`: a constrained schema, plain JSON mode, or only the prompt.

@@ -1,7 +1,9 @@
 """AWS Bedrock Runtime through the Converse API (aioboto3): static keys or an assumed role, per-family features."""
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -9,6 +11,7 @@ from typing import Any, Literal
 import aioboto3
 import aiohttp
 import orjson
+import structlog
 from aiobotocore.config import AioConfig
 from aiobotocore.httpsession import AIOHTTPSession
 from botocore.exceptions import (
@@ -29,6 +32,8 @@ from worker.providers.egress import egress_error
 from worker.providers.http import CONNECT_TIMEOUT_S, CONTEXT_OVERFLOW_PATTERNS, retry_after_seconds
 from worker.redaction import redact_url
 from worker.secrets import resolve_secret
+
+log = structlog.get_logger("worker.providers.bedrock")
 
 ROLE_SESSION_NAME = "atlas-inference-worker"
 ROLE_DURATION_S = 3600
@@ -104,40 +109,12 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
     retry_after = retry_after_seconds(metadata.get("HTTPHeaders") or {})
     text = f"{code}: {message}"
     if code == "ValidationException":
-        if CONTEXT_OVERFLOW_PATTERNS.search(message) or "too many input tokens" in message.lower():
-            return ProviderError(
-                ErrorClass.CONTEXT_OVERFLOW, f"{who}: prompt too long ({text})", code="context_overflow", status=status
-            )
-        if re.search(r"(doesn't|does not) support tool", message, re.IGNORECASE):
-            return ProviderError(
-                ErrorClass.BAD_REQUEST,
-                f"{who}: this model does not support tool use; choose e.g. Claude 3+, Nova, Llama 3.1+ ({text})",
-                code="tools_unsupported",
-                status=status,
-            )
-        if "model identifier is invalid" in message.lower():
-            return ProviderError(
-                ErrorClass.NOT_FOUND,
-                f"{who}: no such model; check model_id and that the model is offered in the region ({text})",
-                code="model_not_found",
-                status=status,
-            )
-        if "inference profile" in message.lower():
-            return ProviderError(
-                ErrorClass.BAD_REQUEST,
-                f"{who}: this model needs an inference profile; set model_id to the profile id, e.g. us.<model id> "
-                f"({text})",
-                code="inference_profile_required",
-                status=status,
-            )
-        return ProviderError(
-            ErrorClass.BAD_REQUEST, f"{who}: request rejected ({text})", code="bad_request", status=status
-        )
+        return _rejected(message, text, who, status)
     if code == "ServiceQuotaExceededException":
         return ProviderError(
             ErrorClass.QUOTA, f"{who}: service quota exceeded ({text})", code="quota_exceeded", status=status
         )
-    if code in ("ThrottlingException", "ModelNotReadyException", "TooManyRequestsException", "Throttling"):
+    if code in THROTTLED:
         return ProviderError(
             ErrorClass.RATE_LIMITED,
             f"{who}: throttled ({text})",
@@ -145,12 +122,7 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
             retry_after_s=retry_after,
             status=status,
         )
-    if code in (
-        "InternalServerException",
-        "ServiceUnavailableException",
-        "ModelTimeoutException",
-        "ModelErrorException",
-    ):
+    if code in UNAVAILABLE:
         return ProviderError(
             ErrorClass.TRANSIENT,
             f"{who}: {text}",
@@ -158,6 +130,58 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
             retry_after_s=retry_after,
             status=status,
         )
+    return _refused(code, text, who, status, retry_after)
+
+
+THROTTLED = frozenset({"ThrottlingException", "ModelNotReadyException", "TooManyRequestsException", "Throttling"})
+UNAVAILABLE = frozenset(
+    {"InternalServerException", "ServiceUnavailableException", "ModelTimeoutException", "ModelErrorException"}
+)
+CREDENTIALS_REJECTED = frozenset(
+    {
+        "UnrecognizedClientException",
+        "InvalidSignatureException",
+        "SignatureDoesNotMatch",
+        "ExpiredTokenException",
+        "InvalidClientTokenId",
+        "IncompleteSignature",
+    }
+)
+
+
+def _rejected(message: str, text: str, who: str, status: int | None) -> ProviderError:
+    """A ValidationException, told apart by what it says."""
+    if CONTEXT_OVERFLOW_PATTERNS.search(message) or "too many input tokens" in message.lower():
+        return ProviderError(
+            ErrorClass.CONTEXT_OVERFLOW, f"{who}: prompt too long ({text})", code="context_overflow", status=status
+        )
+    if re.search(r"(doesn't|does not) support tool", message, re.IGNORECASE):
+        return ProviderError(
+            ErrorClass.BAD_REQUEST,
+            f"{who}: this model does not support tool use; choose e.g. Claude 3+, Nova, Llama 3.1+ ({text})",
+            code="tools_unsupported",
+            status=status,
+        )
+    if "model identifier is invalid" in message.lower():
+        return ProviderError(
+            ErrorClass.NOT_FOUND,
+            f"{who}: no such model; check model_id and that the model is offered in the region ({text})",
+            code="model_not_found",
+            status=status,
+        )
+    if "inference profile" in message.lower():
+        return ProviderError(
+            ErrorClass.BAD_REQUEST,
+            f"{who}: this model needs an inference profile; set model_id to the profile id, e.g. us.<model id> "
+            f"({text})",
+            code="inference_profile_required",
+            status=status,
+        )
+    return ProviderError(ErrorClass.BAD_REQUEST, f"{who}: request rejected ({text})", code="bad_request", status=status)
+
+
+def _refused(code: str, text: str, who: str, status: int | None, retry_after: float | None) -> ProviderError:
+    """Access, credentials and missing models; then whatever the status says."""
     if code == "AccessDeniedException":
         return ProviderError(
             ErrorClass.AUTH,
@@ -166,14 +190,7 @@ def classify_client_error(exc: ClientError, who: str) -> ProviderError:
             code="forbidden",
             status=status,
         )
-    if code in (
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "SignatureDoesNotMatch",
-        "ExpiredTokenException",
-        "InvalidClientTokenId",
-        "IncompleteSignature",
-    ):
+    if code in CREDENTIALS_REJECTED:
         return ProviderError(
             ErrorClass.AUTH,
             f"{who}: the AWS credentials were rejected; check access_key_id / secret_access_key or role_arn ({text})",
@@ -236,18 +253,8 @@ def _alternating(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
-def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str, Any]:
-    """The Converse parameters for a neutral call. Structured output travels as a forced tool."""
-    system = call.system
-    if call.output_schema is not None and family.tools and family.tool_choice == "auto" and not call.tools:
-        # The tool cannot be forced for this family, so the prompt has to ask for it.
-        system += f"\n\nGive your whole answer by calling the {call.output_schema.name} tool, and nothing else."
-    if call.output_schema is not None and not family.tools:
-        # No tools, so no forced tool: the schema has to travel in the prompt and the answer is plain text.
-        system += (
-            "\n\nReply with one JSON object matching this JSON Schema, and nothing else:\n"
-            + orjson.dumps(call.output_schema.schema).decode()
-        )
+def _messages(call: ModelCall) -> list[dict[str, Any]]:
+    """The turns as Converse messages: tool results are user turns, tool calls are toolUse blocks."""
     messages: list[dict[str, Any]] = []
     for turn in call.turns:
         if turn.role == "tool":
@@ -261,7 +268,22 @@ def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str
             {"toolUse": {"toolUseId": c.id or c.name, "name": c.name, "input": c.arguments}} for c in turn.tool_calls
         ]
         messages.append({"role": turn.role, "content": content or [{"text": " "}]})
-    messages = _alternating(messages)
+    return _alternating(messages)
+
+
+def converse_request(call: ModelCall, model_id: str, family: Family) -> dict[str, Any]:
+    """The Converse parameters for a neutral call. Structured output travels as a forced tool."""
+    system = call.system
+    if call.output_schema is not None and family.tools and family.tool_choice == "auto" and not call.tools:
+        # The tool cannot be forced for this family, so the prompt has to ask for it.
+        system += f"\n\nGive your whole answer by calling the {call.output_schema.name} tool, and nothing else."
+    if call.output_schema is not None and not family.tools:
+        # No tools, so no forced tool: the schema has to travel in the prompt and the answer is plain text.
+        system += (
+            "\n\nReply with one JSON object matching this JSON Schema, and nothing else:\n"
+            + orjson.dumps(call.output_schema.schema).decode()
+        )
+    messages = _messages(call)
     if not family.system_prompt and messages and messages[0]["role"] == "user":
         # Titan and Mistral 7B reject a system prompt; it goes ahead of the first user turn instead.
         messages[0] = {"role": "user", "content": [{"text": system}, *messages[0]["content"]]}
@@ -354,12 +376,36 @@ def http_session_class(session: aiohttp.ClientSession) -> type[AIOHTTPSession]:
     return SharedSession
 
 
+def _aws_host(service: str, region: str) -> str:
+    suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
+    return f"https://{service}.{region}.{suffix}"
+
+
+def endpoints(settings: BedrockSettings) -> list[str]:
+    """Bedrock Runtime, then STS when a role is assumed: the URLs the clients are opened on."""
+    urls = [settings.endpoint_url or _aws_host("bedrock-runtime", settings.region)]
+    if settings.role_arn:
+        urls.append(settings.sts_endpoint_url or _aws_host("sts", settings.region))
+    return urls
+
+
+@dataclass(slots=True)
+class _HeldClient:
+    """A Bedrock Runtime client signed with one set of credentials, and the calls using it right now."""
+
+    credentials: AwsCredentials
+    client: Any
+    stack: contextlib.AsyncExitStack
+    users: int = 0
+    retired: bool = False
+
+
 class BedrockProvider:
     """Calls Converse on `bedrock-runtime` in the tenant's region, with its own or an assumed identity.
 
-    A client is opened per call: aioboto3 clients are context managers and the provider has no close hook.
-    The botocore session (and its loaded service model) is shared, so opening one is cheap; connections come
-    from the worker's HTTP session, which also applies the egress policy.
+    One aioboto3 client serves every call while the credentials stay the same; new assumed-role credentials
+    get a new client, and the old one is closed once the calls using it have finished. Connections come from
+    the worker's HTTP session, which also applies the egress policy.
     """
 
     kind = "bedrock"
@@ -373,18 +419,20 @@ class BedrockProvider:
                 code="config_invalid",
             )
         self._settings = settings
+        self._endpoints = endpoints(settings)
         self._family = family_of(settings.model_id)
         self._session = aioboto3.Session()
         self._http_session_class = http_session_class(session)
         self._credentials: AwsCredentials | None = None
         self._lock = asyncio.Lock()
+        self._client: _HeldClient | None = None
+        self._client_lock = asyncio.Lock()
+        self._closed = False
         self._who = f"Bedrock ({settings.model_id} in {settings.region})"
 
     @property
     def endpoint(self) -> str:
-        return redact_url(
-            self._settings.endpoint_url or f"https://bedrock-runtime.{self._settings.region}.amazonaws.com"
-        )
+        return redact_url(self._endpoints[0])
 
     @property
     def model(self) -> str:
@@ -403,11 +451,12 @@ class BedrockProvider:
     def structured_output(self) -> StructuredOutputMode:
         return "schema" if self._family.tools else "none"
 
-    def _config(self, read_timeout_s: float) -> AioConfig:
-        # One attempt: the tenant's fallback policy, not botocore, decides about retries.
+    def _config(self) -> AioConfig:
+        # One attempt: the tenant's fallback policy, not botocore, decides about retries. No read timeout: the
+        # call's timeout is applied around the whole call (`worker.providers.bounded`).
         return AioConfig(
-            connect_timeout=min(CONNECT_TIMEOUT_S, read_timeout_s),
-            read_timeout=read_timeout_s,
+            connect_timeout=CONNECT_TIMEOUT_S,
+            read_timeout=None,
             retries={"mode": "standard", "total_max_attempts": 1},
             http_session_cls=self._http_session_class,
         )
@@ -444,30 +493,16 @@ class BedrockProvider:
             keys = {"aws_access_key_id": source.access_key_id, "aws_secret_access_key": source.secret_access_key}
         who = f"AWS STS (assuming {role_arn})"
         try:
-            # The shared HTTP session does not apply botocore's timeouts, so the call is bounded here.
+            # Assuming the role is bounded on its own: it is shared by every call until the credentials expire.
             async with (
                 asyncio.timeout(STS_TIMEOUT_S),
                 self._session.client(
-                    "sts",
-                    region_name=settings.region,
-                    endpoint_url=settings.sts_endpoint_url,
-                    config=self._config(STS_TIMEOUT_S),
-                    **keys,
+                    "sts", region_name=settings.region, endpoint_url=self._endpoints[1], config=self._config(), **keys
                 ) as sts,
             ):
                 answer = await sts.assume_role(**params)
         except ClientError as exc:
-            error = classify_client_error(exc, who)
-            if error.error_class is ErrorClass.BAD_REQUEST or error.code == "forbidden":
-                # AccessDenied from STS means the trust policy or the external id does not match.
-                raise ProviderError(
-                    ErrorClass.AUTH,
-                    f"{who}: cannot assume the role; check role_arn, its trust policy and external_id "
-                    f"({exc.response.get('Error', {}).get('Code')})",
-                    code="assume_role_failed",
-                    status=error.status,
-                ) from None
-            raise error from None
+            raise _assume_role_error(exc, who) from None
         except (BotoCoreError, TimeoutError) as exc:
             raise self._transport_error(exc, who) from None
         c = answer["Credentials"]
@@ -484,7 +519,9 @@ class BedrockProvider:
         if isinstance(exc, ResponseParserError):
             return ProviderError(ErrorClass.TRANSIENT, f"{who} returned a malformed body", code="malformed_response")
         if isinstance(exc, ReadTimeoutError | TimeoutError):
-            return ProviderError(ErrorClass.TRANSIENT, f"{who} did not answer in time", code="timeout")
+            return ProviderError(
+                ErrorClass.TRANSIENT, f"{who} did not answer within {STS_TIMEOUT_S:g}s", code="timeout"
+            )
         if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
             return ProviderError(ErrorClass.TRANSIENT, f"cannot connect to {who}", code="unreachable")
         return ProviderError(ErrorClass.TRANSIENT, f"{who} failed: {type(exc).__name__}", code="unreachable")
@@ -501,17 +538,8 @@ class BedrockProvider:
         creds = await self.credentials()
         request = converse_request(call, self._settings.model_id, family)
         try:
-            async with asyncio.timeout(call.timeout_s):
-                async with self._session.client(
-                    "bedrock-runtime",
-                    region_name=self._settings.region,
-                    endpoint_url=self._settings.endpoint_url,
-                    aws_access_key_id=creds.access_key_id,
-                    aws_secret_access_key=creds.secret_access_key,
-                    aws_session_token=creds.session_token,
-                    config=self._config(call.timeout_s),
-                ) as client:
-                    response: dict[str, Any] = dict(await client.converse(**request))
+            async with self._leased(creds) as client:
+                response: dict[str, Any] = dict(await client.converse(**request))
         except ClientError as exc:
             error = classify_client_error(exc, self._who)
             if error.code == "unauthorized" and creds.expires_at is not None:
@@ -520,3 +548,72 @@ class BedrockProvider:
         except (BotoCoreError, TimeoutError) as exc:
             raise self._transport_error(exc, self._who) from None
         return parse_converse(response, call, self._settings.model_id, self._who)
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, creds: AwsCredentials) -> AsyncIterator[Any]:
+        """The client for these credentials, held open until this call is done with it."""
+        held = await self._client_for(creds)
+        try:
+            yield held.client
+        finally:
+            held.users -= 1
+            if held.retired and held.users == 0:
+                await asyncio.shield(held.stack.aclose())
+
+    async def _client_for(self, creds: AwsCredentials) -> _HeldClient:
+        async with self._client_lock:
+            held = self._client
+            if held is None or held.credentials is not creds:
+                if held is not None:
+                    await self._retire(held)
+                held = await self._open(creds)
+                if self._closed:
+                    held.retired = True  # a call that arrives after closing gets a client of its own
+                else:
+                    self._client = held
+            held.users += 1
+            return held
+
+    async def _open(self, creds: AwsCredentials) -> _HeldClient:
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(
+            self._session.client(
+                "bedrock-runtime",
+                region_name=self._settings.region,
+                endpoint_url=self._endpoints[0],
+                aws_access_key_id=creds.access_key_id,
+                aws_secret_access_key=creds.secret_access_key,
+                aws_session_token=creds.session_token,
+                config=self._config(),
+            )
+        )
+        log.info("bedrock_client_opened", endpoint=self.endpoint, model=self._settings.model_id)
+        return _HeldClient(creds, client, stack)
+
+    @staticmethod
+    async def _retire(held: _HeldClient) -> None:
+        held.retired = True
+        if held.users == 0:
+            await held.stack.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client; a call still using it closes it when it is done."""
+        async with self._client_lock:
+            self._closed = True
+            held, self._client = self._client, None
+            if held is not None:
+                await self._retire(held)
+
+
+def _assume_role_error(exc: ClientError, who: str) -> ProviderError:
+    error = classify_client_error(exc, who)
+    if error.error_class is ErrorClass.BAD_REQUEST or error.code == "forbidden":
+        # AccessDenied from STS means the trust policy or the external id does not match.
+        return ProviderError(
+            ErrorClass.AUTH,
+            f"{who}: cannot assume the role; check role_arn, its trust policy and external_id "
+            f"({exc.response.get('Error', {}).get('Code')})",
+            code="assume_role_failed",
+            status=error.status,
+        )
+    return error

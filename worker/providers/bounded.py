@@ -1,7 +1,8 @@
 """Wraps a provider with the tenant's timeout and its circuit breaker, so every call is bounded and counted."""
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Awaitable, Hashable
+from typing import TypeVar
 
 from worker.errors import CircuitOpen, ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
@@ -13,12 +14,28 @@ from worker.tracing import NO_TRACING, Tracing
 TRIPS_BREAKER = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
 ANSWERED = frozenset({"malformed_response"})
 
+T = TypeVar("T")
+
+
+async def within(timeout_s: float, endpoint: str, work: Awaitable[T]) -> T:
+    """The one place a provider call is bounded in time, and the one message saying it was not answered."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await work
+    except TimeoutError:
+        raise ProviderError(
+            ErrorClass.TRANSIENT, f"{endpoint} did not answer within {timeout_s:g}s", code="timeout"
+        ) from None
+
 
 class GuardedProvider:
     def __init__(self, provider: Provider, breaker: CircuitBreaker, tracing: Tracing = NO_TRACING) -> None:
         self._provider = provider
         self.breaker = breaker
         self._tracing = tracing
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def kind(self) -> str:
@@ -36,6 +53,11 @@ class GuardedProvider:
     def inner(self) -> Provider:
         return self._provider
 
+    async def aclose(self) -> None:
+        """Close the provider once the calls already running on it have finished (none is cut short)."""
+        await self._idle.wait()
+        await self._provider.aclose()
+
     async def complete(
         self, call: ModelCall, subject: Hashable | None = None, *, failed_before: bool = False
     ) -> ModelResult:
@@ -48,18 +70,19 @@ class GuardedProvider:
                 f"circuit open for {self.endpoint}: most recent requests failed; next probe in {wait_s:.0f}s",
                 retry_after_s=wait_s,
             )
-        with self._tracing.model_call(self, call) as telemetry:  # the GenAI span and metrics of this call
-            return telemetry.answered(await self._bounded(call, permit))
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            with self._tracing.model_call(self, call) as telemetry:  # the GenAI span and metrics of this call
+                return telemetry.answered(await self._bounded(call, permit))
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     async def _bounded(self, call: ModelCall, permit: Permit) -> ModelResult:
         try:
-            async with asyncio.timeout(call.timeout_s):
-                result = await self._provider.complete(call)
-        except TimeoutError:
-            self.breaker.failed(permit)
-            raise ProviderError(
-                ErrorClass.TRANSIENT, f"{self.endpoint} did not answer within {call.timeout_s:g}s", code="timeout"
-            ) from None
+            result = await within(call.timeout_s, self.endpoint, self._provider.complete(call))
         except ProviderError as exc:
             if exc.error_class in TRIPS_BREAKER and exc.code not in ANSWERED:
                 self.breaker.failed(permit)

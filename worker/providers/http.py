@@ -121,12 +121,15 @@ def classify_status(status: int, text: str, headers: Mapping[str, str], who: str
     )
 
 
-def transport_error(exc: BaseException, who: str, timeout_s: float) -> ProviderError:
-    """Timeouts and connection failures are transient; what the egress policy refused is not."""
+def transport_error(exc: BaseException, who: str) -> ProviderError:
+    """Connection failures are transient; what the egress policy refused is not. (The call's own timeout is
+    applied once, around the whole call, by `worker.providers.bounded`.)"""
     if (refused := egress_error(exc, who)) is not None:
         return refused
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
-        return ProviderError(ErrorClass.TRANSIENT, f"{who} did not answer within {timeout_s:g}s", code="timeout")
+        return ProviderError(
+            ErrorClass.TRANSIENT, f"{who} did not accept a connection within {CONNECT_TIMEOUT_S:g}s", code="timeout"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return ProviderError(
             ErrorClass.TRANSIENT, f"cannot connect to {who}: {exc.os_error or exc}", code="unreachable"
@@ -173,7 +176,6 @@ async def send_json(
     url: str,
     *,
     who: str,
-    timeout_s: float,
     body: Any = None,
     headers: Mapping[str, str] | None = None,
     classify: Classifier = classify_body,
@@ -185,7 +187,8 @@ async def send_json(
     if body is not None:
         data = orjson.dumps(body)
         send_headers["Content-Type"] = "application/json"
-    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(CONNECT_TIMEOUT_S, timeout_s))
+    # Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
     try:
         async with session.request(
             method, url, data=data, headers=send_headers, timeout=timeout, allow_redirects=False
@@ -196,7 +199,7 @@ async def send_json(
     except ProviderError:
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise transport_error(exc, who, timeout_s) from exc
+        raise transport_error(exc, who) from exc
     try:
         return orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

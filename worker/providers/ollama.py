@@ -96,6 +96,11 @@ def parse_chat(data: Any, who: str) -> ModelResult:
         raise malformed(who, f"unexpected shape ({type(exc).__name__}: {exc})") from exc
 
 
+def endpoints(settings: OllamaSettings) -> list[str]:
+    """Every URL a call or a description may reach: all of them lie under the base URL."""
+    return [settings.base_url]
+
+
 class OllamaProvider:
     """Calls `{base_url}/api/chat` with `stream: false`."""
 
@@ -115,6 +120,9 @@ class OllamaProvider:
     def model(self) -> str:
         return self._settings.model
 
+    async def aclose(self) -> None:
+        """Nothing of its own to release: connections belong to the shared session."""
+
     def _classify(self, status: int, payload: bytes, headers: Mapping[str, str], who: str) -> ProviderError:
         return classify_ollama(status, payload, headers, who, self._settings.model)
 
@@ -125,15 +133,14 @@ class OllamaProvider:
             "POST",
             f"{self._base}/api/chat",
             body=body,
-            timeout_s=call.timeout_s,
             who=self._who,
             classify=self._classify,
         )
         return parse_chat(data, self._who)
 
-    async def describe(self, timeout_s: float) -> ModelInfo:
+    async def describe(self) -> ModelInfo:
         """`/api/tags` says whether the model is pulled; `/api/show` gives its capabilities and context length."""
-        tags = await send_json(self._session, "GET", f"{self._base}/api/tags", timeout_s=timeout_s, who=self._who)
+        tags = await send_json(self._session, "GET", f"{self._base}/api/tags", who=self._who)
         names = {m.get("name") for m in tags.get("models", [])} | {m.get("model") for m in tags.get("models", [])}
         wanted = self._settings.model
         if wanted not in names and f"{wanted}:latest" not in names:
@@ -143,7 +150,6 @@ class OllamaProvider:
             "POST",
             f"{self._base}/api/show",
             body={"model": wanted},
-            timeout_s=timeout_s,
             who=self._who,
             classify=self._classify,
         )

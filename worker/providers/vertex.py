@@ -323,6 +323,24 @@ class ServiceAccountToken:
             return str(credentials.token)
 
 
+def endpoints(settings: VertexSettings) -> list[str]:
+    """The API's base URL, then the token endpoint named in the key (google-auth posts the signed assertion there).
+
+    The `global` location has no regional host: it is served by `aiplatform.googleapis.com` itself.
+    """
+    host = "aiplatform.googleapis.com"
+    if settings.location != "global":
+        host = f"{settings.location}-{host}"
+    urls = [(settings.base_url or f"https://{host}").rstrip("/")]
+    try:
+        key = orjson.loads(settings.service_account.get_secret_value())
+    except orjson.JSONDecodeError:
+        key = None
+    if isinstance(key, dict) and isinstance(key.get("token_uri"), str):
+        urls.append(key["token_uri"])
+    return urls
+
+
 class VertexProvider:
     """Calls `…/projects/{project}/locations/{location}/publishers/google/models/{model}:generateContent`."""
 
@@ -337,12 +355,7 @@ class VertexProvider:
             )
         self._settings = settings
         self._session = session
-        host = (
-            "aiplatform.googleapis.com"
-            if settings.location == "global"
-            else f"{settings.location}-aiplatform.googleapis.com"
-        )
-        self._base = (settings.base_url or f"https://{host}").rstrip("/")
+        self._base = endpoints(settings)[0]
         self._url = (
             f"{self._base}/v1/projects/{quote(settings.project, safe='')}/locations/{quote(settings.location, safe='')}"
             f"/publishers/google/models/{quote(settings.model, safe='')}:generateContent"
@@ -358,6 +371,9 @@ class VertexProvider:
     def model(self) -> str:
         return self._settings.model
 
+    async def aclose(self) -> None:
+        """Nothing of its own to release: the token cache holds no connection."""
+
     async def complete(self, call: ModelCall) -> ModelResult:
         tokens = self._tokens
         body = generate_body(call)
@@ -371,7 +387,6 @@ class VertexProvider:
                     self._url,
                     body=body,
                     headers={"Authorization": f"Bearer {token}"},
-                    timeout_s=call.timeout_s,
                     who=self._who,
                     classify=classify_vertex,
                 )

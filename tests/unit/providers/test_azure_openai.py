@@ -13,6 +13,7 @@ from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.azure_openai import AzureOpenAIProvider
 from worker.providers.base import Finish
+from worker.providers.bounded import within
 
 
 def settings(fake: FakeAzureOpenAI, **overrides: str) -> dict[str, str]:
@@ -125,8 +126,9 @@ async def test_errors_are_classified(
     fake_azure.faults.push(fault)
     call = dataclasses.replace(call_for("summary", settings(fake_azure)), timeout_s=0.5 if fault.kind == "hang" else 30)
 
+    tested = provider(fake_azure, session)
     with pytest.raises(ProviderError) as caught:
-        await provider(fake_azure, session).complete(call)
+        await within(call.timeout_s, tested.endpoint, tested.complete(call))  # as the pool bounds it
 
     assert (caught.value.error_class, caught.value.code) == (error_class, code)
 

@@ -13,6 +13,7 @@ from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish, Turn
 from worker.providers.bedrock import BedrockProvider, family_of
+from worker.providers.bounded import within
 
 CLAUDE = "anthropic.claude-3-5-sonnet-20240620-v1:0"
 
@@ -192,8 +193,9 @@ async def test_errors_are_classified(
     fake_aws.bedrock.faults.push(fault)
     call = dataclasses.replace(call_for("summary", settings(fake_aws)), timeout_s=3 if fault.kind == "hang" else 30)
 
+    tested = provider(settings(fake_aws), session)
     with pytest.raises(ProviderError) as caught:
-        await provider(settings(fake_aws), session).complete(call)
+        await within(call.timeout_s, tested.endpoint, tested.complete(call))  # as the pool bounds it
 
     assert (caught.value.error_class, caught.value.code) == (error_class, code)
     if fault.kind == "rate_limit":

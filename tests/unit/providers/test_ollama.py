@@ -11,6 +11,7 @@ from tests.fakes.ollama_server import FakeOllama
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish
+from worker.providers.bounded import within
 from worker.providers.ollama import OllamaProvider
 
 
@@ -69,15 +70,15 @@ async def test_model_not_pulled_says_how_to_pull_it(fake_ollama: FakeOllama, ses
 
 
 async def test_describe_reads_tags_and_show(fake_ollama: FakeOllama, session: aiohttp.ClientSession) -> None:
-    info = await provider(fake_ollama, session).describe(2)
+    info = await provider(fake_ollama, session).describe()
     assert (info.found, info.context_window, info.tools) == (True, 131072, True)
     assert info.context_source is not None
     assert "context_length" in info.context_source
 
     fake_ollama.num_ctx = 8192
-    assert (await provider(fake_ollama, session).describe(2)).context_window == 8192
+    assert (await provider(fake_ollama, session).describe()).context_window == 8192
 
-    assert (await provider(fake_ollama, session, model="absent").describe(2)).found is False
+    assert (await provider(fake_ollama, session, model="absent").describe()).found is False
 
 
 @pytest.mark.parametrize(
@@ -97,8 +98,9 @@ async def test_errors_are_classified(
         call_for("summary", settings(fake_ollama)), timeout_s=0.5 if fault.kind == "hang" else 30
     )
 
+    tested = provider(fake_ollama, session)
     with pytest.raises(ProviderError) as caught:
-        await provider(fake_ollama, session).complete(call)
+        await within(call.timeout_s, tested.endpoint, tested.complete(call))  # as the pool bounds it
 
     assert (caught.value.error_class, caught.value.code) == (error_class, code)
     if fault.kind == "rate_limit":

@@ -55,8 +55,8 @@ async def test_windows_come_from_vllm_models_and_tgi_info(
     )
     on_tgi = OpenAICompatibleProvider(OpenAICompatibleSettings.model_validate(settings(tgi.base_url, "tgi")), session)
 
-    assert (await on_vllm.describe(5)).context_window == 131072
-    assert (await on_tgi.describe(5)).context_window == 32768
+    assert (await on_vllm.describe()).context_window == 131072
+    assert (await on_tgi.describe()).context_window == 32768
 
 
 async def test_vllm_without_auto_tool_choice_is_reported_forced_only_and_ready(

@@ -15,6 +15,7 @@ from tests.fakes.vertex_server import service_account_json
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish
+from worker.providers.bounded import within
 from worker.providers.vertex import VertexProvider, gemini_schema
 
 
@@ -151,8 +152,9 @@ async def test_errors_are_classified(
         call_for("summary", settings(fake_vertex, key_file)), timeout_s=0.5 if fault.kind == "hang" else 30
     )
 
+    tested = provider(fake_vertex, key_file, session)
     with pytest.raises(ProviderError) as caught:
-        await provider(fake_vertex, key_file, session).complete(call)
+        await within(call.timeout_s, tested.endpoint, tested.complete(call))  # as the pool bounds it
 
     assert (caught.value.error_class, caught.value.code) == (error_class, code)
     if fault.kind == "rate_limit":
