@@ -17,7 +17,7 @@ BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("_write_to_self (",),
         ("_worker (concurrent/futures/thread.py",),
     ),
-    "build the reply model (InferenceReply)": (("_reply (worker/handling/handler.py",),),
+    "build the reply model (InferenceReply)": (("answer (worker/handling/replies.py",),),
     "reply to JSON (model_dump + orjson)": (("_publish_reply (worker/broker/settle.py", "model_dump ("),),
     "settle: publish + confirm + ack calls": (("settle (worker/broker/settle.py",),),
     "publish + ack calls (plain loop)": (

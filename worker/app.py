@@ -9,14 +9,17 @@ from typing import TYPE_CHECKING
 import structlog
 from opentelemetry.trace import TracerProvider
 
-from contracts import FallbackPolicy
+from contracts import FallbackPolicy, InferenceRequest
 from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.settle import Settler
 from worker.broker.topology import topology_spec
+from worker.connection_check.task import answer_test_connection
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.handler import Handler
+from worker.handling.outcome import DeliveryContext, Outcome
+from worker.handling.route import Router
 from worker.ops.health import serve_health
 from worker.ops.loop_lag import watch_loop_lag
 from worker.ops.metrics import Metrics
@@ -207,14 +210,21 @@ class WorkerApp:
         )
         self._warn_short_patience()
 
+    def _router(self, providers: ProviderPool, tracing: Tracing) -> Router:
+        """Handling, with Test Connection plugged in here: only the composition root knows `connection_check`."""
+        draft_egress = self.settings.draft_egress
+
+        async def test_connection(request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
+            return await answer_test_connection(request, ctx, self.registry, providers, draft_egress)
+
+        return Router(self.registry, Handler(providers, self.settings.ladder, tracing), test_connection)
+
     def _consumer(
         self, channels: WorkerChannels, providers: ProviderPool, tracing: Tracing, header_key: bytes | None
     ) -> Consumer:
         """The message path, wired: consumer → handler → providers, and the settler behind them."""
         settings = self.settings
-        handler = Handler(
-            self.registry, providers, settings.ladder, draft_egress=settings.draft_egress, tracing=tracing
-        )
+        handler = self._router(providers, tracing)
         settler = Settler(
             channels.publish,
             settings.topology,

@@ -378,8 +378,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _test_connection(args: argparse.Namespace) -> int:
     """Exit 0 when the provider is usable (maybe with warnings), 1 when it is not, 2 when the file is invalid."""
+    from worker.connection_check.drafts import DraftError, check_tenant, load_draft, load_stored
     from worker.connection_check.requirements import render
-    from worker.connection_check.task import DraftError, check_tenant, load_draft, load_stored
 
     try:
         tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)

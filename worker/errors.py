@@ -2,6 +2,7 @@
 
     ProviderError                 raised by Provider.complete(); carries an ErrorClass
      ├─ transient                 timeouts, resets, 408/409/5xx, "overloaded", breaker open
+     │   └─ CircuitOpen           the breaker refused the call: the provider was not called
      ├─ rate_limited              429 / throttling; `retry_after_s` when the provider says
      ├─ quota                     billing or quota exhausted: not worth a hot retry
      ├─ bad_request               400/422: the call is wrong, or asks what the model cannot do
@@ -53,3 +54,12 @@ class ProviderError(Exception):
 
     def __repr__(self) -> str:
         return f"ProviderError({self.error_class.value}, {self.code!r}, {self.message!r})"
+
+
+class CircuitOpen(ProviderError):
+    """The circuit breaker refused the call, so the provider was not called; `retry_after_s` is its next probe."""
+
+    CODE = "circuit_open"
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(ErrorClass.TRANSIENT, message, code=self.CODE, retry_after_s=retry_after_s)

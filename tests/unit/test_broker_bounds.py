@@ -2,7 +2,7 @@
 believed, escaped operator output, probe slots, closed metric labels, the security flags."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from pamqp.encode import field_table
@@ -15,8 +15,8 @@ from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.headers import read_count
 from worker.broker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers
 from worker.exit_codes import StartupError
-from worker.handling.handler import PROBES_IN_FLIGHT, TenantSlots
-from worker.handling.outcome import DeadLetter, Reply, RequestIds
+from worker.handling.outcome import DeadLetter, DeadLetterReason, Reply, RequestIds, SettleResult
+from worker.handling.route import PROBES_IN_FLIGHT, TenantSlots
 from worker.ops.dlq import escaped
 from worker.ops.metrics import Metrics
 
@@ -122,9 +122,11 @@ def test_label_values_a_publisher_makes_up_fold_into_other() -> None:
     metrics = Metrics({"acme"}.__contains__)
     error = ErrorInfo(code="invalid_request", message="m")
     for n in range(20):
-        outcome = Reply(None, DeadLetter(f"reason-{n}", error, provider_kind=f"kind-{n}"))
-        metrics.observe(Settled(RequestIds("r", "acme", f"task-{n}"), outcome, f"done-{n}", 1.0))
-    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 1.0))
+        # Values outside the enums, as a newer worker sharing the metrics might report.
+        outcome = Reply(None, DeadLetter(cast(DeadLetterReason, f"reason-{n}"), error, provider_kind=f"kind-{n}"))
+        done = cast(SettleResult, f"done-{n}")
+        metrics.observe(Settled(RequestIds("r", "acme", f"task-{n}"), outcome, done, 1.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), SettleResult.REPLIED, 1.0))
 
     rows = scrape(metrics).rows
     labels = {(k, v) for _, row_labels, _ in rows for k, v in row_labels.items()}

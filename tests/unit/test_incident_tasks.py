@@ -14,13 +14,12 @@ from contracts.tools import DEFAULT_RUNBOOK_TOOLS
 from tests import fixtures
 from tests.fakes.openai_server import FakeOpenAI, Fault, chat_completion
 from worker.errors import ErrorClass, ProviderError
-from worker.handling.handler import DeliveryContext, Handler
+from worker.handling.handler import Handler
 from worker.handling.ladder import RetryLadder
-from worker.handling.outcome import Reply
+from worker.handling.outcome import DeliveryContext, Reply
 from worker.prompting.results import explain_provider_error
 from worker.providers.egress import EgressPolicy, egress_session
 from worker.providers.pool import ProviderPool
-from worker.tenants import ConfigProblem
 
 Ask = Callable[..., Awaitable[Reply]]
 VALID_RCA: dict[str, Any] = {
@@ -40,22 +39,6 @@ VALID_RCA: dict[str, Any] = {
     "remediation": [{"action": "Roll back checkout-api to v2.40.3", "rationale": "Removes the leak.", "risk": "low"}],
     "follow_ups": ["Do not allow skipping the canary stage"],
 }
-
-
-class Tenants:
-    def __init__(self, *configs: TenantConfig) -> None:
-        self._configs = {c.tenant_id: c for c in configs}
-
-    def get(self, tenant_id: str) -> TenantConfig | None:
-        return self._configs.get(tenant_id)
-
-    def problems(self, tenant_id: str) -> list[ConfigProblem] | None:
-        return None
-
-    def case_variant(self, tenant_id: str) -> str | None:
-        return None
-
-    healthy = True
 
 
 def tenant(base_url: str, **provider: Any) -> TenantConfig:
@@ -81,12 +64,12 @@ async def ask(fake_openai: FakeOpenAI) -> AsyncIterator[Ask]:
 
         async def handle(task: str, incident: str = "db-pool-exhaustion", **fields: Any) -> Reply:
             config = tenant(fake_openai.base_url, **fields.pop("provider", {}))
-            handler = Handler(Tenants(config), ProviderPool(session), RetryLadder())
+            handler = Handler(ProviderPool(session), RetryLadder())
             body = {"request_id": "r-1", "tenant_id": "acme", "task": task} | fields
             if task != "chat":
                 body["incident"] = fixtures.big_incident() if incident == "big" else fixtures.incident(incident)
             request = InferenceRequest.model_validate(body)
-            outcome = await handler.handle(request, DeliveryContext(0, datetime.now(UTC), time.monotonic()))
+            outcome = await handler.handle(config, request, DeliveryContext(0, datetime.now(UTC), time.monotonic()))
             assert isinstance(outcome, Reply)
             assert outcome.reply is not None
             return outcome

@@ -5,8 +5,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 IO_LIBRARIES = ("aio_pika", "aiohttp", "aioboto3", "botocore", "google.auth")
 
@@ -99,9 +97,6 @@ def test_request_handling_and_prompt_building_do_no_io() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the handler still answers Test Connection tasks itself; app is to inject that answer"
-)
 def test_only_the_entry_points_reach_the_connection_check() -> None:
     entry_points = ("worker.app", "worker.cli", "worker.connection_check")
     offenders = _offenders(("worker",), ("worker.connection_check",), entry_points)

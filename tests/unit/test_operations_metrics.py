@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from contracts import ErrorInfo, InferenceReply, Provenance, Status, Timings, Usage
 from tests.ops.scrape import Samples
 from worker.broker.consumer import Settled
-from worker.handling.outcome import DeadLetter, Reply, RequestIds, Reroute
+from worker.handling.outcome import DeadLetter, DeadLetterReason, Reply, RequestIds, Reroute, SettleResult
 from worker.ops.health import HealthServer
 from worker.ops.metrics import Metrics, endpoint_label
 
@@ -36,7 +36,7 @@ def reply(tenant: str, status: Status = Status.OK) -> InferenceReply:
 def test_only_tenants_with_a_config_file_become_label_values() -> None:
     metrics = Metrics(CONFIGURED.__contains__)
     for tenant in ("acme", "random-1", "random-2"):
-        metrics.observe(Settled(RequestIds("r", tenant, "rca"), Reply(reply(tenant)), "replied", 10.0))
+        metrics.observe(Settled(RequestIds("r", tenant, "rca"), Reply(reply(tenant)), SettleResult.REPLIED, 10.0))
 
     samples = scrape(metrics)
 
@@ -49,11 +49,13 @@ def test_only_tenants_with_a_config_file_become_label_values() -> None:
 def test_unroutable_reply_and_reroute_are_counted_as_dead_letters_with_their_reason() -> None:
     metrics = Metrics(CONFIGURED.__contains__)
     lost = Reply(reply("acme", Status.OK))
-    metrics.observe(Settled(RequestIds("r", "acme", "rca"), lost, "dead_lettered", 10.0))
-    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reroute("transient"), "dead_lettered", 10.0))
-    dead = DeadLetter("exhausted", ErrorInfo(code="timeout", message="slow"), "azure_openai", 5)
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), lost, SettleResult.DEAD_LETTERED, 10.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reroute("transient"), SettleResult.DEAD_LETTERED, 10.0))
+    dead = DeadLetter(DeadLetterReason.EXHAUSTED, ErrorInfo(code="timeout", message="slow"), "azure_openai", 5)
     metrics.observe(
-        Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme", Status.FAILED), dead), "dead_lettered", 1.0)
+        Settled(
+            RequestIds("r", "acme", "rca"), Reply(reply("acme", Status.FAILED), dead), SettleResult.DEAD_LETTERED, 1.0
+        )
     )
 
     samples = scrape(metrics)
@@ -86,7 +88,7 @@ def test_breaker_state_is_one_hot_per_tenant_endpoint() -> None:
 
 def test_two_workers_in_one_process_keep_separate_counts() -> None:
     first, second = Metrics(CONFIGURED.__contains__), Metrics(CONFIGURED.__contains__)
-    first.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 1.0))
+    first.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), SettleResult.REPLIED, 1.0))
     assert scrape(first).value("atlas_worker_settled_total") == 1
     assert scrape(second).value("atlas_worker_settled_total") == 0
 
@@ -112,7 +114,7 @@ PROMETHEUS_ACCEPT = (
 
 async def test_metrics_are_served_in_the_0_0_4_text_format_whatever_the_scraper_accepts() -> None:
     metrics = Metrics(CONFIGURED.__contains__)
-    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), "replied", 10.0))
+    metrics.observe(Settled(RequestIds("r", "acme", "rca"), Reply(reply("acme")), SettleResult.REPLIED, 10.0))
     server = HealthServer(lambda: {"started": True}, metrics.registry, host="127.0.0.1", port=0)
     await server.start()
     try:

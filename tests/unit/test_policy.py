@@ -7,6 +7,7 @@ import pytest
 from contracts import FallbackPolicy, Status
 from worker.errors import ErrorClass
 from worker.handling.ladder import RetryLadder
+from worker.handling.outcome import DeadLetterReason
 from worker.handling.policy import Action, Decision, decide, decide_refused
 
 LADDER = RetryLadder(base_s=1.0, factor=2.5, levels=8)
@@ -150,3 +151,67 @@ def test_a_decision_that_ends_retrying_says_why() -> None:
     assert refused(12.0, 100.0) == "deadline"
     assert refused(None, 9.0) == "circuit_open"
     assert refused(None, 100.0) is None
+
+
+# The whole decision beyond the table: (error, policy, attempts, deadline left) → dead-letter reason, whether
+# the attempt counts, whether the policy changed the request's course.
+REASONS = DeadLetterReason
+WHOLE_TABLE = [
+    (ErrorClass.BAD_REQUEST, RETRY, 1, None, (REASONS.PERMANENT_ERROR, True, False)),
+    (ErrorClass.BAD_REQUEST, FAIL_CLOSED, 2, None, (REASONS.PERMANENT_ERROR, True, True)),  # back from the ladder
+    (ErrorClass.AUTH, RETRY, 1, None, (REASONS.PERMANENT_ERROR, True, False)),
+    (ErrorClass.TRANSIENT, FAIL_CLOSED, 1, None, (None, True, True)),  # fail_closed answered
+    (ErrorClass.TRANSIENT, CLOUD, 1, None, (None, True, True)),
+    (ErrorClass.TRANSIENT, RETRY, 1, None, (None, True, False)),  # first retry
+    (ErrorClass.TRANSIENT, RETRY, 2, None, (None, True, True)),
+    (ErrorClass.RATE_LIMITED, RETRY, 5, None, (REASONS.EXHAUSTED, True, True)),
+    (ErrorClass.TRANSIENT, RETRY, 1, 0.5, (REASONS.EXPIRED, True, False)),
+]
+
+
+@pytest.mark.parametrize(("error", "policy", "attempts", "time_left_s", "expected"), WHOLE_TABLE)
+def test_the_decision_says_why_it_dead_letters_and_what_it_costs(
+    error: ErrorClass,
+    policy: FallbackPolicy,
+    attempts: int,
+    time_left_s: float | None,
+    expected: tuple[DeadLetterReason | None, bool, bool],
+) -> None:
+    decision = decide(error, policy, attempts=attempts, max_attempts=5, time_left_s=time_left_s, ladder=LADDER)
+    assert (decision.dead_letter_reason, decision.costs_attempt, decision.fallback_used) == expected
+    assert decision.dead_letter == (decision.dead_letter_reason is not None)
+
+
+REFUSED_WHOLE_TABLE = [
+    # (policy, next probe in s, deadline left, patience left, attempts made) → reason, fallback_used
+    (FAIL_CLOSED, 10.0, None, 100.0, 0, (None, True)),
+    (CLOUD, 10.0, None, 100.0, 0, (None, True)),
+    (RETRY, 10.0, None, 100.0, 0, (None, False)),  # waits: nothing has failed before
+    (RETRY, 10.0, None, 100.0, 2, (None, True)),
+    (RETRY, 10.0, 12.0, 100.0, 1, (REASONS.EXPIRED, True)),
+    (RETRY, 10.0, None, 9.0, 0, (REASONS.CIRCUIT_OPEN, False)),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "wait_s", "time_left_s", "patience_left_s", "attempts", "expected"), REFUSED_WHOLE_TABLE
+)
+def test_a_refused_call_never_costs_an_attempt(
+    policy: FallbackPolicy,
+    wait_s: float,
+    time_left_s: float | None,
+    patience_left_s: float,
+    attempts: int,
+    expected: tuple[DeadLetterReason | None, bool],
+) -> None:
+    decision = decide_refused(
+        policy,
+        wait_s=wait_s,
+        time_left_s=time_left_s,
+        patience_left_s=patience_left_s,
+        ladder=LADDER,
+        attempts=attempts,
+    )
+    assert not decision.costs_attempt
+    assert (decision.dead_letter_reason, decision.fallback_used) == expected
+    assert decision.dead_letter == (decision.dead_letter_reason is not None)

@@ -13,13 +13,25 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
-from contracts import ErrorInfo, Header, InferenceReply, InferenceRequest, Status, Timings
+from contracts import ErrorInfo, Header, InferenceRequest, Status
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
 from worker.broker.limits import MAX_BODY_BYTES
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
-from worker.handling.handler import DeliveryContext, Handler
-from worker.handling.outcome import DeadLetter, Outcome, Reply, RequestIds, Retry
+from worker.handling import replies
+from worker.handling.outcome import (
+    DeadLetter,
+    DeadLetterReason,
+    DeliveryContext,
+    Malformed,
+    MalformedCode,
+    Outcome,
+    Reply,
+    RequestIds,
+    Retry,
+    SettleResult,
+)
+from worker.handling.route import Router
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.broker.consumer")
@@ -28,40 +40,28 @@ __all__ = ["MAX_BODY_BYTES", "Consumer", "Malformed", "Settled", "decode"]
 
 
 @dataclass(frozen=True, slots=True)
-class Malformed:
-    """A delivery the worker will not handle (not a valid request, or refused by the publisher rules); what we
-    could still read helps the publisher match the rejection."""
-
-    code: str  # invalid_json | invalid_request | unknown_task | body_too_large | publisher_refused
-    message: str
-    request_id: str | None = None
-    tenant_id: str | None = None
-    task: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Settled:
     """One delivery's end, for metrics and tests."""
 
     ids: RequestIds
     outcome: Outcome
-    done: str
+    done: SettleResult
     duration_ms: float
 
 
 def decode(body: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> InferenceRequest | Malformed:
     if len(body) > max_body_bytes:
-        return Malformed("body_too_large", f"body is {len(body)} bytes; the limit is {max_body_bytes}")
+        return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
     try:
         return InferenceRequest.model_validate_json(body)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         if errors and errors[0]["type"] == "json_invalid":
-            return Malformed("invalid_json", "body is not valid JSON")
+            return Malformed(MalformedCode.INVALID_JSON, "body is not valid JSON")
         partial = _readable_ids(body)
         first = errors[0]
         where = ".".join(map(str, first["loc"])) or "(body)"
-        code = "unknown_task" if first["loc"] == ("task",) else "invalid_request"
+        code = MalformedCode.UNKNOWN_TASK if first["loc"] == ("task",) else MalformedCode.INVALID_REQUEST
         detail = f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
         return Malformed(code, detail[:500], *partial)
 
@@ -107,7 +107,7 @@ class Consumer:
     def __init__(
         self,
         queue: AbstractQueue,
-        handler: Handler,
+        handler: Router,
         settler: Settler,
         *,
         on_settled: Callable[[Settled], None] | None = None,
@@ -201,7 +201,9 @@ class Consumer:
         if refusal is None:
             return decoded
         log.warning("publisher_refused", user_id=message.user_id, reason=refusal)
-        return Malformed("publisher_refused", refusal, decoded.request_id, decoded.tenant_id, decoded.task.value)
+        return Malformed(
+            MalformedCode.PUBLISHER_REFUSED, refusal, decoded.request_id, decoded.tenant_id, decoded.task.value
+        )
 
     def _may_reply(self, message: AbstractIncomingMessage) -> bool:
         return bool(message.reply_to) and self._publishers.reply_to_allowed(message.reply_to or "")
@@ -213,15 +215,8 @@ class Consumer:
             # A bug must not become a crash loop: the request is dead-lettered with the reason.
             log.exception("handler_crashed")
             error = ErrorInfo(code="internal_error", message=f"worker error: {type(exc).__name__}")
-            reply = InferenceReply(
-                request_id=request.request_id,
-                tenant_id=request.tenant_id,
-                task=request.task.value,
-                status=Status.FAILED,
-                error=error,
-                timings=_timings(ctx),
-            )
-            return Reply(reply, DeadLetter("internal_error", error, attempts=ctx.attempts))
+            reply = replies.reply(replies.ids_of(request), ctx, Status.FAILED, error=error)
+            return Reply(reply, DeadLetter(DeadLetterReason.INTERNAL_ERROR, error, attempts=ctx.attempts))
 
     def _report(self, settled: Settled) -> None:
         outcome = settled.outcome
@@ -288,25 +283,9 @@ async def _wait_unless(tasks: set["asyncio.Task[None]"], timeout_s: float, force
         forced.cancel()
 
 
-def _timings(ctx: DeliveryContext) -> Timings:
-    return Timings(
-        received_at=ctx.received_at,
-        replied_at=datetime.now(UTC),
-        total_ms=round((time.monotonic() - ctx.received_monotonic) * 1000, 3),
-    )
-
-
 def _rejected(bad: Malformed, ctx: DeliveryContext, *, reply: bool) -> Reply:
     error = ErrorInfo(code=bad.code, message=bad.message)
-    rejection = None
-    if reply:
-        rejection = InferenceReply(
-            request_id=bad.request_id,
-            tenant_id=bad.tenant_id,
-            task=bad.task,
-            status=Status.REJECTED,
-            error=error,
-            timings=_timings(ctx),
-        )
-    reason = "publisher_refused" if bad.code == "publisher_refused" else "malformed"
+    rejection = replies.rejected(_ids(bad), ctx, error) if reply else None
+    refused = bad.code is MalformedCode.PUBLISHER_REFUSED
+    reason = DeadLetterReason.PUBLISHER_REFUSED if refused else DeadLetterReason.MALFORMED
     return Reply(rejection, DeadLetter(reason, error, attempts=ctx.attempts))

@@ -20,7 +20,17 @@ from worker.broker.header_trust import HeaderTrust
 from worker.broker.headers import read_count
 from worker.broker.limits import MAX_BODY_BYTES, bounded_headers
 from worker.handling import history
-from worker.handling.outcome import DeadLetter, Defer, Outcome, Reply, RequestIds, Reroute, Retry
+from worker.handling.outcome import (
+    DeadLetter,
+    DeadLetterReason,
+    Defer,
+    Outcome,
+    Reply,
+    RequestIds,
+    Reroute,
+    Retry,
+    SettleResult,
+)
 from worker.redaction import redact_text
 from worker.tracing import NO_TRACING, Tracing
 
@@ -58,15 +68,15 @@ class Settler:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._acks = Acknowledger()
 
-    async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
+    async def settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> SettleResult:
         """Carry out the outcome; returns what was done (for logs and metrics). Raises if anything failed
         to be confirmed, in which case the delivery is not acked and the broker will deliver it again."""
         with self._tracing.span("settle", SETTLE_SPAN):
             done = await self._settle(delivery, outcome, ids)
-            self._tracing.annotate({"atlas.settle.result": done})
+            self._tracing.annotate({"atlas.settle.result": done.value})
             return done
 
-    async def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> str:
+    async def _settle(self, delivery: AbstractIncomingMessage, outcome: Outcome, ids: RequestIds) -> SettleResult:
         # A delivery whose channel closed (the connection dropped while its provider call ran) can no longer
         # be acked: the broker has already queued it again. Publishing its outcome now would answer twice.
         if delivery.channel.is_closed:  # the property itself raises ChannelInvalidStateError once it is closed
@@ -83,13 +93,13 @@ class Settler:
                     **lineage_headers(delivery, believed, put_back=True),
                 }
                 await self._publish_copy(delivery, ids, self._topology.retry, "0", headers)
-                done = "deferred"
+                done = SettleResult.DEFERRED
             case Reroute():
                 done = await self._reroute(delivery, outcome, ids)
         self._acks.ack(delivery)
         return done
 
-    async def _retry(self, delivery: AbstractIncomingMessage, outcome: Retry, ids: RequestIds) -> str:
+    async def _retry(self, delivery: AbstractIncomingMessage, outcome: Retry, ids: RequestIds) -> SettleResult:
         believed = self.trust.believed(delivery.headers, ids.request_id)
         headers: dict[str, Any] = {
             Header.ATTEMPTS: outcome.attempts,
@@ -107,7 +117,7 @@ class Settler:
         if outcome.history:
             headers[Header.HISTORY] = history.encode(outcome.history)
         await self._publish_copy(delivery, ids, self._topology.retry, str(outcome.level), headers)
-        return "circuit_wait" if outcome.refused_by_circuit else "retried"
+        return SettleResult.CIRCUIT_WAIT if outcome.refused_by_circuit else SettleResult.RETRIED
 
     async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
         """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
@@ -126,7 +136,7 @@ class Settler:
         reply: InferenceReply | None,
         dead: DeadLetter | None,
         ids: RequestIds,
-    ) -> str:
+    ) -> SettleResult:
         reply_lost = False
         if reply is not None and dead is None:
             # The common case, awaited directly: no gather, no extra task.
@@ -151,17 +161,17 @@ class Settler:
                 await self._dead_letter(
                     delivery,
                     DeadLetter(
-                        "reply_unroutable",
+                        DeadLetterReason.REPLY_UNROUTABLE,
                         ErrorInfo(code="reply_unroutable", message=f"no queue named {delivery.reply_to!r} to reply to"),
                         attempts=reply.provenance.attempts if reply else 0,
                     ),
                     ids,
                 )
-            return "dead_lettered"
+            return SettleResult.DEAD_LETTERED
         if dead is None:
-            return "replied"
+            return SettleResult.REPLIED
         # Count what happened: a message with no one to answer (reply None) was only dead-lettered.
-        return "replied+dead_lettered" if reply is not None else "dead_lettered"
+        return SettleResult.REPLIED_AND_DEAD_LETTERED if reply is not None else SettleResult.DEAD_LETTERED
 
     async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
         if reply.error is not None:  # the last look before it leaves: error messages may quote anything
@@ -206,7 +216,7 @@ class Settler:
             headers[Header.HISTORY] = history.encode(dead.history)
         await self._publish_copy(delivery, ids, self._topology.dead, "", headers, dead_letter=True)
 
-    async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> str:
+    async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> SettleResult:
         headers: dict[str, Any] = {
             Header.REASON: outcome.reason,
             Header.REROUTED_FROM_TENANT: ids.tenant_id,
@@ -224,7 +234,7 @@ class Settler:
             await self._dead_letter(
                 delivery,
                 DeadLetter(
-                    "reroute_unroutable",
+                    DeadLetterReason.REROUTE_UNROUTABLE,
                     ErrorInfo(
                         code="reroute_unroutable", message=f"nothing is bound to {self._atlas_cloud!r} for this request"
                     ),
@@ -233,7 +243,7 @@ class Settler:
                 ),
                 ids,
             )
-            return "dead_lettered"
+            return SettleResult.DEAD_LETTERED
         audit.warning(
             "data_left_network",
             tenant_id=ids.tenant_id,
@@ -242,7 +252,7 @@ class Settler:
             exchange=self._atlas_cloud,
             at=headers[Header.REROUTED_AT],
         )
-        return "rerouted"
+        return SettleResult.REROUTED
 
     def _failure_headers(
         self, delivery: AbstractIncomingMessage, ids: RequestIds, error: ErrorInfo, provider_kind: str | None

@@ -1,9 +1,11 @@
-"""What handling a delivery decided; `settle` turns exactly one of these into publishes and an ack."""
+"""A delivery's context in, what handling decided out: `settle` turns exactly one outcome into publishes and an ack."""
 
 from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
 from typing import Final
 
-from contracts import AttemptRecord, ErrorInfo, InferenceReply
+from contracts import AttemptRecord, ErrorInfo, InferenceReply, LastProviderError
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,28 +17,78 @@ class RequestIds:
     task: str | None
 
 
-# Every reason the worker dead-letters for; metrics count these and fold anything else into `other`.
-DEAD_LETTER_REASONS: Final = frozenset(
-    {
-        "malformed",
-        "publisher_refused",
-        "tenant_config_invalid",
-        "expired",
-        "exhausted",
-        "permanent_error",
-        "circuit_open",
-        "internal_error",
-        "reply_unroutable",
-        "reroute_unroutable",
-    }
-)
+@dataclass(frozen=True, slots=True)
+class DeliveryContext:
+    """What the broker delivery tells handling beyond the request body."""
+
+    attempts: int  # provider attempts already made, from our header
+    received_at: datetime
+    received_monotonic: float
+    first_failure_at: datetime | None = None  # when this request first failed, from our header
+    last_error: LastProviderError | None = None  # the provider's last real error for it, from our headers
+    settle_seq: int = 0  # times a worker put it back on the ladder, from our header
+    redeliveries: int = 0  # broker redeliveries in its history, this delivery's included
+    history: tuple[AttemptRecord, ...] = ()  # its failed tries so far, from our header
+
+
+class MalformedCode(StrEnum):
+    """Why a delivery is not handled at all; the code of its rejection reply and dead letter."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_REQUEST = "invalid_request"
+    UNKNOWN_TASK = "unknown_task"
+    BODY_TOO_LARGE = "body_too_large"
+    PUBLISHER_REFUSED = "publisher_refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A delivery the worker will not handle (not a valid request, or refused by the publisher rules); what we
+    could still read helps the publisher match the rejection."""
+
+    code: MalformedCode
+    message: str
+    request_id: str | None = None
+    tenant_id: str | None = None
+    task: str | None = None
+
+
+class DeadLetterReason(StrEnum):
+    """Every reason the worker dead-letters for (the `atlas-reason` header and the metrics' `reason` label)."""
+
+    MALFORMED = "malformed"
+    PUBLISHER_REFUSED = "publisher_refused"
+    TENANT_CONFIG_INVALID = "tenant_config_invalid"
+    EXPIRED = "expired"
+    EXHAUSTED = "exhausted"
+    PERMANENT_ERROR = "permanent_error"
+    CIRCUIT_OPEN = "circuit_open"
+    INTERNAL_ERROR = "internal_error"
+    REPLY_UNROUTABLE = "reply_unroutable"
+    REROUTE_UNROUTABLE = "reroute_unroutable"
+
+
+# Metrics count these and fold anything else into `other`.
+DEAD_LETTER_REASONS: Final = frozenset(r.value for r in DeadLetterReason)
+
+
+class SettleResult(StrEnum):
+    """What settling an outcome did (logs, metrics' `result` label, the settle span)."""
+
+    REPLIED = "replied"
+    REPLIED_AND_DEAD_LETTERED = "replied+dead_lettered"
+    DEAD_LETTERED = "dead_lettered"
+    RETRIED = "retried"
+    CIRCUIT_WAIT = "circuit_wait"
+    DEFERRED = "deferred"
+    REROUTED = "rerouted"
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """Park the original message on `{ns}.dead` for an operator, with the reason in headers."""
 
-    reason: str  # one of DEAD_LETTER_REASONS
+    reason: DeadLetterReason
     error: ErrorInfo
     provider_kind: str | None = None
     attempts: int = 0

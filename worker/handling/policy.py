@@ -19,6 +19,10 @@ A call refused by an open circuit is no provider attempt (`decide_refused`): und
 request waits on the ladder for the circuit's next probe and ends only when that probe would come after
 its deadline (or its patience, when it has no deadline); `fail_closed` answers `unavailable` at once and
 `atlas_cloud` reroutes, as for any availability failure.
+
+The decision is whole: what to do, with which reply status, whether and why to dead-letter (the
+`atlas-reason`), whether it costs an attempt, and whether the policy changed the request's course
+(`fallback_used`: it came back from the ladder, or fail_closed answered).
 """
 
 from dataclasses import dataclass
@@ -28,6 +32,7 @@ from contracts import FallbackPolicy, Status
 from contracts.messages import StoppedBecause
 from worker.errors import ErrorClass
 from worker.handling.ladder import RetryLadder
+from worker.handling.outcome import DeadLetterReason
 
 AVAILABILITY = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
 MISCONFIGURED = frozenset({ErrorClass.QUOTA, ErrorClass.AUTH, ErrorClass.NOT_FOUND})
@@ -47,8 +52,11 @@ class Decision:
     status: Status | None = None
     dead_letter: bool = False
     retry_level: int | None = None
-    reason: str = ""
+    reason: str = ""  # the why, for logs and traces
     stopped_because: StoppedBecause | None = None  # why retrying ended, when it did
+    dead_letter_reason: DeadLetterReason | None = None  # set exactly when `dead_letter`
+    costs_attempt: bool = True  # False: the provider was not called, the attempt count stays
+    fallback_used: bool = False  # the policy changed the request's course (see the module docstring)
 
 
 def decide(
@@ -62,32 +70,31 @@ def decide(
     retry_after_s: float | None = None,
 ) -> Decision:
     """What to do after the `attempts`-th provider attempt failed with `error_class`."""
+    came_back = attempts > 1  # an earlier attempt put it on the ladder
     if error_class in REQUEST_IS_WRONG:
-        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="request rejected by provider")
-    if policy is FallbackPolicy.FAIL_CLOSED:
-        return Decision(Action.REPLY, Status.UNAVAILABLE, reason="provider failed; policy fail_closed")
-    if policy is FallbackPolicy.ATLAS_CLOUD:
-        return Decision(Action.REROUTE, reason=f"provider failed ({error_class.value}); policy atlas_cloud")
-    if error_class in MISCONFIGURED:
-        return Decision(Action.REPLY, Status.FAILED, dead_letter=True, reason="provider misconfigured")
-    if attempts >= max_attempts:
-        return Decision(
-            Action.REPLY,
-            Status.FAILED,
-            dead_letter=True,
-            reason=f"gave up after {attempts} attempts",
-            stopped_because="attempts_exhausted",
+        return _dead_lettered(
+            Status.FAILED, DeadLetterReason.PERMANENT_ERROR, "request rejected by provider", came_back
         )
+    if policy is FallbackPolicy.FAIL_CLOSED:
+        return Decision(
+            Action.REPLY, Status.UNAVAILABLE, reason="provider failed; policy fail_closed", fallback_used=True
+        )
+    if policy is FallbackPolicy.ATLAS_CLOUD:
+        return Decision(
+            Action.REROUTE, reason=f"provider failed ({error_class.value}); policy atlas_cloud", fallback_used=True
+        )
+    if error_class in MISCONFIGURED:
+        return _dead_lettered(Status.FAILED, DeadLetterReason.PERMANENT_ERROR, "provider misconfigured", came_back)
+    if attempts >= max_attempts:
+        why = f"gave up after {attempts} attempts"
+        return _dead_lettered(Status.FAILED, DeadLetterReason.EXHAUSTED, why, came_back, "attempts_exhausted")
     level = ladder.level_for(attempts, retry_after_s)
     if time_left_s is not None and ladder.delays_s[level] >= time_left_s:
-        return Decision(
-            Action.REPLY,
-            Status.EXPIRED,
-            dead_letter=True,
-            reason="next retry would miss the deadline",
-            stopped_because="deadline",
-        )
-    return Decision(Action.RETRY, retry_level=level, reason=f"retry {attempts + 1} of {max_attempts}")
+        why = "next retry would miss the deadline"
+        return _dead_lettered(Status.EXPIRED, DeadLetterReason.EXPIRED, why, came_back, "deadline")
+    return Decision(
+        Action.RETRY, retry_level=level, reason=f"retry {attempts + 1} of {max_attempts}", fallback_used=came_back
+    )
 
 
 def decide_refused(
@@ -97,30 +104,65 @@ def decide_refused(
     time_left_s: float | None,
     patience_left_s: float,
     ladder: RetryLadder,
+    attempts: int = 0,
 ) -> Decision:
-    """What to do when an open circuit refused the call; its next probe is `wait_s` away.
+    """What to do when an open circuit refused the call; its next probe is `wait_s` away. The call is no
+    attempt: `attempts` (those already made) stays as it is.
 
     `time_left_s` is what remains of the request's deadline (None: it has none), `patience_left_s` what
     remains of the time its attempts could take on the ladder, counted from its first failure.
     """
+    came_back = attempts > 0
     if policy is FallbackPolicy.FAIL_CLOSED:
-        return Decision(Action.REPLY, Status.UNAVAILABLE, reason="circuit open; policy fail_closed")
+        return Decision(
+            Action.REPLY,
+            Status.UNAVAILABLE,
+            reason="circuit open; policy fail_closed",
+            costs_attempt=False,
+            fallback_used=True,
+        )
     if policy is FallbackPolicy.ATLAS_CLOUD:
-        return Decision(Action.REROUTE, reason="circuit open; policy atlas_cloud")
+        return Decision(
+            Action.REROUTE, reason="circuit open; policy atlas_cloud", costs_attempt=False, fallback_used=True
+        )
     level = ladder.level_for(0, wait_s)  # the first level at least as long as the rest of the cooldown
     delay = ladder.delays_s[level]
     if time_left_s is not None and max(delay, wait_s) >= time_left_s:  # the probe, or its return, is too late
-        return Decision(
-            Action.REPLY, Status.EXPIRED, dead_letter=True, reason="the request's deadline", stopped_because="deadline"
-        )
+        why = "the request's deadline"
+        return _dead_lettered(Status.EXPIRED, DeadLetterReason.EXPIRED, why, came_back, "deadline", refused=True)
     # Patience is the soft bound: the next probe must fall within it. Half-open (no wait) never ends a
     # request here: its probes are bounded by the tenant's timeout, and their outcome decides.
     if wait_s > 0 and wait_s >= patience_left_s:
-        return Decision(
-            Action.REPLY,
-            Status.FAILED,
-            dead_letter=True,
-            reason="the time its attempts could take",
-            stopped_because="circuit_open",
+        why = "the time its attempts could take"
+        return _dead_lettered(
+            Status.FAILED, DeadLetterReason.CIRCUIT_OPEN, why, came_back, "circuit_open", refused=True
         )
-    return Decision(Action.WAIT, retry_level=level, reason=f"circuit open; next probe in {wait_s:.1f}s")
+    return Decision(
+        Action.WAIT,
+        retry_level=level,
+        reason=f"circuit open; next probe in {wait_s:.1f}s",
+        costs_attempt=False,
+        fallback_used=came_back,
+    )
+
+
+def _dead_lettered(
+    status: Status,
+    reason: DeadLetterReason,
+    why: str,
+    came_back: bool,
+    stopped_because: StoppedBecause | None = None,
+    *,
+    refused: bool = False,
+) -> Decision:
+    """A reply that also dead-letters the request; `refused`: an open circuit refused the call (no attempt)."""
+    return Decision(
+        Action.REPLY,
+        status,
+        dead_letter=True,
+        reason=why,
+        stopped_because=stopped_because,
+        dead_letter_reason=reason,
+        costs_attempt=not refused,
+        fallback_used=came_back,
+    )

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from contracts import ProviderSettings, Status, Task
 from worker.broker.consumer import Settled
 from worker.errors import ErrorClass
-from worker.handling.outcome import DEAD_LETTER_REASONS, Defer, Reply, Reroute, Retry
+from worker.handling.outcome import DEAD_LETTER_REASONS, DeadLetterReason, Defer, Reply, Reroute, Retry, SettleResult
 from worker.ops.genai_metrics import GenAIMetrics
 
 OTHER_TENANT: Final = "other"
@@ -21,7 +21,8 @@ TASKS: Final = frozenset(t.value for t in Task)
 STATUSES: Final = frozenset(s.value for s in Status)
 _PROVIDER_MODELS = get_args(get_args(ProviderSettings)[0])  # the members of the Annotated union
 PROVIDER_KINDS: Final = frozenset(get_args(model.model_fields["kind"].annotation)[0] for model in _PROVIDER_MODELS)
-RESULTS: Final = frozenset({"replied", "replied+dead_lettered", "dead_lettered", "retried", "deferred", "rerouted"})
+# A circuit wait is no result of its own on this counter: it is counted as `other`.
+RESULTS: Final = frozenset(r.value for r in SettleResult if r is not SettleResult.CIRCUIT_WAIT)
 REROUTE_REASONS: Final = frozenset({"no_byoc_config", *(c.value for c in ErrorClass)})
 BREAKER_STATES: Final = ("closed", "open", "half_open")
 # Seconds; LLM calls run from well under a second (summaries on small models) to minutes (large RCAs).
@@ -136,23 +137,23 @@ class Metrics:
                     provider_kind = closed(dead.provider_kind, PROVIDER_KINDS)
                 if dead is not None:
                     self.dead_letters.labels(closed(dead.reason, DEAD_LETTER_REASONS), tenant).inc()
-                if reply is not None and settled.done == "dead_lettered":
+                if reply is not None and settled.done is SettleResult.DEAD_LETTERED:
                     # The reply came back unroutable; when the request had no dead letter of its own, the
                     # settler parked it with reason reply_unroutable.
                     self.unroutable.labels("reply").inc()
                     if dead is None:
-                        self.dead_letters.labels("reply_unroutable", tenant).inc()
+                        self.dead_letters.labels(DeadLetterReason.REPLY_UNROUTABLE, tenant).inc()
             case Retry(level=level, provider_kind=kind, refused_by_circuit=waiting):
                 provider_kind = closed(kind, PROVIDER_KINDS)
                 if not waiting:  # a wait for an open circuit's probe is no retry of a provider call
                     self.retries.labels(str(level), tenant).inc()
             case Reroute(reason=reason, provider_kind=kind):
                 provider_kind = closed(kind, PROVIDER_KINDS)
-                if settled.done == "rerouted":
+                if settled.done is SettleResult.REROUTED:
                     self.reroutes.labels(closed(reason, REROUTE_REASONS), tenant).inc()
                 else:
                     self.unroutable.labels("reroute").inc()
-                    self.dead_letters.labels("reroute_unroutable", tenant).inc()
+                    self.dead_letters.labels(DeadLetterReason.REROUTE_UNROUTABLE, tenant).inc()
             case Defer():
                 pass
         self.settled.labels(closed(settled.done, RESULTS), status, task, provider_kind, tenant).inc()

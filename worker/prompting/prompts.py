@@ -17,7 +17,7 @@ from worker.prompting import budget as budgets
 from worker.prompting import tool_schemas
 from worker.prompting.budget import Budget
 from worker.prompting.evidence import IncidentView
-from worker.prompting.results import TaskFailure
+from worker.prompting.results import TaskFailure, TaskFailureCode
 from worker.prompting.strict_schema import strict_json_schema
 from worker.prompting.tool_schemas import ToolSchemaError
 from worker.providers.base import ModelCall, OutputSchema, ToolSpec, Turn
@@ -106,7 +106,7 @@ def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
     declarations = tuple(request.tools)
     names = [d.name for d in declarations]
     if len(set(names)) != len(names):
-        raise TaskFailure("invalid_tools", "tool names must be unique", rejected=True)
+        raise TaskFailure(TaskFailureCode.INVALID_TOOLS, "tool names must be unique", rejected=True)
     checking = declarations[0].name
     try:
         with tool_schemas.budget():  # one budget for all of the request's tools
@@ -115,7 +115,7 @@ def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
                 tool_schemas.check_parameters(declaration.parameters)
     except ToolSchemaError as exc:
         message = f"parameters of tool {checking!r} break rule {exc.rule}: {exc.message}"
-        raise TaskFailure("invalid_tools", message, rejected=True) from None
+        raise TaskFailure(TaskFailureCode.INVALID_TOOLS, message, rejected=True) from None
     return declarations
 
 
@@ -123,7 +123,9 @@ def build_call(request: InferenceRequest, tenant: TenantConfig, budget: Budget |
     """The model call for `request`; `budget` replaces the planned one (the retry after a context overflow)."""
     task = request.task
     if task not in PROMPT_VERSIONS:
-        raise TaskFailure("unsupported_task", f"task {task.value!r} is not answered by a model call", rejected=True)
+        raise TaskFailure(
+            TaskFailureCode.UNSUPPORTED_TASK, f"task {task.value!r} is not answered by a model call", rejected=True
+        )
     if budget is None:
         output = request.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS[task]
         budget = budgets.plan(tenant.provider.context_window, output, answers=2 if task is Task.RCA else 1)

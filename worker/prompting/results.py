@@ -3,6 +3,7 @@
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -15,7 +16,20 @@ from worker.prompting import tool_schemas
 from worker.prompting.tool_schemas import ToolSchemaError
 from worker.providers.base import Finish, ModelResult
 
-REPAIRABLE = frozenset({"invalid_output", "truncated_output"})
+
+class TaskFailureCode(StrEnum):
+    """Why a task has no valid result: the reply's `error.code`."""
+
+    INVALID_OUTPUT = "invalid_output"
+    TRUNCATED_OUTPUT = "truncated_output"
+    CONTENT_FILTERED = "content_filtered"
+    TOOLS_UNSUPPORTED = "tools_unsupported"
+    EMPTY_OUTPUT = "empty_output"
+    INVALID_TOOLS = "invalid_tools"  # the request's tool declarations, not the model's answer
+    UNSUPPORTED_TASK = "unsupported_task"
+
+
+REPAIRABLE = frozenset({TaskFailureCode.INVALID_OUTPUT, TaskFailureCode.TRUNCATED_OUTPUT})
 # What providers say when a model cannot call tools (Ollama, Bedrock, Gemini, vLLM without a tool parser).
 TOOLS_UNSUPPORTED = re.compile(
     r"(does not|doesn't|do not) support (tools|tool use|tool calling|function calling)"
@@ -29,7 +43,7 @@ TOOLS_UNSUPPORTED = re.compile(
 class TaskFailure(Exception):
     """The provider answered, but not with something we can pass on as a valid result."""
 
-    code: str  # invalid_output | truncated_output | content_filtered | tools_unsupported | empty_output | invalid_tools
+    code: TaskFailureCode
     message: str
     raw_output: str | None = None
     rejected: bool = False  # the request itself is wrong (reply `rejected`), not the model's answer
@@ -47,16 +61,18 @@ def interpret(
 ) -> ReplyResult:
     """The reply's result for a model answer; `citable` are the incident positions the model was shown."""
     if result.finish is Finish.CONTENT_FILTER:
-        raise TaskFailure("content_filtered", "the provider's content filter withheld the answer", result.text)
+        raise TaskFailure(
+            TaskFailureCode.CONTENT_FILTERED, "the provider's content filter withheld the answer", result.text
+        )
     if request.task is Task.RCA:
         assert request.incident is not None
         return ReplyResult(rca=_rca(result, request.incident, citable))
     if request.task is Task.RUNBOOK:
         return ReplyResult(tool_calls=_tool_calls(request.tools or DEFAULT_RUNBOOK_TOOLS, result))
     if result.finish is Finish.LENGTH and not result.text:
-        raise TaskFailure("truncated_output", "the model hit max_output_tokens before answering")
+        raise TaskFailure(TaskFailureCode.TRUNCATED_OUTPUT, "the model hit max_output_tokens before answering")
     if not result.text:
-        raise TaskFailure("empty_output", "the model returned no text")
+        raise TaskFailure(TaskFailureCode.EMPTY_OUTPUT, "the model returned no text")
     return ReplyResult(text=result.text)
 
 
@@ -76,15 +92,17 @@ def explain_provider_error(request: InferenceRequest, exc: ProviderError) -> Pro
 def _rca(result: ModelResult, incident: IncidentContext, citable: Mapping[str, frozenset[int]] | None) -> RcaResult:
     raw = _structured_text(result)
     if result.finish is Finish.LENGTH:
-        raise TaskFailure("truncated_output", "the JSON answer was cut off at max_output_tokens", raw)
+        raise TaskFailure(TaskFailureCode.TRUNCATED_OUTPUT, "the JSON answer was cut off at max_output_tokens", raw)
     if not raw.strip():
-        raise TaskFailure("invalid_output", "the model returned no JSON", raw)
+        raise TaskFailure(TaskFailureCode.INVALID_OUTPUT, "the model returned no JSON", raw)
     try:
         rca = RcaResult.model_validate_json(_json_part(raw))
     except ValidationError as exc:
-        raise TaskFailure("invalid_output", f"the answer does not match the RCA schema: {_first(exc)}", raw) from None
+        raise TaskFailure(
+            TaskFailureCode.INVALID_OUTPUT, f"the answer does not match the RCA schema: {_first(exc)}", raw
+        ) from None
     if (problem := _evidence_problem(rca, incident, citable)) is not None:
-        raise TaskFailure("invalid_output", problem, raw)
+        raise TaskFailure(TaskFailureCode.INVALID_OUTPUT, problem, raw)
     return rca
 
 
@@ -125,15 +143,15 @@ def _tool_calls(declarations: Sequence[ToolDeclaration], result: ModelResult) ->
     if not result.tool_calls:
         if result.finish is Finish.LENGTH:
             raise TaskFailure(
-                "truncated_output", "the model hit max_output_tokens before calling any tool", result.text
+                TaskFailureCode.TRUNCATED_OUTPUT, "the model hit max_output_tokens before calling any tool", result.text
             )
         if result.text:
             raise TaskFailure(
-                "tools_unsupported",
+                TaskFailureCode.TOOLS_UNSUPPORTED,
                 "the model answered in text instead of calling tools; runbooks need a model with tool calling",
                 result.text,
             )
-        raise TaskFailure("empty_output", "the model returned neither tool calls nor text")
+        raise TaskFailure(TaskFailureCode.EMPTY_OUTPUT, "the model returned neither tool calls nor text")
     schemas = {d.name: d.parameters for d in declarations}
     try:
         with tool_schemas.budget():
@@ -141,9 +159,11 @@ def _tool_calls(declarations: Sequence[ToolDeclaration], result: ModelResult) ->
                 _check_arguments(position, call, schemas, result.tool_calls)
     except ToolSchemaError as exc:
         message = f"validating tool-call arguments against the declared tools broke rule {exc.rule}: {exc.message}"
-        raise TaskFailure("invalid_tools", message, rejected=True) from None
+        raise TaskFailure(TaskFailureCode.INVALID_TOOLS, message, rejected=True) from None
     if result.finish is Finish.LENGTH:
-        raise TaskFailure("truncated_output", "the runbook was cut off at max_output_tokens", _dump(result.tool_calls))
+        raise TaskFailure(
+            TaskFailureCode.TRUNCATED_OUTPUT, "the runbook was cut off at max_output_tokens", _dump(result.tool_calls)
+        )
     return list(result.tool_calls)
 
 
@@ -151,11 +171,15 @@ def _check_arguments(
     position: int, call: ToolCall, schemas: Mapping[str, Mapping[str, Any]], calls: tuple[ToolCall, ...]
 ) -> None:
     if call.name not in schemas:
-        raise TaskFailure("invalid_output", f"tool call {position} is to undeclared tool {call.name!r}", _dump(calls))
+        raise TaskFailure(
+            TaskFailureCode.INVALID_OUTPUT, f"tool call {position} is to undeclared tool {call.name!r}", _dump(calls)
+        )
     problem = tool_schemas.argument_error(schemas[call.name], call.arguments)
     if problem is not None:
         raise TaskFailure(
-            "invalid_output", f"tool call {position} to {call.name!r} has invalid arguments {problem}", _dump(calls)
+            TaskFailureCode.INVALID_OUTPUT,
+            f"tool call {position} to {call.name!r} has invalid arguments {problem}",
+            _dump(calls),
         )
 
 

@@ -443,6 +443,11 @@ class BedrockProvider:
         return self._family
 
     @property
+    def known_context_window(self) -> int | None:
+        """The family table's context window (None for a model no family matches)."""
+        return self._family.context_window
+
+    @property
     def structured_output(self) -> StructuredOutputMode:
         return "schema" if self._family.tools else "none"
 

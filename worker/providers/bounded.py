@@ -4,7 +4,7 @@ import asyncio
 from collections.abc import Awaitable, Hashable
 from typing import TypeVar
 
-from worker.errors import ErrorClass, ProviderError
+from worker.errors import CircuitOpen, ErrorClass, ProviderError
 from worker.providers.base import ModelCall, ModelResult, Provider
 from worker.providers.breaker import CircuitBreaker, Permit
 from worker.tracing import NO_TRACING, Tracing
@@ -13,7 +13,6 @@ from worker.tracing import NO_TRACING, Tracing
 # and so does a body that does not parse: it came back at once, like an answer that does not validate.
 TRIPS_BREAKER = frozenset({ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED})
 ANSWERED = frozenset({"malformed_response"})
-CIRCUIT_OPEN = "circuit_open"  # the error code of a call the breaker refused: the provider was not called
 
 T = TypeVar("T")
 
@@ -67,10 +66,8 @@ class GuardedProvider:
         permit = self.breaker.admit(subject if subject is not None else object(), failed_before=failed_before)
         if permit is None:
             wait_s = self.breaker.retry_after_s()
-            raise ProviderError(
-                ErrorClass.TRANSIENT,
+            raise CircuitOpen(
                 f"circuit open for {self.endpoint}: most recent requests failed; next probe in {wait_s:.0f}s",
-                code=CIRCUIT_OPEN,
                 retry_after_s=wait_s,
             )
         self._in_flight += 1

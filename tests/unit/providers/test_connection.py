@@ -15,7 +15,7 @@ from tests.fakes.ollama_server import FakeOllama
 from tests.fakes.openai_server import FakeOpenAI
 from tests.unit.providers.calls import run_test_connection
 from worker.connection_check.guard import ConfigRefused, refuse_unsafe_endpoints
-from worker.connection_check.task import check_connection, check_draft_from_message
+from worker.connection_check.probes import check_connection, check_draft_from_message
 from worker.providers.bedrock import BedrockProvider
 from worker.providers.egress import EgressPolicy, egress_session
 
