@@ -81,7 +81,7 @@ def _schemas() -> dict[str, Any]:
             Header.REASON: (
                 "string",
                 "malformed | publisher_refused | tenant_config_invalid | exhausted | expired | permanent_error | "
-                "internal_error | reply_unroutable | reroute_unroutable",
+                "circuit_open | internal_error | reply_unroutable | reroute_unroutable",
             ),
             Header.DEAD_LETTERED_AT: ("string", "ISO 8601 time the worker dead-lettered it."),
             Header.DEAD_LETTER_ID: ("string", "Unique id the worker assigned; what `atlas-worker dlq` calls it."),

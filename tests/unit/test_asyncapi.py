@@ -10,6 +10,7 @@ import yaml
 from contracts import Header, InferenceReply, Status, Timings, Topology
 from contracts.asyncapi import DOCUMENT_PATH, document, render
 from tests import samples
+from worker.handling.outcome import DeadLetterReason
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +85,8 @@ def test_reply_schema_accepts_what_the_worker_publishes(spec: dict[str, Any]) ->
 def test_dead_letter_headers_name_the_headers_the_worker_writes(spec: dict[str, Any]) -> None:
     documented = spec["components"]["schemas"]["DeadLetterHeaders"]["properties"]
     assert {Header.REASON, Header.ERROR_CODE, Header.ATTEMPTS, Header.DEAD_LETTERED_AT} <= set(documented)
+
+
+def test_the_documented_dead_letter_reasons_are_every_reason_the_worker_writes(spec: dict[str, Any]) -> None:
+    reason = spec["components"]["schemas"]["DeadLetterHeaders"]["properties"][Header.REASON]
+    assert set(reason["description"].split(" | ")) == {r.value for r in DeadLetterReason}
