@@ -4,7 +4,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,22 @@ from worker.settings import WorkerSettings
 from worker.tenants import NO_TENANTS_MARKER
 
 configure_logging("warning", cache=False)
+
+# `ATLAS_TEST_LOOP=uvloop pytest …` runs every test on uvloop (worker subprocesses pick their loop with `--loop`).
+TEST_LOOP = os.environ.get("ATLAS_TEST_LOOP", "asyncio")
+if TEST_LOOP not in ("asyncio", "uvloop"):
+    raise pytest.UsageError(f"ATLAS_TEST_LOOP={TEST_LOOP!r}: choose asyncio or uvloop")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_report_header() -> str:
+    return f"event loop: {TEST_LOOP}"
 
 
 @pytest.fixture
