@@ -107,10 +107,13 @@ async def _throughput(sizes: Sizes, logs: Path, profile: bool, variants: dict[st
             t.rate(mode).show(),
             t.cpu(mode).show("{:.2f}"),
             t.rss(mode).show(),
+            spread(t.gc_ms[mode]).show("{:.3f}") if t.gc_ms.get(mode) else "",
         ]
         for mode, flags in [*t.workers.items(), *((c, []) for c in throughput.CONTENDERS)]
     ]
-    print(table(["", "msg/s median (min–max)", "CPU ms per message", "peak RSS MiB"], rows))
+    print(
+        table(["", "msg/s median (min–max)", "CPU ms per message", "peak RSS MiB", "of which GC, ms per message"], rows)
+    )
     print()
     ratio_rows = []
     for mode in t.workers:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from bench.common import (
@@ -53,6 +54,7 @@ class ThroughputResult:
     rates: dict[str, list[float]] = field(default_factory=dict)
     cpu_ms: dict[str, list[float]] = field(default_factory=dict)  # CPU time of the process per message
     rss_mib: dict[str, list[float]] = field(default_factory=dict)  # peak RSS of the process
+    gc_ms: dict[str, list[float]] = field(default_factory=dict)  # workers: CPU in garbage collections per message
     profiles: dict[str, Profile] = field(default_factory=dict)
 
     def ratio(self, mode: str, against: str) -> Spread:
@@ -104,6 +106,7 @@ class Drain:
     arrivals: list[float]
     cpu_s: float
     peak_mib: float
+    gc_cpu_ms: float | None = None  # the worker's own count at exit (`gc_summary`), start-up included
 
 
 async def drain(
@@ -150,17 +153,25 @@ async def drain(
         await replies.cancel(tag)
         if spy is not None:
             await asyncio.wait_for(spy.wait(), 30)
-    return Drain(arrivals, cpu, peak)
+    return Drain(arrivals, cpu, peak, _gc_cpu_ms(log.read_bytes()[target.started_at_offset :]))
+
+
+def _gc_cpu_ms(log: bytes) -> float | None:
+    for line in reversed(log.splitlines()):
+        if b'"gc_summary"' in line:
+            return float(orjson.loads(line)["gc_cpu_ms"])
+    return None
 
 
 async def _one_run(
     ns: Namespace, argv: list[str], ready: bytes, count: int, log: Path, run: int, profile_to: Path | None = None
-) -> tuple[float, float, float]:
-    """(msg/s after the first tenth, CPU ms per message, peak RSS MiB) of one drain of `count` requests."""
+) -> tuple[float, float, float, float | None]:
+    """(msg/s after the first tenth, CPU ms per message, peak RSS MiB, GC CPU ms per message) of one drain."""
     bodies = [(f"{run}-{i}", padded_body("acme", f"tp-{run}-{i}")) for i in range(count)]
     d = await drain(ns, argv, ready, bodies, log, profile_to, timeout_s=max(120.0, count / 50))
     warm = count // 10  # the first tenth includes process start-up and connection set-up
-    return (count - warm) / (d.arrivals[-1] - d.arrivals[warm - 1]), d.cpu_s * 1000 / count, d.peak_mib
+    gc_ms = d.gc_cpu_ms / count if d.gc_cpu_ms is not None else None
+    return (count - warm) / (d.arrivals[-1] - d.arrivals[warm - 1]), d.cpu_s * 1000 / count, d.peak_mib, gc_ms
 
 
 def parse_variants(specs: Sequence[str]) -> dict[str, list[str]]:
@@ -197,13 +208,17 @@ async def run(
                 for n, mode in enumerate(alternate(modes, rounds)):
                     argv = _argv(mode, result, ns, tenants, f"{base_url}/chat/completions")
                     ready = b"worker_started" if mode in variants else b"ready"
-                    rate, cpu_ms, peak = await _one_run(ns, argv, ready, count, logs / f"throughput-{n}-{mode}.log", n)
+                    rate, cpu_ms, peak, gc_ms = await _one_run(
+                        ns, argv, ready, count, logs / f"throughput-{n}-{mode}.log", n
+                    )
                     result.rates[mode].append(rate)
                     result.cpu_ms[mode].append(cpu_ms)
                     result.rss_mib[mode].append(peak)
+                    if gc_ms is not None:
+                        result.gc_ms.setdefault(mode, []).append(gc_ms)
                     print(
                         f"  throughput run {n + 1}: {mode:10} {rate:7.0f} msg/s  {cpu_ms:.2f} ms CPU/msg  "
-                        f"peak RSS {peak:.0f} MiB",
+                        f"peak RSS {peak:.0f} MiB" + (f"  GC {gc_ms:.3f} ms/msg" if gc_ms is not None else ""),
                         flush=True,
                     )
                 if profile:

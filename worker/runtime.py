@@ -4,6 +4,7 @@ import asyncio
 import gc
 import importlib.util
 import os
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -59,10 +60,35 @@ def freeze_heap() -> None:
     log.info("heap_frozen", objects=gc.get_freeze_count(), gc_threshold=gc.get_threshold()[0])
 
 
+class GcMeter:
+    """Counts collections per generation and the CPU time they take (the thread's, so a busy machine does not
+    inflate it), for the summary logged at exit."""
+
+    def __init__(self) -> None:
+        self.collections = [0, 0, 0]
+        self.cpu_s = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.thread_time()
+        else:
+            self.cpu_s += time.thread_time() - self._started
+            self.collections[info["generation"]] += 1
+
+    def __enter__(self) -> "GcMeter":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self)
+        log.info("gc_summary", collections=self.collections, gc_cpu_ms=round(self.cpu_s * 1000, 1))
+
+
 def run(main: Coroutine[Any, Any, T], loop: str, gc_threshold: int) -> T:
     """Runs `main` to completion on the chosen event loop, with the collector tuned."""
     name, factory = loop_factory(loop)
     tune_gc(gc_threshold)
     log.info("event_loop_selected", loop=name, requested=loop, gc_threshold=gc_threshold)
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with GcMeter(), asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
