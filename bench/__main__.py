@@ -36,7 +36,7 @@ class Sizes:
     memory_total: int
 
 
-FULL = Sizes(5000, 5, 100, 10, 3, (2000,), 2.0, 3, 2, RetryLadder(0.5, 2.0, 5), 20, 5000, 50000)
+FULL = Sizes(5000, 3, 100, 10, 3, (2000,), 2.0, 3, 2, RetryLadder(0.5, 2.0, 5), 20, 5000, 50000)
 QUICK = Sizes(600, 1, 100, 2, 1, (200,), 1.0, 2, 1, RetryLadder(0.2, 2.0, 3), 4, 300, 3000)
 
 
