@@ -79,6 +79,7 @@ def _add_runtime_flags(run: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--loop",
         choices=LOOPS,
+        type=_loop_name,  # also checks ATLAS_EVENT_LOOP: argparse does not hold a default to `choices`
         default=env_loop(),
         help="event loop: uvloop, asyncio's own, or auto = uvloop when installed (env ATLAS_EVENT_LOOP; "
         "default: %(default)s)",
@@ -328,6 +329,12 @@ def _non_negative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value
+
+
+def _loop_name(text: str) -> str:
+    if text not in LOOPS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOOPS)}")
+    return text
 
 
 def _cidr(text: str) -> str:

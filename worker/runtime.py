@@ -25,8 +25,9 @@ def env_loop() -> str:
     return os.environ.get("ATLAS_EVENT_LOOP", "auto")
 
 
-def env_gc_threshold() -> int:
-    return int(os.environ.get("ATLAS_GC_THRESHOLD", DEFAULT_GC_THRESHOLD))
+def env_gc_threshold() -> str:
+    """As text: the flag's parser checks it like a typed value, so a bad variable is a usage error."""
+    return os.environ.get("ATLAS_GC_THRESHOLD", str(DEFAULT_GC_THRESHOLD))
 
 
 def uvloop_available() -> bool:

@@ -83,3 +83,14 @@ def test_run_flags_default_to_auto_and_the_measured_threshold(monkeypatch: pytes
     assert (args.loop, args.gc_threshold) == ("uvloop", 100_000)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["run", "--gc-threshold", "-1"])
+
+
+@pytest.mark.parametrize(("variable", "value"), [("ATLAS_EVENT_LOOP", "trio"), ("ATLAS_GC_THRESHOLD", "lots")])
+def test_a_bad_environment_value_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["run"])
+    assert exit_info.value.code == 2
+    assert value in capsys.readouterr().err
