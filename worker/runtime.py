@@ -19,6 +19,8 @@ LOOPS: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
 # message at a flat RSS.
 DEFAULT_GC_THRESHOLD = 50_000
 T = TypeVar("T")
+# What `run` chose, reported once the worker has started: a start that fails prints its one error line only.
+_chosen: dict[str, str] = {}
 
 
 def env_loop() -> str:
@@ -53,12 +55,19 @@ def tune_gc(threshold: int) -> None:
     gc.set_threshold(threshold, gen1, gen2)
 
 
-def freeze_heap() -> None:
+def freeze_heap() -> None:  # from a running loop
     """Moves everything alive at start-up (modules, models, schemas, settings) out of the collector's sight,
     once, so later collections walk only what requests allocate."""
     gc.collect()  # garbage from start-up is freed now rather than frozen forever
     gc.freeze()
-    log.info("heap_frozen", objects=gc.get_freeze_count(), gc_threshold=gc.get_threshold()[0])
+    _chosen["frozen"] = "yes"
+    log.info(
+        "heap_frozen",
+        objects=gc.get_freeze_count(),
+        gc_threshold=gc.get_threshold()[0],
+        loop=type(asyncio.get_running_loop()).__module__.split(".")[0],  # "uvloop" or "asyncio"
+        requested_loop=_chosen.get("requested", "auto"),
+    )
 
 
 class GcMeter:
@@ -83,13 +92,14 @@ class GcMeter:
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self)
-        log.info("gc_summary", collections=self.collections, gc_cpu_ms=round(self.cpu_s * 1000, 1))
+        if _chosen.pop("frozen", None):  # the worker ran; a failed start ends with its error line alone
+            log.info("gc_summary", collections=self.collections, gc_cpu_ms=round(self.cpu_s * 1000, 1))
 
 
 def run(main: Coroutine[Any, Any, T], loop: str, gc_threshold: int) -> T:
     """Runs `main` to completion on the chosen event loop, with the collector tuned."""
-    name, factory = loop_factory(loop)
+    _, factory = loop_factory(loop)
     tune_gc(gc_threshold)
-    log.info("event_loop_selected", loop=name, requested=loop, gc_threshold=gc_threshold)
+    _chosen["requested"] = loop
     with GcMeter(), asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)

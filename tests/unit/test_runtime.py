@@ -35,26 +35,31 @@ def test_auto_picks_uvloop_where_it_is_installed_and_asyncio_can_be_forced() -> 
 
 
 @pytest.mark.parametrize(("loop", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio.unix_events")])
-def test_run_uses_the_chosen_loop_and_threshold_and_logs_them(gc_restored: None, loop: str, module: str) -> None:
-    async def which() -> str:
+def test_run_uses_the_chosen_loop_and_threshold_and_reports_them_once_started(
+    gc_restored: None, loop: str, module: str
+) -> None:
+    async def start() -> str:
+        runtime.freeze_heap()
         return type(asyncio.get_running_loop()).__module__
 
     with capture_logs() as logs:
-        assert runtime.run(which(), loop=loop, gc_threshold=12_345) == module
+        assert runtime.run(start(), loop=loop, gc_threshold=12_345) == module
     assert gc.get_threshold()[0] == 12_345
-    assert {
-        "event": "event_loop_selected",
-        "loop": loop,
-        "requested": loop,
-        "gc_threshold": 12_345,
-        "log_level": "info",
-    } in logs
-    summary = next(entry for entry in logs if entry["event"] == "gc_summary")
-    assert len(summary["collections"]) == 3
-    assert summary["gc_cpu_ms"] >= 0
+    assert [e["event"] for e in logs] == ["heap_frozen", "gc_summary"]
+    assert (logs[0]["loop"], logs[0]["requested_loop"], logs[0]["gc_threshold"]) == (loop, loop, 12_345)
+    assert len(logs[1]["collections"]) == 3
 
 
-def test_freezing_the_heap_takes_what_is_alive_out_of_later_collections(gc_restored: None) -> None:
+def test_a_start_that_fails_logs_nothing_of_its_own(gc_restored: None) -> None:
+    async def fail() -> None:
+        raise RuntimeError("tenants directory: does not exist")
+
+    with capture_logs() as logs, pytest.raises(RuntimeError):
+        runtime.run(fail(), loop="auto", gc_threshold=700)
+    assert logs == []
+
+
+async def test_freezing_the_heap_takes_what_is_alive_out_of_later_collections(gc_restored: None) -> None:
     alive = [[n] for n in range(1000)]
     with capture_logs() as logs:
         runtime.freeze_heap()
@@ -63,13 +68,15 @@ def test_freezing_the_heap_takes_what_is_alive_out_of_later_collections(gc_resto
     assert logs[0]["objects"] >= len(alive)
 
 
-def test_the_meter_counts_collections_by_generation() -> None:
+async def test_the_meter_counts_collections_by_generation(gc_restored: None) -> None:
     with capture_logs() as logs, runtime.GcMeter() as meter:
+        runtime.freeze_heap()
         gc.collect(0)
         gc.collect(2)
     assert meter.collections[0] >= 1
     assert meter.collections[2] >= 1
-    assert [(e["event"], e["collections"]) for e in logs] == [("gc_summary", meter.collections)]
+    assert [e["event"] for e in logs] == ["heap_frozen", "gc_summary"]
+    assert logs[1]["collections"] == meter.collections
 
 
 def test_run_flags_default_to_auto_and_the_measured_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
