@@ -36,6 +36,16 @@ def incident_body(tenant_id: str, request_id: str, task: str = "summary") -> byt
     return orjson.dumps(samples.request(tenant_id, task, request_id=request_id))
 
 
+def padded_body(tenant_id: str, request_id: str, size: int = 4096, task: str = "summary") -> bytes:
+    """The demo incident with its log lines repeated until the body is about `size` bytes (the issue's ~4 KB)."""
+    request = samples.request(tenant_id, task, request_id=request_id)
+    logs = request["incident"]["logs"]
+    original = list(logs)
+    while len(orjson.dumps(request)) < size:
+        logs.extend(original[: max(1, len(original))])
+    return orjson.dumps(request)
+
+
 def write_tenant(
     directory: Path,
     tenant_id: str,

@@ -28,6 +28,8 @@ BUCKETS: dict[str, tuple[tuple[str, ...], ...]] = {
     "AMQP frame reading (aiormq reader task)": (("__reader (",), ("_reader (",)),
     "incoming message objects (aio-pika)": (("IncomingMessage.__init__ (",),),
     "logging (structlog)": (("structlog/",),),
+    "HTTP client call (aiohttp)": (("aiohttp/client.py",),),
+    "FastStream framework": (("faststream/",),),
 }
 
 

@@ -1,7 +1,9 @@
-"""The two processes the throughput benchmark races: the worker with an instant provider, and a plain loop.
+"""The processes the benchmarks race against the worker: plain loops, a FastStream subscriber, and the worker
+with an in-process instant provider.
 
-`python -m bench.target worker|baseline --namespace NS --prefetch N [--tenants DIR]`; prints `ready` once
-consuming and runs until SIGTERM.
+`python -m bench.target worker|baseline|plain|faststream --namespace NS --prefetch N [--provider-url URL]`;
+prints `ready` once consuming and runs until SIGTERM. `plain` and `faststream` call an OpenAI-compatible
+provider over HTTP like the worker does; `baseline` only holds each message for `--delay`.
 """
 
 import argparse
@@ -9,6 +11,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -23,6 +26,7 @@ from worker.log import configure_logging
 from worker.providers.base import Finish, ModelCall, ModelResult, Provider
 from worker.settings import WorkerSettings
 
+JSON_HEADERS = {"Content-Type": "application/json"}
 ANSWER = (
     "Checkout is failing because the payments database connection pool is exhausted since the 14:02 deploy; "
     "the deploy is being rolled back."
@@ -114,9 +118,92 @@ async def run_baseline(url: str, namespace: str, prefetch: int, delay_s: float) 
     await connection.close()
 
 
+def chat_body(request: dict[str, Any]) -> bytes:
+    """The smallest honest prompt: the incident as JSON in one user message."""
+    incident = orjson.dumps(request.get("incident", {})).decode()
+    return orjson.dumps(
+        {
+            "model": "bench-model",
+            "messages": [{"role": "system", "content": "Summarise."}, {"role": "user", "content": incident}],
+        }
+    )
+
+
+async def ask(session: aiohttp.ClientSession, url: str, request: dict[str, Any]) -> bytes:
+    async with session.post(url, data=chat_body(request), headers=JSON_HEADERS) as response:
+        answer = await response.json(loads=orjson.loads)
+    text = answer["choices"][0]["message"]["content"]
+    return orjson.dumps({"request_id": request.get("request_id"), "status": "ok", "result": {"text": text}})
+
+
+def unlimited_session() -> aiohttp.ClientSession:
+    # No connection cap, like the worker's session: aiohttp's default of 100 would throttle a slow provider.
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
+
+
+async def run_plain(url: str, namespace: str, prefetch: int, provider_url: str) -> None:
+    """The plain loop with a real provider call: consume → aiohttp POST → reply (confirmed) → ack."""
+    connection = await aio_pika.connect_robust(url)
+    channel = await connection.channel(publisher_confirms=True)
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await channel.get_queue(Topology(namespace).requests, ensure=False)
+    session = unlimited_session()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        reply = await ask(session, provider_url, orjson.loads(message.body))
+        await channel.default_exchange.publish(
+            aio_pika.Message(
+                reply,
+                content_type="application/json",
+                correlation_id=message.correlation_id,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            ),
+            message.reply_to or "",
+        )
+        await message.ack()
+
+    await queue.consume(on_message)
+    print("ready", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    _on_signal(stop)
+    await stop.wait()
+    await connection.close()
+    await session.close()
+
+
+async def run_faststream(url: str, namespace: str, prefetch: int, provider_url: str) -> None:
+    """A FastStream subscriber as its documentation writes one, calling the provider with aiohttp."""
+    from faststream.rabbit import RabbitBroker, RabbitMessage, RabbitQueue
+    from faststream.rabbit.schemas import Channel
+
+    broker = RabbitBroker(url, default_channel=Channel(prefetch_count=prefetch, publisher_confirms=True))
+    session = unlimited_session()
+    queue = RabbitQueue(Topology(namespace).requests, declare=False)
+
+    @broker.subscriber(queue, no_reply=True)
+    async def handle(body: dict[str, Any], message: RabbitMessage) -> None:
+        reply = await ask(session, provider_url, body)
+        await broker.publish(
+            reply,
+            routing_key=message.reply_to,
+            correlation_id=message.correlation_id,
+            content_type="application/json",
+            persist=True,
+        )
+
+    await broker.start()
+    print("ready", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    _on_signal(stop)
+    await stop.wait()
+    await broker.stop()
+    await session.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["worker", "baseline"])
+    parser.add_argument("mode", choices=["worker", "baseline", "plain", "faststream"])
+    parser.add_argument("--provider-url", default="", help="plain, faststream: the chat completions URL")
     parser.add_argument("--amqp-url", required=True)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--prefetch", type=int, required=True)
@@ -130,6 +217,10 @@ def main() -> None:
     if args.mode == "worker":
         ladder = RetryLadder(args.retry_base, args.retry_factor, args.retry_levels)
         asyncio.run(run_worker(args.amqp_url, args.namespace, args.prefetch, args.tenants, ladder))
+    elif args.mode == "plain":
+        asyncio.run(run_plain(args.amqp_url, args.namespace, args.prefetch, args.provider_url))
+    elif args.mode == "faststream":
+        asyncio.run(run_faststream(args.amqp_url, args.namespace, args.prefetch, args.provider_url))
     else:
         asyncio.run(run_baseline(args.amqp_url, args.namespace, args.prefetch, args.delay))
 

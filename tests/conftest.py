@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,22 @@ if TYPE_CHECKING:
     from tests.scene import Scene
 
 configure_logging("warning", cache=False)
+
+# `ATLAS_TEST_LOOP=uvloop pytest …` runs every test on uvloop (worker subprocesses pick their loop with `--loop`).
+TEST_LOOP = os.environ.get("ATLAS_TEST_LOOP", "asyncio")
+if TEST_LOOP not in ("asyncio", "uvloop"):
+    raise pytest.UsageError(f"ATLAS_TEST_LOOP={TEST_LOOP!r}: choose asyncio or uvloop")
+if TEST_LOOP == "uvloop":
+    import uvloop
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_report_header() -> str:
+    return f"event loop: {TEST_LOOP}"
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from worker.ops.metrics import Metrics
 from worker.providers.breaker import BreakerBoard, BreakerState, CircuitBreaker
 from worker.providers.egress import egress_session
 from worker.providers.pool import ProviderFactory, ProviderPool
+from worker.runtime import freeze_heap
 from worker.settings import WorkerSettings
 from worker.tenants import TenantRegistry, TenantSourceFault, scan_directory
 from worker.tracing import Tracing, content_capture_requested, tracing_from_env
@@ -175,6 +176,8 @@ class WorkerApp:
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
             stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
             self.consumer = self._consumer(channels, providers, tracing, header_key)
+            if settings.freeze_heap:
+                freeze_heap()  # everything is imported and built; what follows is per request
             await self.consumer.start()
             watcher = asyncio.create_task(self._watch_tenants())
             watcher.add_done_callback(_report_watch_end)

@@ -10,11 +10,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from worker import runtime
 from worker.broker.publishers import PublisherRules
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
+from worker.runtime import LOOPS, env_gc_threshold, env_loop
 from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import DEFAULT_AMQP_URL, DEFAULT_TENANTS_DIR, WorkerSettings, env_amqp_url, env_tenants_dir
 from worker.tenants import validate_path
@@ -71,6 +73,26 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
     except ValueError as exc:
         raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
     return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
+
+
+def _add_runtime_flags(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("runtime")
+    group.add_argument(
+        "--loop",
+        choices=LOOPS,
+        type=_loop_name,  # also checks ATLAS_EVENT_LOOP: argparse does not hold a default to `choices`
+        default=env_loop(),
+        help="event loop: uvloop, asyncio's own, or auto = uvloop when installed (env ATLAS_EVENT_LOOP; "
+        "default: %(default)s)",
+    )
+    group.add_argument(
+        "--gc-threshold",
+        type=_non_negative_int,
+        default=env_gc_threshold(),
+        metavar="N",
+        help="allocations between first-generation garbage collections; the heap built at start-up is "
+        "frozen either way (env ATLAS_GC_THRESHOLD; default: %(default)s, CPython's own is 700)",
+    )
 
 
 def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
@@ -210,6 +232,7 @@ def _add_run(commands: _Commands) -> None:
     )
     _add_ladder_flags(run, helped=True)
     _add_breaker_flags(run)
+    _add_runtime_flags(run)
     run.add_argument(
         "--metrics-port", type=int, default=WorkerSettings.metrics_port, help="serve /healthz, /readyz, /metrics here"
     )
@@ -331,6 +354,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _loop_name(text: str) -> str:
+    if text not in LOOPS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOOPS)}")
+    return text
+
+
 def _cidr(text: str) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
@@ -362,6 +398,7 @@ def _run(args: argparse.Namespace) -> int:
         **_security_settings(args),
         max_response_bytes=args.max_response_bytes,
         allow_draft_cidrs=tuple(args.allow_draft_cidrs),
+        freeze_heap=True,
     )
 
     async def main() -> None:
@@ -372,7 +409,7 @@ def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, lambda: app.stop(force=app.stopping))
         await app.run()
 
-    asyncio.run(main())
+    runtime.run(main(), loop=args.loop, gc_threshold=args.gc_threshold)
     return ExitCode.OK
 
 

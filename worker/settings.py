@@ -44,6 +44,7 @@ class WorkerSettings:
     loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     allow_draft_cidrs: tuple[str, ...] = ()  # private ranges a draft from a message may reach (none by default)
+    freeze_heap: bool = False  # gc.freeze() once before consuming: the worker's own process, not embedded apps
 
     @property
     def tenant_egress(self) -> EgressPolicy:

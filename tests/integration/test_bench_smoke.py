@@ -4,20 +4,35 @@ from pathlib import Path
 
 import pytest
 
-from bench import ladder, throughput, tracing_overhead
+from bench import concurrency, ladder, throughput, tracing_overhead
 from worker.handling.ladder import RetryLadder
 
 pytestmark = pytest.mark.broker
 
 
-async def test_throughput_harness_races_worker_and_baseline(
+async def test_throughput_harness_races_worker_plain_loop_and_faststream(
     amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AMQP_URL", amqp_url)
-    result = await throughput.run(count=100, rounds=1, prefetch=16, logs=tmp_path, profile=False)
-    assert len(result.rates["worker"]) == len(result.rates["baseline"]) == 1
-    assert result.ratios.n == 1
-    assert b"request_settled" in (tmp_path / "throughput-0-worker.log").read_bytes()
+    result = await throughput.run(count=100, rounds=1, logs=tmp_path, profile=False, prefetch=16)
+    assert {mode: len(runs) for mode, runs in result.rates.items()} == {"worker": 1, "plain": 1, "faststream": 1}
+    assert result.ratio("worker", "faststream").n == 1
+    assert all(cpu > 0 for runs in result.cpu_ms.values() for cpu in runs)
+    worker_log = (tmp_path / "throughput-0-worker.log").read_bytes()
+    assert b"request_settled" in worker_log
+    assert b"heap_frozen" in worker_log
+    assert b'"loop":"uvloop"' in worker_log.replace(b'"loop": "uvloop"', b'"loop":"uvloop"')  # `--loop auto`
+    assert b'"provider_ms"' in worker_log  # the worker called the HTTP provider, not an in-process stand-in
+
+
+async def test_concurrency_harness_races_worker_and_bare_loop(
+    amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AMQP_URL", amqp_url)
+    result = await concurrency.run(in_flight=20, provider_s=0.2, waves=2, logs=tmp_path)
+    assert {mode: len(runs) for mode, runs in result.rates.items()} == {"worker": 1, "plain": 1}
+    assert result.rss("worker").median > 0
+    assert result.ratio.n == 1
 
 
 async def test_ladder_harness_sees_every_level(amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
