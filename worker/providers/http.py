@@ -1,6 +1,7 @@
 """HTTP helpers shared by the JSON-over-HTTP providers: error classification and retry-after parsing."""
 
 import asyncio
+import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.egress import egress_error
@@ -21,6 +23,8 @@ CONTEXT_OVERFLOW_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 CONNECT_TIMEOUT_S = 5.0
+# Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
+CONNECT_ONLY = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
 QUOTA_PATTERNS = re.compile(r"insufficient_quota|quota exceeded|billing", re.IGNORECASE)
 
 
@@ -159,10 +163,16 @@ def json_object(payload: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def refuse_two_credentials(url: str, headers: Mapping[str, str], who: str) -> None:
+@functools.lru_cache(maxsize=256)
+def _has_userinfo(url: str) -> bool:
+    return urlsplit(url).username is not None
+
+
+def refuse_two_credentials(url: str | URL, headers: Mapping[str, str], who: str) -> None:
     """HTTP carries one Authorization: a `user:password@` URL and an api_key would both claim it (aiohttp
     refuses the request), so the tenant admin is told which two settings conflict instead."""
-    if urlsplit(url).username is not None and any(name.lower() == "authorization" for name in headers):
+    userinfo = url.raw_user is not None if isinstance(url, URL) else _has_userinfo(url)
+    if userinfo and any(name.lower() == "authorization" for name in headers):
         raise ProviderError(
             ErrorClass.BAD_REQUEST,
             f"{who}: the endpoint has credentials in its URL and an api_key is set too; keep one of them",
@@ -173,25 +183,24 @@ def refuse_two_credentials(url: str, headers: Mapping[str, str], who: str) -> No
 async def send_json(
     session: aiohttp.ClientSession,
     method: str,
-    url: str,
+    url: str | URL,
     *,
     who: str,
     body: Any = None,
     headers: Mapping[str, str] | None = None,
     classify: Classifier = classify_body,
 ) -> Any:
-    """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError."""
+    """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError. A caller
+    that sends to one URL many times passes it parsed once, as a `yarl.URL`."""
     send_headers = {"Accept": "application/json", **(headers or {})}
     refuse_two_credentials(url, send_headers, who)
     data = None
     if body is not None:
         data = orjson.dumps(body)
         send_headers["Content-Type"] = "application/json"
-    # Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
     try:
         async with session.request(
-            method, url, data=data, headers=send_headers, timeout=timeout, allow_redirects=False
+            method, url, data=data, headers=send_headers, timeout=CONNECT_ONLY, allow_redirects=False
         ) as response:
             payload = await response.read()  # read and capped by the session's egress policy
             if response.status >= 400:
