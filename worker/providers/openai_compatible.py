@@ -1,6 +1,5 @@
 """OpenAI Chat Completions over HTTP: vLLM, TGI, Ollama's `/v1`, OpenAI itself (and Azure's body)."""
 
-from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -44,7 +43,6 @@ class OpenAICompatibleProvider:
         self._settings = settings
         self._session = session
         self._url = URL(chat_url(settings))  # parsed once, not on every call
-        self._auth: tuple[str, dict[str, str]] | None = None  # the last resolved key and its header
         self._tgi_grammar = False  # learned from the server's first refusal of OpenAI's response_format
 
     @property
@@ -62,20 +60,14 @@ class OpenAICompatibleProvider:
     def _who(self) -> str:
         return f"the OpenAI-compatible server at {self._settings.base_url}"
 
-    def _headers(self) -> Mapping[str, str]:
-        """The key is resolved on every call, so a rotated secret takes effect at once; only the header built
-        from it is reused while the resolved value stays the same."""
+    def _headers(self) -> dict[str, str]:
         if self._settings.api_key is None:
             return {}
-        key = resolve_secret(self._settings.api_key)
-        if self._auth is None or self._auth[0] != key:
-            self._auth = (key, {"Authorization": f"Bearer {key}"})
-        return self._auth[1]
+        return {"Authorization": f"Bearer {resolve_secret(self._settings.api_key)}"}
 
     async def complete(self, call: ModelCall) -> ModelResult:
         headers = self._headers()
-        body = chat_body(call)
-        body["model"] = self._settings.model  # last, as the body has always had it
+        body = chat_body(call) | {"model": self._settings.model}
         if call.output_schema is not None and self._tgi_grammar:
             body = tgi_response_format(body)
         try:
@@ -87,7 +79,7 @@ class OpenAICompatibleProvider:
             data = await self._post(tgi_response_format(body), headers)
         return parse_chat_response(data, self._who)
 
-    async def _post(self, body: dict[str, Any], headers: Mapping[str, str]) -> Any:
+    async def _post(self, body: dict[str, Any], headers: dict[str, str]) -> Any:
         return await send_json(self._session, "POST", self._url, who=self._who, body=body, headers=headers)
 
     async def describe(self) -> ModelInfo:
