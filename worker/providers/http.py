@@ -1,7 +1,6 @@
 """HTTP helpers shared by the JSON-over-HTTP providers: error classification and retry-after parsing."""
 
 import asyncio
-import functools
 import re
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -11,7 +10,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from yarl import URL
 
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.egress import egress_error
@@ -163,16 +161,10 @@ def json_object(payload: bytes) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-@functools.lru_cache(maxsize=256)
-def _has_userinfo(url: str) -> bool:
-    return urlsplit(url).username is not None
-
-
-def refuse_two_credentials(url: str | URL, headers: Mapping[str, str], who: str) -> None:
+def refuse_two_credentials(url: str, headers: Mapping[str, str], who: str) -> None:
     """HTTP carries one Authorization: a `user:password@` URL and an api_key would both claim it (aiohttp
     refuses the request), so the tenant admin is told which two settings conflict instead."""
-    userinfo = url.raw_user is not None if isinstance(url, URL) else _has_userinfo(url)
-    if userinfo and any(name.lower() == "authorization" for name in headers):
+    if urlsplit(url).username is not None and any(name.lower() == "authorization" for name in headers):
         raise ProviderError(
             ErrorClass.BAD_REQUEST,
             f"{who}: the endpoint has credentials in its URL and an api_key is set too; keep one of them",
@@ -183,15 +175,14 @@ def refuse_two_credentials(url: str | URL, headers: Mapping[str, str], who: str)
 async def send_json(
     session: aiohttp.ClientSession,
     method: str,
-    url: str | URL,
+    url: str,
     *,
     who: str,
     body: Any = None,
     headers: Mapping[str, str] | None = None,
     classify: Classifier = classify_body,
 ) -> Any:
-    """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError. A caller
-    that sends to one URL many times passes it parsed once, as a `yarl.URL`."""
+    """Send a JSON request (or none); return the decoded answer or raise a classified ProviderError."""
     send_headers = {"Accept": "application/json", **(headers or {})}
     refuse_two_credentials(url, send_headers, who)
     data = None

@@ -3,7 +3,6 @@
 from typing import Any
 
 import aiohttp
-from yarl import URL
 
 from contracts import OpenAICompatibleSettings
 from worker.errors import ProviderError
@@ -42,7 +41,7 @@ class OpenAICompatibleProvider:
     def __init__(self, settings: OpenAICompatibleSettings, session: aiohttp.ClientSession) -> None:
         self._settings = settings
         self._session = session
-        self._url = URL(chat_url(settings))  # parsed once, not on every call
+        self._url = chat_url(settings)
         self._tgi_grammar = False  # learned from the server's first refusal of OpenAI's response_format
 
     @property
