@@ -89,20 +89,24 @@ def _key_values(field: int, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     tag = _tag(field, LENGTH)
     parts = []
-    for key, value in attributes.items():
+    # The SDK's BoundedAttributes iterates through MutableMapping's generic, slow items(); its dict does not.
+    plain = getattr(attributes, "_dict", attributes)
+    for key, value in (plain if isinstance(plain, dict) else attributes).items():
         encoded_key = _KEYS.get(key)
         if encoded_key is None:
             encoded_key = _string(1, str(key))
             if len(_KEYS) < KEY_CACHE_LIMIT:
                 _KEYS[key] = encoded_key
         encoded_value = _any_value(value)
-        pair = encoded_key + b"\x12" + _varint(len(encoded_value)) + encoded_value
-        parts.append(tag + _varint(len(pair)) + pair)
+        size = len(encoded_value)
+        pair = encoded_key + b"\x12" + (_SMALL[size] if size < 0x80 else _varint(size)) + encoded_value
+        size = len(pair)
+        parts.append(tag + (_SMALL[size] if size < 0x80 else _varint(size)) + pair)
     return b"".join(parts)
 
 
-def _flags(parent: "SpanContext | None") -> bytes:
-    return _tag(16, FIXED32) + _fixed32(HAS_IS_REMOTE | IS_REMOTE if parent is not None and parent.is_remote else HAS_IS_REMOTE)
+def _remote_flags(context: "SpanContext | None") -> bytes:
+    return _fixed32(HAS_IS_REMOTE | IS_REMOTE if context is not None and context.is_remote else HAS_IS_REMOTE)
 
 
 def _trace_state(context: "SpanContext") -> bytes:
@@ -117,6 +121,8 @@ def _uint(field: int, value: int) -> bytes:
 def encode_span(span: "ReadableSpan") -> bytes:
     """One Span message (trace.proto)."""
     context = span.get_span_context()
+    if context is None:  # only a span that was never started lacks a context; the SDK exports none such
+        return b""
     parent = span.parent
     parts = [
         b"\x0a\x10" + context.trace_id.to_bytes(16, "big"),
@@ -138,11 +144,11 @@ def encode_span(span: "ReadableSpan") -> bytes:
         linked = link.context
         body = b"\x0a\x10" + linked.trace_id.to_bytes(16, "big") + b"\x12\x08" + linked.span_id.to_bytes(8, "big")
         body += _key_values(4, link.attributes) + _uint(5, link.dropped_attributes)
-        parts.append(_field(13, body + b"\x35" + _fixed32(HAS_IS_REMOTE | IS_REMOTE if linked.is_remote else HAS_IS_REMOTE)))
+        parts.append(_field(13, body + b"\x35" + _remote_flags(linked)))
     parts.append(_uint(14, span.dropped_links))
     status = span.status
     parts.append(_field(15, _string(2, status.description or "") + _uint(3, status.status_code.value)))
-    parts.append(_flags(parent))
+    parts.append(b"\x85\x01" + _remote_flags(parent))  # field 16, fixed32
     return b"".join(parts)
 
 
@@ -155,16 +161,23 @@ def _scope(scope: "InstrumentationScope | None") -> bytes:
 
 def encode_spans(spans: Sequence["ReadableSpan"]) -> bytes:
     """An ExportTraceServiceRequest (trace_service.proto): spans grouped by resource, then by scope."""
-    grouped: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
+    # Grouped by identity: hashing a Resource serialises its attributes to JSON, every time.
+    resources: dict[int, Resource] = {}
+    grouped: dict[int, dict[InstrumentationScope | None, list[bytes]]] = {}
     for span in spans:
-        by_scope = grouped.setdefault(span.resource, {})
+        resource = span.resource
+        by_scope = grouped.get(id(resource))
+        if by_scope is None:
+            resources[id(resource)] = resource
+            by_scope = grouped[id(resource)] = {}
         by_scope.setdefault(span.instrumentation_scope or None, []).append(encode_span(span))
     out = []
-    for resource, by_scope in grouped.items():
+    for key, by_scope in grouped.items():
+        resource = resources[key]
         body = _field(1, _key_values(1, resource.attributes))
         for scope, encoded in by_scope.items():
             scope_spans = _scope(scope) + b"".join(_field(2, s) for s in encoded)
-            body += _field(2, scope_spans + _string(3, scope.schema_url if scope else ""))
+            body += _field(2, scope_spans + _string(3, (scope.schema_url if scope else "") or ""))
         out.append(_field(1, body + _string(3, resource.schema_url)))
     return b"".join(out)
 

@@ -6,8 +6,18 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace import TraceState, set_span_in_context
+from opentelemetry.trace import (
+    Link,
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    set_span_in_context,
+)
+from opentelemetry.util.types import AttributeValue
 
 from worker.otlp import encode_spans
 
@@ -25,7 +35,7 @@ def recorded_spans() -> tuple[ReadableSpan, ...]:
     )
     tracer = provider.get_tracer("atlas-inference-worker", "1.2.3", schema_url="https://opentelemetry.io/schemas/1.30")
     other = provider.get_tracer("other")
-    attributes = {
+    attributes: dict[str, AttributeValue] = {
         "text": "value é 😀",
         "empty": "",
         "flag": True,
