@@ -21,6 +21,7 @@ from contracts import Header
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
+from worker.spans import LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
     from worker.handling.policy import Decision
@@ -87,7 +88,11 @@ class Tracing:
     ) -> None:
         self.enabled = provider is not None
         self._provider = provider
-        self._tracer = (provider or trace.NoOpTracerProvider()).get_tracer("atlas-inference-worker")
+        self._tracer: trace.Tracer | LightTracer
+        if provider is not None and LightTracer.supports(provider):
+            self._tracer = LightTracer(provider, SERVICE_NAME)
+        else:
+            self._tracer = (provider or trace.NoOpTracerProvider()).get_tracer(SERVICE_NAME)
         self.genai = genai
         self.capture_content = capture_content
 
