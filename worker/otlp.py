@@ -81,6 +81,46 @@ def _any_value(value: Any) -> bytes:
 
 _KEYS: dict[str, bytes] = {}  # attribute names are a small closed set: each one's encoding is made once
 KEY_CACHE_LIMIT: Final = 1024
+# Most attribute values come from small sets too (system, operation, destination, provider, model, task):
+# a key's encoded pairs are kept until it shows more than VALUES_PER_KEY distinct values (a request id).
+_PAIRS: dict[str, dict[str, bytes] | None] = {}
+VALUES_PER_KEY: Final = 32
+CACHED_VALUE_CHARS: Final = 200
+
+
+def _key(key: str) -> bytes:
+    encoded = _KEYS.get(key)
+    if encoded is None:
+        encoded = _string(1, str(key))
+        if len(_KEYS) < KEY_CACHE_LIMIT:
+            _KEYS[key] = encoded
+    return encoded
+
+
+def _pair(key: str, value: Any) -> bytes:
+    """A KeyValue message with its length in front."""
+    encoded_value = _any_value(value)
+    size = len(encoded_value)
+    pair = _key(key) + b"\x12" + (_SMALL[size] if size < 0x80 else _varint(size)) + encoded_value
+    size = len(pair)
+    return (_SMALL[size] if size < 0x80 else _varint(size)) + pair
+
+
+def _cached_pair(key: str, value: Any) -> bytes:
+    if type(value) is not str or len(value) > CACHED_VALUE_CHARS:
+        return _pair(key, value)
+    seen = _PAIRS.get(key, {})
+    if seen is None:  # too many distinct values to be worth keeping
+        return _pair(key, value)
+    pair = seen.get(value)
+    if pair is None:
+        pair = _pair(key, value)
+        if len(seen) >= VALUES_PER_KEY:
+            _PAIRS[key] = None
+        elif key in _PAIRS or len(_PAIRS) < KEY_CACHE_LIMIT:
+            seen[value] = pair
+            _PAIRS[key] = seen
+    return pair
 
 
 def _key_values(field: int, attributes: Mapping[str, Any] | None) -> bytes:
@@ -88,21 +128,10 @@ def _key_values(field: int, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     tag = _tag(field, LENGTH)
-    parts = []
     # The SDK's BoundedAttributes iterates through MutableMapping's generic, slow items(); its dict does not.
     plain = getattr(attributes, "_dict", attributes)
-    for key, value in (plain if isinstance(plain, dict) else attributes).items():
-        encoded_key = _KEYS.get(key)
-        if encoded_key is None:
-            encoded_key = _string(1, str(key))
-            if len(_KEYS) < KEY_CACHE_LIMIT:
-                _KEYS[key] = encoded_key
-        encoded_value = _any_value(value)
-        size = len(encoded_value)
-        pair = encoded_key + b"\x12" + (_SMALL[size] if size < 0x80 else _varint(size)) + encoded_value
-        size = len(pair)
-        parts.append(tag + (_SMALL[size] if size < 0x80 else _varint(size)) + pair)
-    return b"".join(parts)
+    items = (plain if isinstance(plain, dict) else attributes).items()
+    return b"".join([tag + _cached_pair(key, value) for key, value in items])
 
 
 def _remote_flags(context: "SpanContext | None") -> bytes:

@@ -2,8 +2,8 @@
 
 import time
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import context as context_api
@@ -23,9 +23,11 @@ class LightTracer:
 
     def __init__(self, provider: Any, name: str) -> None:
         from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.trace.sampling import Decision
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
         self._event = Event
+        self._drop, self._record_and_sample = Decision.DROP, Decision.RECORD_AND_SAMPLE
         self._readable = ReadableSpan
         self._processor = provider._active_span_processor  # the provider's own fan-out to its processors
         self._sampler = provider.sampler
@@ -40,7 +42,13 @@ class LightTracer:
             from opentelemetry.sdk.trace import TracerProvider
         except ImportError:
             return False
-        return isinstance(provider, TracerProvider) and hasattr(provider, "_active_span_processor")
+        # Older SDKs lack the W3C "random trace id" flag this tracer sets as the SDK does: they get the SDK Tracer.
+        return (
+            isinstance(provider, TracerProvider)
+            and hasattr(provider, "_active_span_processor")
+            and hasattr(provider.id_generator, "is_trace_id_random")
+            and hasattr(TraceFlags, "RANDOM_TRACE_ID")
+        )
 
     def start_span(
         self,
@@ -58,13 +66,14 @@ class LightTracer:
         else:
             trace_id, random, parent_or_none = parent.trace_id, parent.trace_flags.random_trace_id, parent
         sampled = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
-        flags = TraceFlags.SAMPLED if sampled.decision.is_sampled() else TraceFlags.DEFAULT
+        decision = sampled.decision  # compared by identity: Decision.is_sampled() searches a tuple of enums
+        flags = TraceFlags.SAMPLED if decision is self._record_and_sample else TraceFlags.DEFAULT
         if random:
             flags |= TraceFlags.RANDOM_TRACE_ID
         span_context = SpanContext(
             trace_id, self._ids.generate_span_id(), False, TraceFlags(flags), sampled.trace_state
         )
-        if not sampled.decision.is_recording():
+        if decision is self._drop:
             return trace.NonRecordingSpan(span_context)
         recorded = dict(sampled.attributes) if sampled.attributes else {}
         if attributes:
@@ -73,7 +82,6 @@ class LightTracer:
         self._processor.on_start(span, parent_context=context)
         return span
 
-    @contextmanager
     def start_as_current_span(
         self,
         name: str,
@@ -81,19 +89,8 @@ class LightTracer:
         kind: SpanKind = SpanKind.INTERNAL,
         attributes: Mapping[str, AttributeValue] | None = None,
         links: Sequence[Link] = (),
-    ) -> Iterator[trace.Span]:
-        span = self.start_span(name, context, kind, attributes, links)
-        token = context_api.attach(trace.set_span_in_context(span))
-        try:
-            yield span
-        except Exception as exc:  # recorded as the SDK's use_span does, then passed on
-            if span.is_recording():
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            context_api.detach(token)
-            span.end()
+    ) -> "CurrentSpan":
+        return CurrentSpan(self.start_span(name, context, kind, attributes, links))
 
     def finish(self, span: "LightSpan", end_time: int) -> None:
         events = tuple(self._event(name, attrs, timestamp) for name, attrs, timestamp in span.events)
@@ -113,6 +110,32 @@ class LightTracer:
                 instrumentation_scope=self._scope,
             )
         )
+
+
+class CurrentSpan:
+    """Makes a span the current one for a `with` block and ends it after (a class: a generator-based context
+    manager costs as much again)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+        self._token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self._token = context_api.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        span = self._span
+        # An exception is recorded as the SDK's use_span records it, then passed on.
+        if isinstance(exc, Exception) and span.is_recording():
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        context_api.detach(self._token)  # type: ignore[arg-type]
+        span.end()
 
 
 class LightSpan(trace.Span):

@@ -1,5 +1,6 @@
 """OpenTelemetry tracing: W3C context through AMQP headers, spans for delivery, model call, policy and settle."""
 
+import functools
 import os
 import time
 from collections.abc import Mapping, MutableMapping
@@ -298,6 +299,7 @@ def provider_name(kind: str) -> str:
     return PROVIDER_NAMES.get(kind, OTHER)
 
 
+@functools.lru_cache(maxsize=256)  # a tenant's endpoint, parsed once rather than on every model call
 def server_address(endpoint: str) -> tuple[str | None, int | None]:
     """Host and port only: user info, path and query (where credentials hide) are never recorded."""
     parts = urlsplit(endpoint)
