@@ -14,8 +14,9 @@ from opentelemetry.util.types import AttributeValue
 
 # Our span sites pass only str, int, float, bool and tuples of str: the SDK's per-value cleaning (recursive
 # type checks through the collections ABCs, a lock per attribute set) is most of its cost per span and buys
-# nothing for them. Everything else the SDK Tracer does per span is kept: the sampler's decision and its
-# attributes and trace state, the ID generator, the resource and scope, and every span processor.
+# nothing for them (nor are the OTEL_*_LIMIT variables applied: a span here holds at most a dozen). Everything
+# else the SDK Tracer does per span is kept: the sampler's decision and its attributes and trace state, the ID
+# generator, the resource and scope, and every span processor.
 
 
 class LightTracer:
@@ -32,7 +33,7 @@ class LightTracer:
         self._processor = provider._active_span_processor  # the provider's own fan-out to its processors
         self._sampler = provider.sampler
         self._ids = provider.id_generator
-        self._resource = provider.resource
+        self._provider = provider  # its resource is read at each span's end: the SDK renews it after a fork
         self._scope = InstrumentationScope(name)
 
     @staticmethod
@@ -99,7 +100,7 @@ class LightTracer:
                 name=span.name,
                 context=span.context,
                 parent=span.parent,
-                resource=self._resource,
+                resource=self._provider.resource,
                 attributes=span.attributes,
                 events=events,
                 links=span.links,
