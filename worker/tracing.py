@@ -105,7 +105,7 @@ class Tracing:
 
     def delivery(self, message: AbstractIncomingMessage, queue: str) -> AbstractContextManager[object]:
         """The consumer span of one delivery, a child of the publisher's span; a copy the worker republished
-        (retry, deferral) is also linked to the delivery that made it, so every attempt shows in one trace."""
+        (retry, deferral) is also linked to the settle step that made it, so every attempt shows in one trace."""
         if not self.enabled:
             return _NOTHING
         headers = message.headers or {}
