@@ -1,4 +1,4 @@
-"""The consumer loop: decode a delivery, hand it to the handler, settle the outcome (shielded), log it."""
+"""The consumer loop: decode a delivery, hand it to the handler, settle the outcome (never cancelled), log it."""
 
 import asyncio
 import time
