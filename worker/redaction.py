@@ -180,8 +180,13 @@ def _redact_leaf(value: Any, field: str) -> Any:
     return value
 
 
-@functools.lru_cache(maxsize=4096)  # field names repeat (log keys, contract fields); a bound for publishers'
 def _is_secret_field(field: str) -> bool:
+    # Field names repeat (log keys, contract fields); a publisher's long or endless names are not kept.
+    return _is_secret_short_field(field) if len(field) <= 64 else SECRET_FIELD.search(field) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_short_field(field: str) -> bool:
     return bool(field) and SECRET_FIELD.search(field) is not None
 
 
