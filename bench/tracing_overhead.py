@@ -1,4 +1,4 @@
-"""Benchmark 6: worker CPU per message before tracing existed, with tracing off, and tracing every request."""
+"""Benchmark 6: what tracing costs per message: the change with tracing off, and tracing every request today."""
 
 import asyncio
 import contextlib
@@ -17,44 +17,56 @@ from bench.common import write_tenant as write_bench_tenant
 from bench.stats import Spread, alternate, pairwise_ratios, spread
 from worker.handling.ladder import RetryLadder
 
-MODES = ("before", "off", "on")
+# before: the commit just before tracing was merged; added: the merge itself, tracing off (together: what the change
+# cost when off, with nothing else between them); off and on: this code, without and with every request traced.
+MODES = ("before", "added", "off", "on")
 
 
 @dataclass
 class TracingResult:
     messages: int
     baseline_commit: str
+    change_commit: str
     cpu_ms: dict[str, list[float]] = field(default_factory=lambda: {mode: [] for mode in MODES})
     spans_received: int = 0
 
     def cpu(self, mode: str) -> Spread:
         return spread(self.cpu_ms[mode])
 
-    def ratio(self, mode: str) -> Spread:
-        return spread(pairwise_ratios(self.cpu_ms[mode], self.cpu_ms["before"]))
+    def ratio(self, mode: str, baseline: str = "before") -> Spread:
+        """Per pair of runs. Each ratio compares one code base with itself: `added` ÷ `before` is the change
+        alone, `on` ÷ `off` is tracing on today's code (which has much more than the code before tracing)."""
+        return spread(pairwise_ratios(self.cpu_ms[mode], self.cpu_ms[baseline]))
 
 
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
-@contextlib.contextmanager
-def checkout_before_tracing() -> Iterator[tuple[Path, str]]:
-    """A temporary worktree of the code "before this change": the newest commit in HEAD's history without
-    worker/tracing.py (on a branch, the main it last merged; on main, the tip before tracing was merged)."""
+def tracing_change() -> tuple[str, str]:
+    """The commit that brought tracing in (the newest first-parent commit of HEAD with worker/tracing.py whose
+    first parent has none) and that parent: "before this change" and the change, with nothing else between."""
     # First parents only: a merged branch's older commits without tracing are not "before this change".
     candidates = _git("rev-list", "--first-parent", "--max-count=500", "HEAD").split()
-    before = next((c for c in candidates if not _git("ls-tree", "--name-only", c, "worker/tracing.py")), None)
-    if before is None:
-        raise RuntimeError("no commit without worker/tracing.py in the last 500 (a shallow clone?)")
-    before = _git("rev-parse", "--short", before)
-    with tempfile.TemporaryDirectory(prefix="bench-before-tracing-") as directory:
-        path = Path(directory) / "checkout"
-        _git("worktree", "add", "--detach", str(path), before)
+    index = next((i for i, c in enumerate(candidates) if not _git("ls-tree", "--name-only", c, "worker/tracing.py")), 0)
+    if index == 0:
+        raise RuntimeError("no commit with and before worker/tracing.py in the last 500 (a shallow clone?)")
+    return _git("rev-parse", "--short", candidates[index]), _git("rev-parse", "--short", candidates[index - 1])
+
+
+@contextlib.contextmanager
+def checkouts(*commits: str) -> Iterator[list[Path]]:
+    """Temporary worktrees of these commits, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench-tracing-change-") as directory:
+        paths = [Path(directory) / commit for commit in commits]
         try:
-            yield path, before
+            for path, commit in zip(paths, commits, strict=True):
+                _git("worktree", "add", "--detach", str(path), commit)
+            yield paths
         finally:
-            _git("worktree", "remove", "--force", str(path))
+            for path in paths:
+                if path.exists():
+                    _git("worktree", "remove", "--force", str(path))
 
 
 @contextlib.asynccontextmanager
@@ -108,18 +120,23 @@ async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> floa
 
 async def run(count: int, rounds: int, prefetch: int, logs: Path) -> TracingResult:
     ladder = RetryLadder()
-    with tempfile.TemporaryDirectory(prefix="bench-tenants-") as directory, checkout_before_tracing() as old:
+    before_commit, change_commit = tracing_change()
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-tenants-") as directory,
+        checkouts(before_commit, change_commit) as (before_path, change_path),
+    ):
         tenants = Path(directory)
         write_bench_tenant(tenants, "acme", "http://127.0.0.1:9/v1", max_concurrency=max(prefetch, 16))
-        old_path, old_commit = old
-        result = TracingResult(count, old_commit)
+        result = TracingResult(count, before_commit, change_commit)
         async with namespace("bench-tr", ladder) as ns, otlp_sink() as (endpoint, received):
             argv = [python(), "-m", "bench.target", "worker", "--amqp-url", amqp_url()]
             argv += ["--namespace", ns.topology.namespace, "--prefetch", str(prefetch), "--tenants", str(tenants)]
+            off = {"OTEL_SDK_DISABLED": "true"}
             tracing_on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
             targets = {
-                "before": lambda log: Process(argv, log, cwd=old_path),
-                "off": lambda log: Process(argv, log, env={"OTEL_SDK_DISABLED": "true"}),
+                "before": lambda log: Process(argv, log, cwd=before_path),
+                "added": lambda log: Process(argv, log, env=off, cwd=change_path),
+                "off": lambda log: Process(argv, log, env=off),
                 "on": lambda log: Process(argv, log, env=tracing_on),
             }
             for n, mode in enumerate(alternate(MODES, rounds)):

@@ -11,6 +11,7 @@ Replies, failure headers, dead-letter bodies, log lines, Test Connection reports
 through here; nothing else masks secrets.
 """
 
+import functools
 import re
 import threading
 from collections.abc import Callable, Mapping, MutableMapping
@@ -62,6 +63,10 @@ _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
         rf"\1{MASK}",
     ),
 )
+# What lowercased ASCII text must contain for any URL or shape rule above to apply: the literal part every one of
+# them needs (a credential parameter's name, a scheme word, a key prefix). Text without any is left as it is by
+# all of them, so one search spares most strings (ids, enum values, timestamps) the whole list.
+_SHAPE_NEEDLES = re.compile(r"-----begin|://|k-|akia|asia|eyj|key|passw|secret|token|sig|credential|bearer|basic")
 # A key-like token: 32+ characters of a key alphabet, with digits and mixed case (base64 keys, Google API keys)
 # or all hex (Azure keys, digests). Only for provider error text, where it is far more likely a key than prose.
 _KEY_LIKE = re.compile(
@@ -140,6 +145,14 @@ def _mask_credential_parameter(match: re.Match[str]) -> str:
 
 def redact_text(text: str) -> str:
     """Free text with every known secret value, URL credential and secret-shaped token masked."""
+    # Only ASCII is lowered here exactly as the rules' IGNORECASE matches it (Unicode folds more, e.g. "ſ" ~ "s").
+    if text.isascii() and _SHAPE_NEEDLES.search(text.lower()) is None:
+        # Masking puts in only "*", which no needle has, so no rule can apply after it either.
+        return known_secrets.scrub(text)
+    return _redact_text_fully(text)
+
+
+def _redact_text_fully(text: str) -> str:
     text = redact_url(known_secrets.scrub(text))
     for pattern, replacement in _SHAPES:
         text = pattern.sub(replacement, text)
@@ -161,10 +174,20 @@ def _redact_leaf(value: Any, field: str) -> Any:
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
-        if field and SECRET_FIELD.search(field) and value:
+        if value and _is_secret_field(field):
             return MASK
         return redact_text(value)
     return value
+
+
+def _is_secret_field(field: str) -> bool:
+    # Field names repeat (log keys, contract fields); a publisher's long or endless names are not kept.
+    return _is_secret_short_field(field) if len(field) <= 64 else SECRET_FIELD.search(field) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_secret_short_field(field: str) -> bool:
+    return bool(field) and SECRET_FIELD.search(field) is not None
 
 
 def _copy_leaves(value: Any, field: str, leaf: Callable[[Any, str], Any]) -> tuple[Any, bool]:
@@ -244,5 +267,13 @@ def _strip_secrets(text: str) -> str:
 
 def redact_log_event(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
     """structlog processor, the last before rendering: no log line carries a secret, whoever wrote it."""
-    masked: dict[str, Any] = redact(dict(event))
+    # `redact` over the event, with its flat part (nearly every field: short strings and numbers) done inline.
+    masked: dict[str, Any] = {}
+    for key, value in event.items():
+        if isinstance(value, str):
+            masked[key] = MASK if value and _is_secret_field(str(key)) else redact_text(value)
+        elif isinstance(value, bool | int | float | None):
+            masked[key] = value
+        else:
+            masked[key] = redact(value, str(key))
     return masked

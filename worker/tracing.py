@@ -1,9 +1,10 @@
-"""OpenTelemetry tracing: W3C context through AMQP headers, spans for delivery, model call, policy, settle, publish."""
+"""OpenTelemetry tracing: W3C context through AMQP headers, spans for delivery, model call, policy and settle."""
 
+import functools
 import os
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Mapping, MutableMapping
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
@@ -20,6 +21,7 @@ from contracts import Header
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
+from worker.spans import LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
     from aio_pika.abc import AbstractIncomingMessage  # only the broker folder imports aio-pika at run time
@@ -88,7 +90,11 @@ class Tracing:
     ) -> None:
         self.enabled = provider is not None
         self._provider = provider
-        self._tracer = (provider or trace.NoOpTracerProvider()).get_tracer("atlas-inference-worker")
+        self._tracer: trace.Tracer | LightTracer
+        if provider is not None and LightTracer.supports(provider):
+            self._tracer = LightTracer(provider, SERVICE_NAME)
+        else:
+            self._tracer = (provider or trace.NoOpTracerProvider()).get_tracer(SERVICE_NAME)
         self.genai = genai
         self.capture_content = capture_content
 
@@ -100,7 +106,7 @@ class Tracing:
 
     def delivery(self, message: "AbstractIncomingMessage", queue: str) -> AbstractContextManager[object]:
         """The consumer span of one delivery, a child of the publisher's span; a copy the worker republished
-        (retry, deferral) is also linked to the delivery that made it, so every attempt shows in one trace."""
+        (retry, deferral) is also linked to the settle step that made it, so every attempt shows in one trace."""
         if not self.enabled:
             return _NOTHING
         headers = message.headers or {}
@@ -168,30 +174,29 @@ class Tracing:
     def publish(
         self, exchange: str, routing_key: str, headers: MutableMapping[str, Any], incoming: Mapping[str, Any] | None
     ) -> AbstractContextManager[object]:
-        """A producer span for one publish, whose context replaces any trace headers in `headers`. Off, the
-        incoming request's trace headers are carried over as they came (the reply continues the caller's trace)."""
+        """Put the current (settle) span's context into a publish's `headers`, replacing any trace headers there,
+        and record the publish as an event of that span: a span of its own would cost as much as the settle
+        span for nothing a trace reader needs. Off, the incoming request's trace headers are carried over as
+        they came (the reply continues the caller's trace)."""
         if not self.enabled:
             for key in TRACE_HEADERS:
                 value = (incoming or {}).get(key)
                 if isinstance(value, str) and len(value) <= TRACE_HEADER_LIMIT:
                     headers.setdefault(key, value)
             return _NOTHING
-        return self._publishing(exchange or "amq.default", routing_key, headers)
-
-    @contextmanager
-    def _publishing(self, exchange: str, routing_key: str, headers: MutableMapping[str, Any]) -> Iterator[None]:
-        attributes = {
-            **MESSAGING,
-            "messaging.operation.type": "publish",
-            "messaging.operation.name": "publish",
-            "messaging.destination.name": exchange,
-            "messaging.rabbitmq.destination.routing_key": routing_key,
-        }
-        with self._tracer.start_as_current_span(f"publish {exchange}", kind=SpanKind.PRODUCER, attributes=attributes):
-            for key in TRACE_HEADERS:
-                headers.pop(key, None)  # a copy's headers still hold the context it arrived with
-            _W3C.inject(headers)
-            yield
+        for key in TRACE_HEADERS:
+            headers.pop(key, None)  # a copy's headers still hold the context it arrived with
+        _W3C.inject(headers)
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                "publish",
+                {
+                    "messaging.destination.name": exchange or "amq.default",
+                    "messaging.rabbitmq.destination.routing_key": routing_key,
+                },
+            )
+        return _NOTHING
 
     def model_call(self, provider: DescribedProvider, call: "ModelCall") -> "ModelCallTelemetry":
         return ModelCallTelemetry(self, provider, call)
@@ -295,6 +300,7 @@ def provider_name(kind: str) -> str:
     return PROVIDER_NAMES.get(kind, OTHER)
 
 
+@functools.lru_cache(maxsize=256)  # a tenant's endpoint, parsed once rather than on every model call
 def server_address(endpoint: str) -> tuple[str | None, int | None]:
     """Host and port only: user info, path and query (where credentials hide) are never recorded."""
     parts = urlsplit(endpoint)
@@ -342,9 +348,9 @@ def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, st
     for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
         match name.strip():
             case "otlp":
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+                from worker.otlp import otlp_span_exporter
 
-                exporters.append(OTLPSpanExporter())
+                exporters.append(otlp_span_exporter())
             case "console":
                 exporters.append(ConsoleSpanExporter())
             case other:

@@ -41,12 +41,14 @@ async def test_ladder_harness_sees_every_level(amqp_url: str, tmp_path: Path, mo
     assert [(lv.level, lv.samples) for lv in levels] == [(0, 2), (1, 2)]
 
 
-async def test_tracing_harness_runs_before_off_and_on(
+async def test_tracing_harness_runs_before_added_off_and_on(
     amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AMQP_URL", amqp_url)
     result = await tracing_overhead.run(count=100, rounds=1, prefetch=16, logs=tmp_path)
-    assert {mode: len(runs) for mode, runs in result.cpu_ms.items()} == {"before": 1, "off": 1, "on": 1}
+    assert {mode: len(runs) for mode, runs in result.cpu_ms.items()} == {"before": 1, "added": 1, "off": 1, "on": 1}
+    assert result.baseline_commit != result.change_commit
     assert result.spans_received > 0  # the traced worker really exported
-    assert b"tracing_enabled" in (tmp_path / "tracing-2-on.log").read_bytes()
-    assert b"tracing_enabled" not in (tmp_path / "tracing-1-off.log").read_bytes()
+    assert b"tracing_enabled" in (tmp_path / "tracing-3-on.log").read_bytes()
+    assert b"tracing_enabled" not in (tmp_path / "tracing-2-off.log").read_bytes()
+    assert b"tracing_enabled" not in (tmp_path / "tracing-1-added.log").read_bytes()

@@ -76,7 +76,8 @@ def descends_from(span: ReadableSpan, ancestor: ReadableSpan, spans: tuple[Reada
 
 
 def attribute_text(spans: tuple[ReadableSpan, ...]) -> str:
-    return "\n".join(f"{k}={v!s}" for s in spans for k, v in (s.attributes or {}).items())
+    recorded = [s.attributes for s in spans] + [e.attributes for s in spans for e in s.events]
+    return "\n".join(f"{k}={v!s}" for attributes in recorded for k, v in (attributes or {}).items())
 
 
 async def test_request_with_traceparent_is_continued_by_consumer_model_call_and_reply(
@@ -138,12 +139,15 @@ async def test_request_with_traceparent_is_continued_by_consumer_model_call_and_
     [settle] = named(spans, "settle")
     assert parent_id(settle) == consumer.context.span_id
     assert dict(settle.attributes or {})["atlas.settle.result"] == "replied"
-    [publish] = named(spans, "publish ")
-    assert publish.kind is SpanKind.PRODUCER
-    assert parent_id(publish) == settle.context.span_id
-    # The RCA engine's consumer continues the trace from the worker's publish span.
+    assert named(spans, "publish") == []  # a publish is an event of the settle span, not a span of its own
+    [publish] = [event for event in settle.events if event.name == "publish"]
+    assert dict(publish.attributes or {}) == {
+        "messaging.destination.name": "amq.default",
+        "messaging.rabbitmq.destination.routing_key": replies.name,
+    }
+    # The RCA engine's consumer continues the trace from the worker's settle span.
     headers = reply_message.headers or {}
-    assert traceparent_ids(headers["traceparent"]) == (upstream.trace_id, publish.context.span_id)
+    assert traceparent_ids(headers["traceparent"]) == (upstream.trace_id, settle.context.span_id)
     assert headers["tracestate"] == "up=1"
 
     # Neither the prompt nor the key is in any span; the fake proves the prompt was sent.
@@ -198,9 +202,10 @@ async def test_request_retried_twice_is_three_linked_deliveries_in_one_trace(
     assert deliveries[0].links == ()
     for earlier, later in itertools.pairwise(deliveries):
         [link] = later.links
-        # The retry copy carried the context of the publish that parked it, under the earlier delivery.
-        [parking] = [p for p in named(spans, f"publish {topology.retry}") if p.context.span_id == link.context.span_id]
-        assert descends_from(parking, earlier, spans)
+        # The retry copy carried the context of the settle step that parked it, under the earlier delivery.
+        [parking] = [s for s in named(spans, "settle") if s.context.span_id == link.context.span_id]
+        assert parent_id(parking) == earlier.context.span_id
+        assert [dict(e.attributes or {})["messaging.destination.name"] for e in parking.events] == [topology.retry]
         assert parent_id(later) == parking.context.span_id
         assert dict(link.attributes or {})["atlas.link"] == "earlier_delivery"
     policies = named(spans, "fallback_policy")
@@ -291,12 +296,13 @@ async def test_reroute_and_dead_letter_carry_the_workers_context_in_the_same_tra
         await running.stop()
 
     spans = exporter.get_finished_spans()
-    publishes = {s.context.span_id: s for s in named(spans, "publish ")}
+    settles = {s.context.span_id: s for s in named(spans, "settle")}
     for message, upstream, exchange in (
         (to_cloud, rerouted, settings.atlas_cloud_exchange),
         (dead_letter, malformed, topology.dead),
     ):
         trace_id, span_id = traceparent_ids((message.headers or {})["traceparent"])
         assert trace_id == upstream.trace_id
-        # The publisher's header was replaced by the worker's publish span, not passed through.
-        assert publishes[span_id].name == f"publish {exchange}"
+        # The publisher's header was replaced by the worker's settle span, which recorded the publish.
+        published = [dict(e.attributes or {}) for e in settles[span_id].events if e.name == "publish"]
+        assert [p["messaging.destination.name"] for p in published] == [exchange]

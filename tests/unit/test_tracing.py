@@ -4,6 +4,8 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from worker.errors import ErrorClass, ProviderError
@@ -100,3 +102,28 @@ def test_without_a_tracer_provider_no_span_is_made_but_metrics_are_kept() -> Non
         telemetry.answered(RESULT)
     labels = {"gen_ai_operation_name": "chat", "gen_ai_provider_name": "ollama", "gen_ai_token_type": "output"}
     assert registry.get_sample_value("gen_ai_client_token_usage_sum", labels) == 5
+
+
+def test_a_span_left_by_an_exception_is_an_error_with_the_exception_recorded() -> None:
+    tracing, exporter = traced(False)
+    with pytest.raises(RuntimeError), tracing.span("settle", {"messaging.system": "rabbitmq"}):
+        raise RuntimeError("channel closed")
+    [span] = exporter.get_finished_spans()
+    assert span.status.status_code is StatusCode.ERROR
+    assert span.status.description == "RuntimeError: channel closed"
+    [event] = span.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {})["exception.type"] == "RuntimeError"
+
+
+def test_the_providers_sampler_decides_and_an_unsampled_publish_still_carries_the_context() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    headers: dict[str, object] = {}
+    with tracing.span("settle", {}), tracing.publish("", "replies", headers, None):
+        pass
+    assert exporter.get_finished_spans() == ()
+    assert isinstance(headers["traceparent"], str)
+    assert int(headers["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # "not sampled", for the next service

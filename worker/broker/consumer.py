@@ -1,4 +1,4 @@
-"""The consumer loop: decode a delivery, hand it to the handler, settle the outcome (shielded), log it."""
+"""The consumer loop: decode a delivery, hand it to the handler, settle the outcome (never cancelled), log it."""
 
 import asyncio
 import time
@@ -125,11 +125,12 @@ class Consumer:
         self._tag: str | None = None
         # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
         self._working: dict[asyncio.Task[None], str | None] = {}
-        self._settling: set[asyncio.Task[str]] = set()  # never cancelled
+        # Settling, never cancelled: a delivery's task moves here from `_working` once its outcome is known.
+        self._settling: set[asyncio.Task[None]] = set()
 
     @property
     def in_flight(self) -> int:
-        return len(self._working)
+        return len(self._working) + len(self._settling)
 
     @property
     def consuming(self) -> bool:
@@ -146,9 +147,9 @@ class Consumer:
 
     def _forget(self, task: "asyncio.Task[None]") -> None:
         self._working.pop(task, None)
+        self._settling.discard(task)
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
-        # The settle task starts inside this span, so it inherits the span as its parent.
         with self._tracing.delivery(message, self._queue.name):
             await self._process_in_span(message)
 
@@ -175,11 +176,12 @@ class Consumer:
         except asyncio.CancelledError:
             await self._settler.return_to_queue(message)
             raise
-        settling = asyncio.create_task(self._settler.settle(message, outcome, ids))
-        self._settling.add(settling)
-        settling.add_done_callback(self._settling.discard)
+        if this is not None:
+            # Settled in this same task, not one of its own: from here on shutdown waits for it, never cancels it.
+            self._working.pop(this, None)
+            self._settling.add(this)
         try:
-            done = await asyncio.shield(settling)
+            done = await self._settler.settle(message, outcome, ids)
         except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
             # Not confirmed, so not acked: the broker delivers it again (at-least-once).
             log.warning("settle_failed", error=f"{type(exc).__name__}: {exc}")

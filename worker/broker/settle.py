@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import aio_pika
-import orjson
 import structlog
 from aio_pika import Exchange
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, DeliveryMode
@@ -176,7 +175,8 @@ class Settler:
     async def _publish_reply(self, delivery: AbstractIncomingMessage, reply: InferenceReply) -> None:
         if reply.error is not None:  # the last look before it leaves: error messages may quote anything
             reply = reply.model_copy(update={"error": _masked(reply.error)})
-        body = orjson.dumps(reply.model_dump(mode="json", exclude_none=True))
+        # Straight to JSON bytes: about half the cost of dumping to a dict and encoding that (same JSON).
+        body = reply.__pydantic_serializer__.to_json(reply, exclude_none=True)
         message = aio_pika.Message(
             body,
             content_type="application/json",
