@@ -157,6 +157,16 @@ def test_any_budget_fits_unless_only_untrimmable_parts_are_left(tokens: int) -> 
     assert all(f"[log {i}]" in text for i in citable["log"])
 
 
+@settings(max_examples=25, deadline=None)
+@given(tokens=st.integers(min_value=0, max_value=4000))
+def test_the_prompt_text_is_the_rendering_of_the_view_it_reports(tokens: int) -> None:
+    incident = IncidentContext.model_validate(small_incident())
+
+    view, text = budget.fit_and_render(incident, tokens)
+
+    assert text == evidence.render(view)
+
+
 def test_cost_is_tokens_times_the_price_per_thousand() -> None:
     pricing = Pricing(currency="USD", input_per_1k_tokens=0.0025, output_per_1k_tokens=0.01)
 

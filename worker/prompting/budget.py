@@ -27,7 +27,7 @@ context-overflow answer decides.
 
 import math
 import re
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -111,15 +111,18 @@ def fit(incident: IncidentContext, max_tokens: int) -> IncidentView:
 def fit_and_render(incident: IncidentContext, max_tokens: int) -> tuple[IncidentView, str]:
     """`fit`, with the view's text: the usual case (it fits whole) renders the incident once, not twice."""
     whole = IncidentView.whole(incident)
-    text = evidence.render(whole)
+    lines = evidence.render_lines(whole)
+    text = "\n".join(lines)
     size = len(text.encode())
     limit = max_tokens * BYTES_PER_TOKEN
     if size <= limit:
         return whole, text
+    # Each log line is formatted once: what cutting it saves and the trimmed text reuse the whole text's lines.
+    log_texts = lines[len(lines) - len(incident.logs) :] if incident.logs else []
     limit -= NOTE_RESERVE_BYTES
     dropped: dict[str, set[Hashable]] = {}
     summary_cut = 0
-    for cut in _cuts(incident):
+    for cut in _cuts(incident, log_texts):
         dropped.setdefault(cut.stage, set()).add(cut.key)
         size -= cut.saves
         if size <= limit:
@@ -127,23 +130,23 @@ def fit_and_render(incident: IncidentContext, max_tokens: int) -> tuple[Incident
     else:
         summary_cut = _summary_cut(incident.summary, size - limit + len("…".encode()))
     view = _view(incident, dropped, summary_cut)
-    return view, evidence.render(view)
+    return view, evidence.render(view, log_texts)
 
 
-def _cuts(incident: IncidentContext) -> Iterator[_Cut]:
+def _cuts(incident: IncidentContext, log_texts: Sequence[str]) -> Iterator[_Cut]:
     quiet, loud = _logs_oldest_first(incident)
     older_points, recent_points = _points_oldest_first(incident)
     middle = list(range(TIMELINE_HEAD, len(incident.timeline)))
     deploys = _deploys_oldest_first(incident)
     # First pass: keep a floor of the most recent evidence of each kind.
-    yield from _log_cuts(incident, quiet)
-    yield from _log_cuts(incident, loud[:-LOG_FLOOR])
+    yield from _log_cuts(log_texts, quiet)
+    yield from _log_cuts(log_texts, loud[:-LOG_FLOOR])
     yield from _point_cuts(incident, older_points)
     yield from _timeline_cuts(incident, middle[:-TIMELINE_TAIL_FLOOR])
     yield from _metadata_cuts(incident)
     yield from _deploy_cuts(incident, deploys[:-DEPLOY_FLOOR])
     # Second pass: down to the parts that are never trimmed.
-    yield from _log_cuts(incident, loud[-LOG_FLOOR:])
+    yield from _log_cuts(log_texts, loud[-LOG_FLOOR:])
     yield from _point_cuts(incident, recent_points)
     yield from _timeline_cuts(incident, middle[-TIMELINE_TAIL_FLOOR:])
     yield from _deploy_cuts(incident, deploys[-DEPLOY_FLOOR:-1])
@@ -183,9 +186,9 @@ def _deploys_oldest_first(incident: IncidentContext) -> list[int]:
     return sorted(range(len(deploys)), key=lambda i: (_when(deploys[i].at), i))
 
 
-def _log_cuts(incident: IncidentContext, order: list[int]) -> Iterator[_Cut]:
+def _log_cuts(log_texts: Sequence[str], order: list[int]) -> Iterator[_Cut]:
     for i in order:
-        yield _Cut("logs", i, _line_cost(evidence.log_line(i, incident.logs[i])))
+        yield _Cut("logs", i, _line_cost(log_texts[i]))
 
 
 def _point_cuts(incident: IncidentContext, order: list[tuple[int, int]]) -> Iterator[_Cut]:

@@ -5,7 +5,7 @@ An `IncidentView` says which items are shown. Positions are always those of the 
 text is part of every incident prompt: changing its format means bumping the versions in `worker.prompting.prompts`.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -126,8 +126,14 @@ def header_lines(view: IncidentView) -> list[str]:
     return lines
 
 
-def render(view: IncidentView) -> str:
-    """The incident context as plain text, in a fixed order: header, timeline, alerts, deploys, metrics, logs."""
+def render(view: IncidentView, log_texts: Sequence[str] | None = None) -> str:
+    """The incident context as plain text, in a fixed order: header, timeline, alerts, deploys, metrics, logs.
+    `log_texts` are the log lines already formatted (`log_line` of every log, in order), to reuse."""
+    return "\n".join(render_lines(view, log_texts))
+
+
+def render_lines(view: IncidentView, log_texts: Sequence[str] | None = None) -> list[str]:
+    """`render`'s lines, which end with the shown logs' lines: a whole view's last `len(logs)` are `log_texts`."""
     incident = view.incident
     lines = header_lines(view)
     if view.timeline:
@@ -146,5 +152,8 @@ def render(view: IncidentView) -> str:
             lines.append(metric_head(i, series) + "".join(point_text(series.points[p]) for p in points))
     if view.logs:
         lines.append("\nLogs:")
-        lines += [log_line(i, incident.logs[i]) for i in view.logs]
-    return "\n".join(lines)
+        if log_texts is None:
+            lines += [log_line(i, incident.logs[i]) for i in view.logs]
+        else:
+            lines += [log_texts[i] for i in view.logs]
+    return lines

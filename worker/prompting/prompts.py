@@ -5,6 +5,8 @@ unordered iteration. Any change to a template, or to the incident text in `promp
 which every reply reports in `provenance.prompt_version`.
 """
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,8 +96,37 @@ class PreparedCall:
         return self.view.citable() if self.view is not None else None
 
 
+@functools.cache
 def rca_output_schema() -> OutputSchema:
+    """Built once per process (deriving it takes milliseconds); every call shares it and only reads it."""
     return OutputSchema(RCA_SCHEMA_NAME, strict_json_schema(RcaResult))
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The parts of an incident task's call that do not depend on the incident."""
+
+    system: str
+    extra: Mapping[str, Any]  # ModelCall fields beyond the turns: the output schema, or the tools
+    fixed_tokens: int  # the estimate of everything sent except the incident text
+
+
+def _template(task: Task, declarations: tuple[ToolDeclaration, ...]) -> _Template:
+    extra: dict[str, Any] = {}
+    system = SYSTEM_PROMPTS[task]
+    if task is Task.RCA:
+        extra["output_schema"] = rca_output_schema()
+        system += _json(extra["output_schema"].schema)
+    elif task is Task.RUNBOOK:
+        extra["tools"] = tuple(ToolSpec(t.name, t.description, t.parameters) for t in declarations)
+        extra["tool_choice"] = "required"
+    return _Template(system, extra, _prompt_tokens(system, INSTRUCTIONS[task], extra))
+
+
+@functools.cache
+def _constant_template(task: Task) -> _Template:
+    """A task's template when the request brings no tools of its own never changes: built once per process."""
+    return _template(task, DEFAULT_RUNBOOK_TOOLS)
 
 
 def runbook_tools(request: InferenceRequest) -> tuple[ToolDeclaration, ...]:
@@ -131,19 +162,14 @@ def build_call(request: InferenceRequest, tenant: TenantConfig, budget: Budget |
         budget = budgets.plan(tenant.provider.context_window, output, answers=2 if task is Task.RCA else 1)
     if task is Task.CHAT:
         return PreparedCall(_model_call(request, tenant, budget, *_chat_turns(request)), PROMPT_VERSIONS[task], budget)
-    extra: dict[str, Any] = {}
-    system = SYSTEM_PROMPTS[task]
-    if task is Task.RCA:
-        extra["output_schema"] = rca_output_schema()
-        system += _json(extra["output_schema"].schema)
-    elif task is Task.RUNBOOK:
-        extra["tools"] = tuple(ToolSpec(t.name, t.description, t.parameters) for t in runbook_tools(request))
-        extra["tool_choice"] = "required"
+    if task is Task.RUNBOOK and request.tools:
+        template = _template(task, runbook_tools(request))
+    else:
+        template = _constant_template(task)
     assert request.incident is not None  # guaranteed by InferenceRequest's validator
-    fixed = _prompt_tokens(system, INSTRUCTIONS[task], extra)
-    view, text = budgets.fit_and_render(request.incident, max(0, budget.prompt_tokens - fixed))
+    view, text = budgets.fit_and_render(request.incident, max(0, budget.prompt_tokens - template.fixed_tokens))
     turn = Turn("user", f"{text}\n\n{INSTRUCTIONS[task]}")
-    model_call = _model_call(request, tenant, budget, system, (turn,), **extra)
+    model_call = _model_call(request, tenant, budget, template.system, (turn,), **template.extra)
     return PreparedCall(model_call, PROMPT_VERSIONS[task], budget, view)
 
 

@@ -21,6 +21,8 @@ CONTEXT_OVERFLOW_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 CONNECT_TIMEOUT_S = 5.0
+# Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
+CONNECT_ONLY = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
 QUOTA_PATTERNS = re.compile(r"insufficient_quota|quota exceeded|billing", re.IGNORECASE)
 
 
@@ -187,11 +189,9 @@ async def send_json(
     if body is not None:
         data = orjson.dumps(body)
         send_headers["Content-Type"] = "application/json"
-    # Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
     try:
         async with session.request(
-            method, url, data=data, headers=send_headers, timeout=timeout, allow_redirects=False
+            method, url, data=data, headers=send_headers, timeout=CONNECT_ONLY, allow_redirects=False
         ) as response:
             payload = await response.read()  # read and capped by the session's egress policy
             if response.status >= 400:
