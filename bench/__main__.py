@@ -245,7 +245,7 @@ async def main(sizes: Sizes, only: set[str], logs: Path, profile: bool, variants
 
 
 async def _tracing(sizes: Sizes, logs: Path) -> list[bool]:
-    rounds = max(1, sizes.throughput_rounds - 2)
+    rounds = sizes.throughput_rounds  # one pair per round would be one sample of a noisy machine
     print(
         f"## 6. Tracing overhead: worker CPU per message, {sizes.throughput_messages} messages × {rounds} rounds, "
         "alternating the commit before tracing, the commit that added it (tracing off), and this code with tracing "
