@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,23 +100,34 @@ async def run_baseline(url: str, namespace: str, prefetch: int, delay_s: float) 
         if delay_s:
             await asyncio.sleep(delay_s)
         reply = orjson.dumps({"request_id": request["request_id"], "status": "ok", "result": {"text": ANSWER}})
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                reply,
-                content_type="application/json",
-                correlation_id=message.correlation_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            message.reply_to or "",
-        )
-        await message.ack()
+        await reply_and_ack(channel, message, reply)
 
+    await consume_until_signalled(queue, on_message)
+    await connection.close()
+
+
+async def reply_and_ack(channel: aio_pika.abc.AbstractChannel, message: AbstractIncomingMessage, reply: bytes) -> None:
+    """What both plain loops do with an answer: a persistent reply to `reply_to`, then the ack."""
+    await channel.default_exchange.publish(
+        aio_pika.Message(
+            reply,
+            content_type="application/json",
+            correlation_id=message.correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        ),
+        message.reply_to or "",
+    )
+    await message.ack()
+
+
+async def consume_until_signalled(
+    queue: aio_pika.abc.AbstractQueue, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]
+) -> None:
     await queue.consume(on_message)
     print("ready", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     _on_signal(stop)
     await stop.wait()
-    await connection.close()
 
 
 def chat_body(request: dict[str, Any]) -> bytes:
@@ -151,22 +163,9 @@ async def run_plain(url: str, namespace: str, prefetch: int, provider_url: str) 
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         reply = await ask(session, provider_url, orjson.loads(message.body))
-        await channel.default_exchange.publish(
-            aio_pika.Message(
-                reply,
-                content_type="application/json",
-                correlation_id=message.correlation_id,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            message.reply_to or "",
-        )
-        await message.ack()
+        await reply_and_ack(channel, message, reply)
 
-    await queue.consume(on_message)
-    print("ready", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    _on_signal(stop)
-    await stop.wait()
+    await consume_until_signalled(queue, on_message)
     await connection.close()
     await session.close()
 
