@@ -1,9 +1,11 @@
 """The processes the benchmarks race against the worker: plain loops, a FastStream subscriber, and the worker
 with an in-process instant provider.
 
-`python -m bench.target worker|baseline|plain|faststream --namespace NS --prefetch N [--provider-url URL]`;
-prints `ready` once consuming and runs until SIGTERM. `plain` and `faststream` call an OpenAI-compatible
-provider over HTTP like the worker does; `baseline` only holds each message for `--delay`.
+`python -m bench.target worker|baseline|plain|plain-tuned|faststream --namespace NS --prefetch N
+[--provider-url URL]`; prints `ready` once consuming and runs until SIGTERM. `plain`, `plain-tuned` and
+`faststream` call an OpenAI-compatible provider over HTTP like the worker does; `baseline` only holds each
+message for `--delay`. `plain-tuned` is the plain loop on the worker's runtime (uvloop, the worker's GC
+threshold, start-up heap frozen): what the libraries alone cost under the same runtime as the worker.
 """
 
 import argparse
@@ -21,6 +23,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from contracts import Topology
 from contracts.tenant import ProviderSettings
+from worker import runtime
 from worker.app import WorkerApp
 from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
@@ -153,8 +156,10 @@ def unlimited_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, limit_per_host=0))
 
 
-async def run_plain(url: str, namespace: str, prefetch: int, provider_url: str) -> None:
+async def run_plain(url: str, namespace: str, prefetch: int, provider_url: str, *, freeze: bool = False) -> None:
     """The plain loop with a real provider call: consume → aiohttp POST → reply (confirmed) → ack."""
+    if freeze:
+        runtime.freeze_heap()
     connection = await aio_pika.connect_robust(url)
     channel = await connection.channel(publisher_confirms=True)
     await channel.set_qos(prefetch_count=prefetch)
@@ -201,7 +206,7 @@ async def run_faststream(url: str, namespace: str, prefetch: int, provider_url: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["worker", "baseline", "plain", "faststream"])
+    parser.add_argument("mode", choices=["worker", "baseline", "plain", "plain-tuned", "faststream"])
     parser.add_argument("--provider-url", default="", help="plain, faststream: the chat completions URL")
     parser.add_argument("--amqp-url", required=True)
     parser.add_argument("--namespace", required=True)
@@ -218,6 +223,9 @@ def main() -> None:
         asyncio.run(run_worker(args.amqp_url, args.namespace, args.prefetch, args.tenants, ladder))
     elif args.mode == "plain":
         asyncio.run(run_plain(args.amqp_url, args.namespace, args.prefetch, args.provider_url))
+    elif args.mode == "plain-tuned":
+        plain = run_plain(args.amqp_url, args.namespace, args.prefetch, args.provider_url, freeze=True)
+        runtime.run(plain, "auto", runtime.DEFAULT_GC_THRESHOLD)
     elif args.mode == "faststream":
         asyncio.run(run_faststream(args.amqp_url, args.namespace, args.prefetch, args.provider_url))
     else:

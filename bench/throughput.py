@@ -36,8 +36,12 @@ from bench.profile import Profile, summarise
 from bench.stats import Spread, alternate, pairwise_ratios, spread
 from worker.handling.ladder import RetryLadder
 
-CONTENDERS = ("plain", "faststream")
-LABELS = {"plain": "plain aio-pika → aiohttp loop", "faststream": "FastStream subscriber + aiohttp"}
+CONTENDERS = ("plain", "faststream", "plain-tuned")
+LABELS = {
+    "plain": "plain aio-pika → aiohttp loop",
+    "faststream": "FastStream subscriber + aiohttp",
+    "plain-tuned": "plain loop on the worker's runtime (uvloop, GC tuned, heap frozen)",
+}
 PREFETCH = 200
 
 

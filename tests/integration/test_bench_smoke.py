@@ -10,12 +10,13 @@ from worker.handling.ladder import RetryLadder
 pytestmark = pytest.mark.broker
 
 
-async def test_throughput_harness_races_worker_plain_loop_and_faststream(
+async def test_throughput_harness_races_worker_plain_loops_and_faststream(
     amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AMQP_URL", amqp_url)
     result = await throughput.run(count=100, rounds=1, logs=tmp_path, profile=False, prefetch=16)
-    assert {mode: len(runs) for mode, runs in result.rates.items()} == {"worker": 1, "plain": 1, "faststream": 1}
+    runs = {mode: len(runs) for mode, runs in result.rates.items()}
+    assert runs == {"worker": 1, "plain": 1, "faststream": 1, "plain-tuned": 1}
     assert result.ratio("worker", "faststream").n == 1
     assert all(cpu > 0 for runs in result.cpu_ms.values() for cpu in runs)
     worker_log = (tmp_path / "throughput-0-worker.log").read_bytes()
@@ -23,6 +24,9 @@ async def test_throughput_harness_races_worker_plain_loop_and_faststream(
     assert b"heap_frozen" in worker_log
     assert b'"loop":"uvloop"' in worker_log.replace(b'"loop": "uvloop"', b'"loop":"uvloop"')  # `--loop auto`
     assert b'"provider_ms"' in worker_log  # the worker called the HTTP provider, not an in-process stand-in
+    tuned_log = (tmp_path / "throughput-3-plain-tuned.log").read_bytes()
+    assert b"heap_frozen" in tuned_log
+    assert b"uvloop" in tuned_log
 
 
 async def test_concurrency_harness_races_worker_and_bare_loop(
