@@ -1,12 +1,14 @@
 """A request goes in, a reply comes out: the foundation's promises, observed on the broker."""
 
 import asyncio
+import time
 import uuid
 from pathlib import Path
 
 import orjson
 import pika  # a different client library, as another team's publisher would use
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from contracts import Header, InferenceReply, RcaResult, Status, Topology
 from tests import samples
@@ -38,6 +40,28 @@ async def test_summary_request_gets_one_reply_with_same_correlation_id(scene: Sc
     # The fake saw the tenant's key and model, resolved from env: and never echoed anywhere.
     assert scene.fake.requests[0]["model"] == "fake-model"
     assert b"sk-test-fake" not in message.body
+
+
+async def test_time_waiting_for_a_busy_event_loop_counts_in_total_ms(scene: Scene) -> None:
+    """`timings.total_ms` starts when the delivery reaches the worker, not when its task first runs: a delivery
+    that waits behind other work on the loop has spent that time in the worker."""
+    await scene.tenant("acme")
+    consumer = scene.app.consumer
+    assert consumer is not None
+    arrived = consumer._on_delivery
+
+    async def arrive_while_the_loop_is_busy(message: AbstractIncomingMessage) -> None:
+        await arrived(message)  # the delivery's task is created, and has not run yet
+        time.sleep(0.05)  # whatever else this turn of the loop does before it gets there
+
+    await consumer.stop_consuming()
+    consumer._on_delivery = arrive_while_the_loop_is_busy  # type: ignore[method-assign]
+    await consumer.start()
+    await scene.send(samples.request("acme", "summary"))
+
+    [message] = (await scene.leftovers()).replies
+    timings = InferenceReply.model_validate_json(message.body).timings
+    assert timings.total_ms - timings.provider_ms >= 50
 
 
 async def test_request_published_with_pika_is_answered(amqp_url: str, scene: Scene, topology: Topology) -> None:

@@ -1,10 +1,13 @@
 """The benchmark harness's arithmetic and its stand-in provider, so `make bench` cannot rot unnoticed."""
 
+import os
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from bench import latency
 from bench.fake_provider import FixedLatencyServer
 from bench.profile import summarise
 from bench.stats import alternate, median, pairwise_ratios, percentile, spread, table
@@ -75,3 +78,18 @@ async def test_fixed_latency_provider_answers_chat_completions_and_records_arriv
     finally:
         await server.close()
     assert [content for content, _ in server.arrivals] == ["first", "second", "second"]
+
+
+def test_latency_rounds_record_machine_load_and_preemptions() -> None:
+    # A busy loop of ~50 ms raises the machine's busy time; a process that is gone has no preemptions to read.
+    before = latency.cpu_jiffies()
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    after = latency.cpu_jiffies()
+    assert after[0] > before[0]
+    assert after[1] > before[1]
+    assert 0.0 < latency.busy_share(before, after) <= 1.0
+    assert latency.busy_share(after, after) == 0.0
+    assert latency.preemptions(os.getpid()) >= 0
+    assert latency.preemptions(2**22 + 1) == 0  # above Linux's largest pid

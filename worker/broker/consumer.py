@@ -87,12 +87,24 @@ def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
     return RequestIds(decoded.request_id, decoded.tenant_id, decoded.task)
 
 
-def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], started: float) -> DeliveryContext:
+@dataclass(frozen=True, slots=True)
+class Received:
+    """When a delivery reached the worker: the start of its `timings.total_ms` and `received_at`."""
+
+    monotonic: float
+    at: datetime
+
+    @classmethod
+    def now(cls) -> "Received":
+        return cls(time.monotonic(), datetime.now(UTC))
+
+
+def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], received: Received) -> DeliveryContext:
     """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
     return DeliveryContext(
         attempts=read_count(believed, Header.ATTEMPTS),
-        received_at=datetime.now(UTC),
-        received_monotonic=started,
+        received_at=received.at,
+        received_monotonic=received.monotonic,
         first_failure_at=first_failure_at(believed),
         last_error=last_error(believed),
         settle_seq=read_count(believed, Header.SETTLE_SEQ),
@@ -140,8 +152,11 @@ class Consumer:
         self._tag = await self._queue.consume(self._on_delivery)
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+        # The clock starts here, not when the task below first runs: waiting for the loop to get to it (behind
+        # other deliveries, replies and acks) is time the request spends in the worker too.
+        received = Received.now()
         # Handled in a task of our own, so a broker channel closing does not cancel a provider call midway.
-        task = asyncio.create_task(self._process(message))
+        task = asyncio.create_task(self._process(message, received))
         self._working[task] = None
         task.add_done_callback(self._forget)
 
@@ -149,16 +164,15 @@ class Consumer:
         self._working.pop(task, None)
         self._settling.discard(task)
 
-    async def _process(self, message: AbstractIncomingMessage) -> None:
+    async def _process(self, message: AbstractIncomingMessage, received: Received) -> None:
         with self._tracing.delivery(message, self._queue.name):
-            await self._process_in_span(message)
+            await self._process_in_span(message, received)
 
-    async def _process_in_span(self, message: AbstractIncomingMessage) -> None:
-        started = time.monotonic()
+    async def _process_in_span(self, message: AbstractIncomingMessage, received: Received) -> None:
         decoded = self._admitted(decode(message.body, self._max_body_bytes), message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
-        ctx = delivery_context(message, believed, started)
+        ctx = delivery_context(message, believed, received)
         ids = _ids(decoded)
         this = asyncio.current_task()
         if this is not None and this in self._working:
@@ -191,7 +205,7 @@ class Consumer:
             log.exception("settle_failed")
             await self._settler.return_to_queue(message)
             return
-        self._report(Settled(ids, outcome, done, (time.monotonic() - started) * 1000))
+        self._report(Settled(ids, outcome, done, (time.monotonic() - received.monotonic) * 1000))
 
     def _admitted(
         self, decoded: InferenceRequest | Malformed, message: AbstractIncomingMessage
