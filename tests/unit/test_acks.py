@@ -69,3 +69,42 @@ async def test_an_ack_arriving_during_a_flush_is_not_left_behind() -> None:
         await asyncio.sleep(0)
 
     assert channel.acks == [(1, True), (2, True)]
+
+
+class FullQueueChannel(RecordingChannel):
+    """Like aiormq's channel when its bounded write queue is full: the first ack waits for room, and a later
+    one can find room first and overtake it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = asyncio.Event()
+        self.calls = 0
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            await self.room.wait()
+        self.acks.append((delivery_tag, multiple))
+
+
+async def test_a_single_ack_never_reaches_the_broker_after_a_multiple_ack_that_covered_it() -> None:
+    channel = FullQueueChannel()
+    acks = Acknowledger()
+    acks.ack(Delivery(channel, 2))  # type: ignore[arg-type]  # tag 1 still in flight: 2 goes singly
+    for _ in range(3):
+        await asyncio.sleep(0)  # the flush is now waiting for room to send tag 2
+    acks.ack(Delivery(channel, 1))  # type: ignore[arg-type]
+    acks.ack(Delivery(channel, 3))  # type: ignore[arg-type]  # 1..3 now one run, to be acked up to 3
+    shutdown_flush = asyncio.create_task(acks.flush())  # as `Consumer.drain` flushes at the end
+    for _ in range(3):
+        await asyncio.sleep(0)
+    channel.room.set()
+    await shutdown_flush
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+    covered = 0  # highest tag a multiple ack on the wire has already acked
+    for tag, multiple in channel.acks:
+        assert multiple or tag > covered, f"single ack of {tag} after a multiple ack up to {covered}: {channel.acks}"
+        covered = max(covered, tag) if multiple else covered
+    assert channel.acks == [(2, False), (3, True)]

@@ -51,6 +51,10 @@ class Acknowledger:
         self._channels: dict[aiormq.abc.AbstractChannel, TagRuns] = {}
         self._flushing: asyncio.Task[None] | None = None
         self._dirty = False  # acks arrived that no flush has sent yet
+        # One flush at a time. aiormq's write queue is bounded, and a flush waiting for room in it can be
+        # overtaken by another: a single ack would then reach the broker after a multiple ack that already
+        # covered its tag, and the broker closes the channel over the unknown tag.
+        self._sending = asyncio.Lock()
 
     def ack(self, delivery: AbstractIncomingMessage) -> None:
         """Ack at the end of this loop turn. Raises ChannelInvalidStateError if the delivery's channel is gone."""
@@ -66,19 +70,20 @@ class Acknowledger:
                 self._runs(delivery).returned(delivery.delivery_tag)
 
     async def flush(self) -> None:
-        for channel, runs in list(self._channels.items()):
-            if channel.is_closed:
-                # The broker requeues whatever that channel left unacked.
-                del self._channels[channel]
-                continue
-            run_end, singles = runs.take()
-            try:
-                if run_end is not None:
-                    await channel.basic_ack(run_end, multiple=True)
-                for tag in singles:
-                    await channel.basic_ack(tag)
-            except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
-                log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}", hint="the broker delivers it again")
+        async with self._sending:
+            for channel, runs in list(self._channels.items()):
+                if channel.is_closed:
+                    # The broker requeues whatever that channel left unacked.
+                    del self._channels[channel]
+                    continue
+                run_end, singles = runs.take()
+                try:
+                    if run_end is not None:
+                        await channel.basic_ack(run_end, multiple=True)
+                    for tag in singles:
+                        await channel.basic_ack(tag)
+                except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+                    log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}", hint="the broker delivers it again")
 
     async def _flush_soon(self) -> None:
         # Acks that arrive while a flush awaits the socket are sent by the next pass of this loop, never

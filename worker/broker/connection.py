@@ -10,6 +10,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from worker.broker.topology import TopologySpec, declare, declare_atlas_cloud
+from worker.broker.transport import CoalescingRobustConnection
 from worker.exit_codes import ExitCode, StartupError
 from worker.redaction import redact_text
 
@@ -37,12 +38,16 @@ def first_connection() -> Iterator[None]:
 
 
 async def connect_worker(amqp_url: str, namespace: str, timeout_s: float) -> AbstractRobustConnection:
-    """The worker's robust connection. Only the first attempt is bounded in time: once connected, the robust
-    connection reconnects by itself."""
+    """The worker's robust connection, its frames of one loop turn sent together (`worker.broker.transport`).
+    Only the first attempt is bounded in time: once connected, the robust connection reconnects by itself."""
     try:
         with first_connection():
             return await asyncio.wait_for(
-                aio_pika.connect_robust(amqp_url, client_properties={"connection_name": f"atlas-worker:{namespace}"}),
+                aio_pika.connect_robust(
+                    amqp_url,
+                    client_properties={"connection_name": f"atlas-worker:{namespace}"},
+                    connection_class=CoalescingRobustConnection,
+                ),
                 timeout_s,
             )
     except (OSError, aio_pika.exceptions.AMQPError) as exc:  # TimeoutError is an OSError

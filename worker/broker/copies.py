@@ -10,6 +10,7 @@ from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 from contracts import Header
 from worker.broker.headers import Headers, read_count
 from worker.broker.limits import bounded_body
+from worker.broker.publish import PERSISTENT, Properties
 from worker.redaction import redact_body
 
 ATLAS_PREFIX: Final = "atlas-"
@@ -43,7 +44,8 @@ FAILURE_HEADERS: Final = frozenset(
 
 
 def copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of `message` with `body` and `headers`: every other property is the original's."""
+    """A persistent copy of `message` with `body` and `headers`: every other property is the original's
+    (`dlq replay` publishes it through aio-pika; `copy_properties` is the same copy for `settle`)."""
     return aio_pika.Message(
         body,
         headers=headers,
@@ -57,6 +59,23 @@ def copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, An
         app_id=message.app_id,
         priority=message.priority,
         delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+def copy_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Properties:
+    """The properties of `copy_of`, built straight for the channel (see `worker.broker.publish`)."""
+    return Properties(
+        headers=headers,
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        message_type=message.type,
+        app_id=message.app_id,
+        priority=message.priority,
+        delivery_mode=PERSISTENT,
     )
 
 
