@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from typing import cast
 
 import orjson
 
@@ -47,8 +48,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A stream server's transport is a `Transport` in behaviour; uvloop's does not derive from asyncio's.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
