@@ -21,6 +21,7 @@ from contracts import Header
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
+from worker.otlp_config import BatchLimits, OtlpTarget, credential_provider_requested
 from worker.spans import LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
@@ -332,37 +333,43 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
 
 
 def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, str] = os.environ) -> Tracing:
-    """Tracing configured by the standard OTEL_* variables (the SDK reads sampler, endpoint, headers, batch
-    sizes and resource itself). Without the `otel` extra installed, tracing stays off with a warning."""
+    """Tracing configured by the standard OTEL_* variables: the SDK reads the sampler and the resource; OTLP
+    export (endpoint, headers, timeout, compression, certificates, OTEL_BSP_* batching) runs on the event loop
+    (`worker.otlp_export`). Without the `otel` extra installed, tracing stays off with a warning."""
     capture = content_capture_requested(environ)
     if not tracing_requested(environ):
         return Tracing(genai=genai, capture_content=capture)
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError:
         log.warning("tracing_unavailable", hint="install the otel extra: pip install 'atlas-inference-worker[otel]'")
         return Tracing(genai=genai, capture_content=capture)
-    exporters: list[SpanExporter] = []
-    for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
-        match name.strip():
-            case "otlp":
-                from worker.otlp import otlp_span_exporter
-
-                exporters.append(otlp_span_exporter())
-            case "console":
-                exporters.append(ConsoleSpanExporter())
-            case other:
-                log.warning("tracing_exporter_unsupported", exporter=other, supported="otlp, console")
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over this default.
     named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     provider = SdkTracerProvider(resource=Resource.create({} if named else {"service.name": SERVICE_NAME}))
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    exporters: list[str] = []
+    for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
+        match name.strip():
+            case "otlp" if not credential_provider_requested(environ):
+                from worker.otlp_export import LoopSpanExport
+
+                provider.add_span_processor(LoopSpanExport(OtlpTarget.from_env(environ), BatchLimits.from_env(environ)))
+                exporters.append(LoopSpanExport.__name__)
+            case "otlp":  # a requests.Session from a credential plug-in: the SDK's exporter, on its thread
+                from worker.otlp import otlp_span_exporter
+
+                provider.add_span_processor(BatchSpanProcessor(otlp_span_exporter()))
+                exporters.append("OTLPSpanExporter")
+            case "console":
+                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+                exporters.append(ConsoleSpanExporter.__name__)
+            case other:
+                log.warning("tracing_exporter_unsupported", exporter=other, supported="otlp, console")
     log.info(
         "tracing_enabled",
-        exporters=[type(e).__name__ for e in exporters],
+        exporters=exporters,
         sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
         capture_content=capture,
     )
