@@ -6,11 +6,12 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Final
 
-from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
+
+from worker.current_span import attach, current_span, detach
 
 # Our span sites pass only str, int, float, bool and tuples of str: the SDK's per-value cleaning (recursive
 # type checks through the collections ABCs, a lock per attribute set) is most of its cost per span and buys
@@ -74,29 +75,45 @@ class LightTracer:
         attributes: Mapping[str, AttributeValue] | None = None,
         links: Sequence[Link] = (),
     ) -> trace.Span:
-        parent = trace.get_current_span(context).get_span_context()
-        if parent.is_valid:
-            trace_id, random, parent_or_none = parent.trace_id, parent.trace_flags.random_trace_id, parent
+        parent = (current_span() if context is None else trace.get_current_span(context)).get_span_context()
+        return self.start_child(name, parent if parent.is_valid else None, kind, attributes, links, context)
+
+    def start_child(
+        self,
+        name: str,
+        parent: SpanContext | None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, AttributeValue] | None = None,
+        links: Sequence[Link] = (),
+        context: Context | None = None,
+    ) -> trace.Span:
+        """A span under `parent` (None: a new trace). `context` is what the sampler and processors are shown;
+        without one, a span whose parent is not the current span is shown a Context holding that parent alone,
+        as a propagator's extract would have made it."""
+        if parent is not None:
+            trace_id, random = parent.trace_id, parent.trace_flags.random_trace_id
             decision = self._by_parent[parent.is_remote][parent.trace_flags & 1] if self._by_parent else None
         else:
             trace_id = self._ids.generate_trace_id()
             random = self._ids.is_trace_id_random()
-            parent_or_none = None
             decision = self._at_root
+        light = self._light_processor()
+        if context is None and (decision is None or light is None) and parent is not current_span().get_span_context():
+            context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else Context()
         if decision is None:
             sampled = self._sampler.should_sample(context, trace_id, name, kind, attributes, links)
             decision, trace_state = sampled.decision, sampled.trace_state
             if sampled.attributes:
                 attributes = {**sampled.attributes, **(attributes or {})}
         else:  # a fixed decision adds no attributes and keeps the parent's trace state, as the SDK's does
-            trace_state = parent.trace_state if parent_or_none is not None else None
+            trace_state = parent.trace_state if parent is not None else None
         # Decisions are compared by identity: Decision.is_sampled() searches a tuple of enums.
         flags = _FLAGS[(decision is self._record_and_sample) | (random << 1)]
         span_context = SpanContext(trace_id, self._ids.generate_span_id(), False, flags, trace_state)
         if decision is self._drop:
             return trace.NonRecordingSpan(span_context)
-        span = LightSpan(self, name, span_context, parent_or_none, kind, dict(attributes or ()), tuple(links))
-        if self._light_processor() is None:  # a processor taking light spans has nothing to do at the start
+        span = LightSpan(self, name, span_context, parent, kind, dict(attributes or ()), tuple(links))
+        if light is None:  # a processor taking light spans has nothing to do at the start
             self._processor.on_start(span, parent_context=context)
         return span
 
@@ -173,7 +190,7 @@ class CurrentSpan:
         self._token: object = None
 
     def __enter__(self) -> trace.Span:
-        self._token = context_api.attach(trace.set_span_in_context(self._span))
+        self._token = attach(self._span)
         return self._span
 
     def __exit__(
@@ -184,7 +201,7 @@ class CurrentSpan:
         if isinstance(exc, Exception) and span.is_recording():
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        context_api.detach(self._token)  # type: ignore[arg-type]
+        detach(self._token)
         span.end()
 
 

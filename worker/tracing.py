@@ -12,17 +12,18 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 from opentelemetry import trace
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from contracts import Header
+from worker import w3c
+from worker.current_span import current_span
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
 from worker.otlp_config import BatchLimits, OtlpTarget, credential_provider_requested
-from worker.spans import LightTracer
+from worker.spans import CurrentSpan, LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
     from aio_pika.abc import AbstractIncomingMessage  # only the broker folder imports aio-pika at run time
@@ -35,7 +36,7 @@ log = structlog.get_logger("worker.tracing")
 SERVICE_NAME: Final = "atlas-inference-worker"
 CAPTURE_CONTENT_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 TRACE_HEADERS: Final = ("traceparent", "tracestate")
-TRACE_HEADER_LIMIT: Final = 512  # a valid traceparent is 55 characters, a tracestate at most 512
+TRACE_HEADER_LIMIT: Final = w3c.HEADER_LIMIT
 OTHER: Final = "_OTHER"  # the conventions' value for anything outside a closed set
 OPERATION: Final = "chat"
 # gen_ai.provider.name for each provider kind; a compatible server speaks OpenAI's API.
@@ -49,22 +50,7 @@ PROVIDER_NAMES: Final = {
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 MESSAGING: Final[dict[str, AttributeValue]] = {"messaging.system": "rabbitmq"}
 
-_W3C = TraceContextTextMapPropagator()
 _NOTHING: AbstractContextManager[None] = nullcontext()
-
-
-class _AmqpHeaders(Getter[Mapping[str, Any]]):
-    """Reads trace headers from AMQP headers; a publisher's non-text value is ignored, never an error."""
-
-    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        return [value] if isinstance(value, str) and len(value) <= TRACE_HEADER_LIMIT else None
-
-    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
-        return list(carrier)
-
-
-_AMQP = _AmqpHeaders()
 
 
 class DescribedProvider(Protocol):
@@ -111,12 +97,10 @@ class Tracing:
         if not self.enabled:
             return _NOTHING
         headers = message.headers or {}
-        parent = _W3C.extract(headers, getter=_AMQP)
+        parent = w3c.remote_parent(headers)
         links: list[Link] = []
-        if Header.ATTEMPTS in headers or Header.DEFERRALS in headers:
-            earlier = trace.get_current_span(parent).get_span_context()
-            if earlier.is_valid:
-                links.append(Link(earlier, {"atlas.link": "earlier_delivery"}))
+        if parent is not None and (Header.ATTEMPTS in headers or Header.DEFERRALS in headers):
+            links.append(Link(parent, {"atlas.link": "earlier_delivery"}))
         attributes = {
             **MESSAGING,
             "messaging.operation.type": "process",
@@ -128,8 +112,12 @@ class Tracing:
             attributes["messaging.message.id"] = message.message_id
         if message.correlation_id:
             attributes["messaging.message.conversation_id"] = message.correlation_id
+        name = f"process {queue}"
+        if isinstance(self._tracer, LightTracer):
+            return CurrentSpan(self._tracer.start_child(name, parent, SpanKind.CONSUMER, attributes, links))
+        context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else Context()
         return self._tracer.start_as_current_span(
-            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes, links=links
+            name, context=context, kind=SpanKind.CONSUMER, attributes=attributes, links=links
         )
 
     def annotate_delivery(self, ids: RequestIds, attempt: int) -> None:
@@ -168,7 +156,7 @@ class Tracing:
         """Add attributes to the current span (None values are left out)."""
         if not self.enabled:
             return
-        span = trace.get_current_span()
+        span = current_span()
         if span.is_recording():
             span.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
@@ -187,8 +175,8 @@ class Tracing:
             return _NOTHING
         for key in TRACE_HEADERS:
             headers.pop(key, None)  # a copy's headers still hold the context it arrived with
-        _W3C.inject(headers)
-        span = trace.get_current_span()
+        span = current_span()
+        w3c.write(span.get_span_context(), headers)
         if span.is_recording():
             span.add_event(
                 "publish",
