@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -53,7 +54,7 @@ SPAN = "b7ad6b7169203331"
     ],
 )
 def test_trace_headers_are_read_as_the_propagator_reads_them(headers: dict[str, Any]) -> None:
-    class Getter:
+    class AmqpHeaders(Getter[dict[str, Any]]):
         def get(self, carrier: dict[str, Any], key: str) -> list[str] | None:
             value = carrier.get(key)
             return [value] if isinstance(value, str) and len(value) <= w3c.HEADER_LIMIT else None
@@ -61,7 +62,7 @@ def test_trace_headers_are_read_as_the_propagator_reads_them(headers: dict[str, 
         def keys(self, carrier: dict[str, Any]) -> list[str]:
             return list(carrier)
 
-    extracted = trace.get_current_span(TraceContextTextMapPropagator().extract(headers, getter=Getter()))
+    extracted = trace.get_current_span(TraceContextTextMapPropagator().extract(headers, getter=AmqpHeaders()))
     expected = extracted.get_span_context()
     parsed = w3c.remote_parent(headers)
     assert (parsed or trace.INVALID_SPAN_CONTEXT) == expected
@@ -79,7 +80,8 @@ def test_trace_headers_are_written_as_the_propagator_injects_them(state: str) ->
     written: dict[str, str] = {}
     w3c.write(context, written)
     assert written == expected
-    w3c.write(trace.INVALID_SPAN_CONTEXT, nothing := {})
+    nothing: dict[str, str] = {}
+    w3c.write(trace.INVALID_SPAN_CONTEXT, nothing)
     assert nothing == {}
 
 
