@@ -220,8 +220,17 @@ class LoopSpanExport(SpanProcessor):
             return True
         # No loop (spans ended outside one) or it has stopped: a loop of our own, with a session of its own.
         self._loop, self._session, self._timer, self._exporting = None, None, None, None
+
+        async def flush_and_close() -> None:
+            try:
+                await flush()
+            finally:
+                if self._session is not None:  # bound to this loop, which ends here
+                    await self._session.close()
+                    self._session = None
+
         try:
-            asyncio.run(asyncio.wait_for(_awaited(flush), timeout_s))
+            asyncio.run(asyncio.wait_for(flush_and_close(), timeout_s))
         except TimeoutError:
             log.warning("tracing_flush_timed_out", timeout_s=timeout_s, spans=len(self._queue))
             return False
