@@ -1,7 +1,7 @@
 """Benchmark 6: what tracing costs per message: the change with tracing off, and tracing every request today.
 
-`python -m bench.tracing_overhead [--modes before,added] [--rounds N] [--messages N]` runs it alone, e.g. many
-rounds of two builds to judge a 1 % difference.
+`python -m bench.tracing_overhead [--modes before,added] [--rounds N] [--messages N] [--side-by-side]` runs it
+alone, e.g. many rounds of two builds, draining one queue together, to judge a 1 % difference.
 """
 
 import argparse
@@ -163,6 +163,48 @@ async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> floa
     return cpu_ns / 1e6 / max(1, count - warm)
 
 
+def settled(target: Process) -> int:
+    """Requests this start of the worker has settled so far, from its log lines."""
+    return target.log_path.read_bytes()[target.started_at_offset :].count(b'"request_settled"')
+
+
+async def _side_by_side_run(ns: Namespace, targets: list[Process], count: int, run: int) -> list[float]:
+    """Two workers drain one queue at the same time, so both meet the same machine from moment to moment;
+    each one's CPU per message over the same window (after the warm-up) is its CPU ÷ the requests it settled."""
+    replies = await ns.reply_queue()
+    await replies.purge()
+    bodies = [(f"{run}-{i}", incident_body("acme", f"tr-{run}-{i}")) for i in range(count)]
+    arrived = 0
+    warm = max(1, int(count * WARM_UP))
+    at_warm: list[tuple[int, int]] = []
+    finished = asyncio.Event()
+
+    async def on_reply(message: AbstractIncomingMessage) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == warm:
+            at_warm.extend((thread_cpu_ns(t.pid), settled(t)) for t in targets)
+        if arrived >= count:
+            finished.set()
+
+    tag = await replies.consume(on_reply, no_ack=True)
+    try:
+        for target in targets:
+            await target.start()
+        for target in targets:
+            await target.ready(b"ready")
+        # Published only once both consume, so neither gets a head start (the broker deals deliveries in turn).
+        await preload(ns, bodies, replies.name)
+        await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
+        await asyncio.sleep(0.2)  # the last settles' log lines
+        ends = [(thread_cpu_ns(t.pid), settled(t)) for t in targets]
+    finally:
+        for target in targets:
+            await target.stop()
+        await replies.cancel(tag)
+    return [(cpu - cpu0) / 1e6 / max(1, n - n0) for (cpu0, n0), (cpu, n) in zip(at_warm, ends, strict=True)]
+
+
 def count_spans(exports: list[bytes]) -> int:
     """Spans in the received exports, decoded with opentelemetry-proto (0 where it is not installed)."""
     try:
@@ -173,9 +215,17 @@ def count_spans(exports: list[bytes]) -> int:
     return sum(len(scope.spans) for r in requests for resource in r.resource_spans for scope in resource.scope_spans)
 
 
-async def run(count: int, rounds: int, prefetch: int, logs: Path, modes: tuple[str, ...] = MODES) -> TracingResult:
+async def run(
+    count: int,
+    rounds: int,
+    prefetch: int,
+    logs: Path,
+    modes: tuple[str, ...] = MODES,
+    side_by_side: bool = False,
+) -> TracingResult:
     """Each round runs every mode once (the order reversed every other round); all runs of a round share one
-    PYTHONHASHSEED, so a pair differs in its code alone, not in how its dicts happen to be laid out."""
+    PYTHONHASHSEED, so a pair differs in its code alone, not in how its dicts happen to be laid out. Side by
+    side, a round's workers drain one queue of `count` requests each together instead of one after another."""
     ladder = RetryLadder()
     before_commit, change_commit = tracing_change()
     with (
@@ -196,12 +246,26 @@ async def run(count: int, rounds: int, prefetch: int, logs: Path, modes: tuple[s
                 "off": (off, ROOT),
                 "on": (tracing_on, ROOT),
             }
-            for n, mode in enumerate(alternate(modes, rounds)):
-                started = time.perf_counter()
+
+            def target(mode: str, n: int, seed: int) -> Process:
                 env, cwd = envs[mode]
-                seed = {"PYTHONHASHSEED": str(n // len(modes) + 1)}
-                target = Process(argv, logs / f"tracing-{n}-{mode}.log", env={**env, **seed}, cwd=cwd)
-                cpu_ms = await _one_run(ns, target, count, n)
+                return Process(
+                    argv, logs / f"tracing-{n}-{mode}.log", env={**env, "PYTHONHASHSEED": str(seed)}, cwd=cwd
+                )
+
+            if side_by_side:
+                for n in range(rounds):
+                    started = time.perf_counter()
+                    order = list(modes) if n % 2 == 0 else list(reversed(modes))  # which one starts first
+                    cpus = await _side_by_side_run(ns, [target(m, n, n + 1) for m in order], count * len(modes), n)
+                    for mode, cpu_ms in zip(order, cpus, strict=True):
+                        result.cpu_ms[mode].append(cpu_ms)
+                    shown = ", ".join(f"{m} {c:.3f}" for m, c in zip(order, cpus, strict=True))
+                    took = time.perf_counter() - started
+                    print(f"  tracing round {n + 1} side by side: {shown} ms CPU/msg ({took:.0f} s)")
+            for n, mode in enumerate([] if side_by_side else alternate(modes, rounds)):
+                started = time.perf_counter()
+                cpu_ms = await _one_run(ns, target(mode, n, n // len(modes) + 1), count, n)
                 result.cpu_ms[mode].append(cpu_ms)
                 print(
                     f"  tracing run {n + 1}: {mode:6} {cpu_ms:.3f} ms CPU/msg ({time.perf_counter() - started:.0f} s)"
@@ -217,6 +281,7 @@ def cli() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--logs", type=Path, default=None, help="keep each worker's log here")
+    parser.add_argument("--side-by-side", action="store_true", help="a round's workers drain one queue together")
     args = parser.parse_args()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not set(modes) <= set(MODES) or not modes:
@@ -224,7 +289,7 @@ def cli() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tracing-logs-") as directory:
         logs = args.logs or Path(directory)
         logs.mkdir(parents=True, exist_ok=True)
-        r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes))
+        r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes, args.side_by_side))
     for mode in modes:
         print(f"{mode:7} {r.cpu(mode).show('{:.4f} ms')} CPU per message")
     for mode, baseline in (("added", "before"), ("on", "off")):
