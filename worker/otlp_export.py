@@ -116,11 +116,16 @@ class LoopSpanExport(SpanProcessor):
 
     def _wake(self) -> None:
         loop = self._loop
+        if loop is not None and loop.is_closed():  # that loop has ended: spans now end on another, or none
+            # Its session and export task are bound to it: they cannot be closed or awaited any more.
+            self._loop, self._session, self._exporting = None, None, None
+            self._adopt_running_loop()
+            loop = self._loop
         if loop is None:
             return
         if threading.get_ident() == self._loop_thread:
             self._start_export()
-        elif not loop.is_closed():
+        else:
             loop.call_soon_threadsafe(self._start_export)
 
     def _start_export(self, everything: bool = False) -> None:

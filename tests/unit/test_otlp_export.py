@@ -180,3 +180,23 @@ def test_otlp_tracing_from_the_environment_exports_from_the_loop() -> None:
     tracing = tracing_from_env(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
     processors = tracing._provider._active_span_processor._span_processors  # type: ignore[union-attr]
     assert [type(p) for p in processors] == [LoopSpanExport]
+
+
+def test_spans_ended_on_a_later_loop_are_posted_from_that_loop() -> None:
+    export = LoopSpanExport(OtlpTarget(), BatchLimits(max_export_batch_size=2))
+    provider, tracer = traced(export)
+
+    async def one_loop() -> int:
+        receiver = OtlpReceiver()
+        await receiver.start()
+        export.target = OtlpTarget(endpoint=f"{receiver.endpoint}/v1/traces")
+        try:
+            end_spans(tracer, 1)  # a full batch of 2: posted from the loop the spans end on
+            await asyncio.wait_for(receiver.arrived.wait(), 2)
+            return len(receiver.spans())
+        finally:
+            await receiver.close()
+
+    assert asyncio.run(one_loop()) == 2
+    assert asyncio.run(one_loop()) == 2  # the first loop, its session and its export task are gone
+    provider.shutdown()
