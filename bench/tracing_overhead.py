@@ -1,25 +1,35 @@
-"""Benchmark 6: what tracing costs per message: the change with tracing off, and tracing every request today."""
+"""Benchmark 6: what tracing costs per message: the change with tracing off, and tracing every request today.
 
+`python -m bench.tracing_overhead [--modes before,added] [--rounds N] [--messages N] [--side-by-side]` runs it
+alone, e.g. many rounds of two builds, draining one queue together, to judge a 1 % difference.
+"""
+
+import argparse
 import asyncio
 import contextlib
+import random
 import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
 from bench.common import ROOT, Namespace, Process, amqp_url, cpu_seconds, incident_body, namespace, preload, python
 from bench.common import write_tenant as write_bench_tenant
-from bench.stats import Spread, alternate, pairwise_ratios, spread
+from bench.stats import Spread, alternate, median, pairwise_ratios, spread
 from worker.handling.ladder import RetryLadder
 
 # before: the commit just before tracing was merged; added: the merge itself, tracing off (together: what the change
 # cost when off, with nothing else between them); off and on: this code, without and with every request traced.
 MODES = ("before", "added", "off", "on")
+# CPU is counted from this share of the replies on: start-up (connections, first calls, the prefetch filling) varies
+# more from run to run than the steady drain that follows.
+WARM_UP: Final = 0.1
 
 
 @dataclass
@@ -27,8 +37,13 @@ class TracingResult:
     messages: int
     baseline_commit: str
     change_commit: str
-    cpu_ms: dict[str, list[float]] = field(default_factory=lambda: {mode: [] for mode in MODES})
+    modes: tuple[str, ...] = MODES
+    cpu_ms: dict[str, list[float]] = field(default_factory=dict)
+    exports_received: int = 0
     spans_received: int = 0
+
+    def __post_init__(self) -> None:
+        self.cpu_ms = {mode: [] for mode in self.modes}
 
     def cpu(self, mode: str) -> Spread:
         return spread(self.cpu_ms[mode])
@@ -37,6 +52,19 @@ class TracingResult:
         """Per pair of runs. Each ratio compares one code base with itself: `added` ÷ `before` is the change
         alone, `on` ÷ `off` is tracing on today's code (which has much more than the code before tracing)."""
         return spread(pairwise_ratios(self.cpu_ms[mode], self.cpu_ms[baseline]))
+
+    def interval(self, mode: str, baseline: str = "before") -> tuple[float, float]:
+        """A 95 % confidence interval of the median pairwise ratio (bootstrap, fixed seed): with it, a 1 %
+        target can be called met, missed, or not decidable from these runs."""
+        return bootstrap_median(pairwise_ratios(self.cpu_ms[mode], self.cpu_ms[baseline]))
+
+
+def bootstrap_median(values: list[float], resamples: int = 4000) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (0.0, 0.0)
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _git(*args: str) -> str:
@@ -70,12 +98,13 @@ def checkouts(*commits: str) -> Iterator[list[Path]]:
 
 
 @contextlib.asynccontextmanager
-async def otlp_sink() -> AsyncIterator[tuple[str, list[int]]]:
-    """Accepts OTLP/HTTP exports and counts their bytes, so tracing-on pays for encoding and sending."""
-    received: list[int] = []
+async def otlp_sink() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """Accepts OTLP/HTTP exports and keeps them (decoded only after the runs), so tracing-on pays for encoding and
+    sending and the benchmark can check that every span arrived."""
+    received: list[bytes] = []
 
     async def traces(request: web.Request) -> web.Response:
-        received.append(len(await request.read()))
+        received.append(await request.read())
         return web.Response(content_type="application/x-protobuf")
 
     app = web.Application()
@@ -91,17 +120,34 @@ async def otlp_sink() -> AsyncIterator[tuple[str, list[int]]]:
         await runner.cleanup()
 
 
+def thread_cpu_ns(pid: int) -> int:
+    """CPU time of all a process's threads in nanoseconds (schedstat), finer than /proc/<pid>/stat's ticks; falls
+    back to those ticks where the kernel keeps no schedstat."""
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                total += int((task / "schedstat").read_text().split()[0])
+    except (FileNotFoundError, ProcessLookupError, ValueError):
+        return int(cpu_seconds(pid) * 1e9)
+    return total or int(cpu_seconds(pid) * 1e9)
+
+
 async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> float:
     replies = await ns.reply_queue()
     await replies.purge()
     bodies = [(f"{run}-{i}", incident_body("acme", f"tr-{run}-{i}")) for i in range(count)]
     await preload(ns, bodies, replies.name)
     arrived = 0
+    warm = max(1, int(count * WARM_UP))
+    cpu_at_warm = 0
     finished = asyncio.Event()
 
     async def on_reply(message: AbstractIncomingMessage) -> None:
-        nonlocal arrived
+        nonlocal arrived, cpu_at_warm
         arrived += 1
+        if arrived == warm:
+            cpu_at_warm = thread_cpu_ns(target.pid)
         if arrived >= count:
             finished.set()
 
@@ -109,16 +155,77 @@ async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> floa
     await target.start()
     try:
         await target.ready(b"ready")
-        cpu_before = cpu_seconds(target.pid)
         await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
-        cpu = cpu_seconds(target.pid) - cpu_before
+        cpu_ns = thread_cpu_ns(target.pid) - cpu_at_warm
     finally:
         await target.stop()
         await replies.cancel(tag)
-    return cpu * 1000 / count
+    return cpu_ns / 1e6 / max(1, count - warm)
 
 
-async def run(count: int, rounds: int, prefetch: int, logs: Path) -> TracingResult:
+def settled(target: Process) -> int:
+    """Requests this start of the worker has settled so far, from its log lines."""
+    return target.log_path.read_bytes()[target.started_at_offset :].count(b'"request_settled"')
+
+
+async def _side_by_side_run(ns: Namespace, targets: list[Process], count: int, run: int) -> list[float]:
+    """Two workers drain one queue at the same time, so both meet the same machine from moment to moment;
+    each one's CPU per message over the same window (after the warm-up) is its CPU ÷ the requests it settled."""
+    replies = await ns.reply_queue()
+    await replies.purge()
+    bodies = [(f"{run}-{i}", incident_body("acme", f"tr-{run}-{i}")) for i in range(count)]
+    arrived = 0
+    warm = max(1, int(count * WARM_UP))
+    at_warm: list[tuple[int, int]] = []
+    finished = asyncio.Event()
+
+    async def on_reply(message: AbstractIncomingMessage) -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == warm:
+            at_warm.extend((thread_cpu_ns(t.pid), settled(t)) for t in targets)
+        if arrived >= count:
+            finished.set()
+
+    tag = await replies.consume(on_reply, no_ack=True)
+    try:
+        for target in targets:
+            await target.start()
+        for target in targets:
+            await target.ready(b"ready")
+        # Published only once both consume, so neither gets a head start (the broker deals deliveries in turn).
+        await preload(ns, bodies, replies.name)
+        await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
+        await asyncio.sleep(0.2)  # the last settles' log lines
+        ends = [(thread_cpu_ns(t.pid), settled(t)) for t in targets]
+    finally:
+        for target in targets:
+            await target.stop()
+        await replies.cancel(tag)
+    return [(cpu - cpu0) / 1e6 / max(1, n - n0) for (cpu0, n0), (cpu, n) in zip(at_warm, ends, strict=True)]
+
+
+def count_spans(exports: list[bytes]) -> int:
+    """Spans in the received exports, decoded with opentelemetry-proto (0 where it is not installed)."""
+    try:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    except ImportError:
+        return 0
+    requests = (ExportTraceServiceRequest.FromString(body) for body in exports)
+    return sum(len(scope.spans) for r in requests for resource in r.resource_spans for scope in resource.scope_spans)
+
+
+async def run(
+    count: int,
+    rounds: int,
+    prefetch: int,
+    logs: Path,
+    modes: tuple[str, ...] = MODES,
+    side_by_side: bool = False,
+) -> TracingResult:
+    """Each round runs every mode once (the order reversed every other round); all runs of a round share one
+    PYTHONHASHSEED, so a pair differs in its code alone, not in how its dicts happen to be laid out. Side by
+    side, a round's workers drain one queue of `count` requests each together instead of one after another."""
     ladder = RetryLadder()
     before_commit, change_commit = tracing_change()
     with (
@@ -127,24 +234,72 @@ async def run(count: int, rounds: int, prefetch: int, logs: Path) -> TracingResu
     ):
         tenants = Path(directory)
         write_bench_tenant(tenants, "acme", "http://127.0.0.1:9/v1", max_concurrency=max(prefetch, 16))
-        result = TracingResult(count, before_commit, change_commit)
+        result = TracingResult(count, before_commit, change_commit, modes)
         async with namespace("bench-tr", ladder) as ns, otlp_sink() as (endpoint, received):
             argv = [python(), "-m", "bench.target", "worker", "--amqp-url", amqp_url()]
             argv += ["--namespace", ns.topology.namespace, "--prefetch", str(prefetch), "--tenants", str(tenants)]
             off = {"OTEL_SDK_DISABLED": "true"}
             tracing_on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
-            targets = {
-                "before": lambda log: Process(argv, log, cwd=before_path),
-                "added": lambda log: Process(argv, log, env=off, cwd=change_path),
-                "off": lambda log: Process(argv, log, env=off),
-                "on": lambda log: Process(argv, log, env=tracing_on),
+            envs: dict[str, tuple[dict[str, str], Path]] = {
+                "before": ({}, before_path),
+                "added": (off, change_path),
+                "off": (off, ROOT),
+                "on": (tracing_on, ROOT),
             }
-            for n, mode in enumerate(alternate(MODES, rounds)):
+
+            def target(mode: str, n: int, seed: int) -> Process:
+                env, cwd = envs[mode]
+                return Process(
+                    argv, logs / f"tracing-{n}-{mode}.log", env={**env, "PYTHONHASHSEED": str(seed)}, cwd=cwd
+                )
+
+            if side_by_side:
+                for n in range(rounds):
+                    started = time.perf_counter()
+                    order = list(modes) if n % 2 == 0 else list(reversed(modes))  # which one starts first
+                    cpus = await _side_by_side_run(ns, [target(m, n, n + 1) for m in order], count * len(modes), n)
+                    for mode, cpu_ms in zip(order, cpus, strict=True):
+                        result.cpu_ms[mode].append(cpu_ms)
+                    shown = ", ".join(f"{m} {c:.3f}" for m, c in zip(order, cpus, strict=True))
+                    took = time.perf_counter() - started
+                    print(f"  tracing round {n + 1} side by side: {shown} ms CPU/msg ({took:.0f} s)")
+            for n, mode in enumerate([] if side_by_side else alternate(modes, rounds)):
                 started = time.perf_counter()
-                cpu_ms = await _one_run(ns, targets[mode](logs / f"tracing-{n}-{mode}.log"), count, n)
+                cpu_ms = await _one_run(ns, target(mode, n, n // len(modes) + 1), count, n)
                 result.cpu_ms[mode].append(cpu_ms)
                 print(
                     f"  tracing run {n + 1}: {mode:6} {cpu_ms:.3f} ms CPU/msg ({time.perf_counter() - started:.0f} s)"
                 )
-            result.spans_received = len(received)
+            result.exports_received = len(received)
+            result.spans_received = count_spans(received)
     return result
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing_overhead", description=__doc__)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"a subset of {','.join(MODES)}, in run order")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--messages", type=int, default=5000)
+    parser.add_argument("--logs", type=Path, default=None, help="keep each worker's log here")
+    parser.add_argument("--side-by-side", action="store_true", help="a round's workers drain one queue together")
+    args = parser.parse_args()
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not set(modes) <= set(MODES) or not modes:
+        parser.error(f"--modes: choose from {','.join(MODES)}")
+    with tempfile.TemporaryDirectory(prefix="bench-tracing-logs-") as directory:
+        logs = args.logs or Path(directory)
+        logs.mkdir(parents=True, exist_ok=True)
+        r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes, args.side_by_side))
+    for mode in modes:
+        print(f"{mode:7} {r.cpu(mode).show('{:.4f} ms')} CPU per message")
+    for mode, baseline in (("added", "before"), ("on", "off")):
+        if mode in modes and baseline in modes:
+            low, high = r.interval(mode, baseline)
+            shown = r.ratio(mode, baseline).show("{:.4f}×")
+            print(f"{mode} / {baseline}: {shown}; median's 95 % interval {low:.4f}–{high:.4f}×")
+    if "on" in modes:
+        print(f"spans received: {r.spans_received} in {r.exports_received} exports")
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,16 +12,18 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 from opentelemetry import trace
-from opentelemetry.propagators.textmap import Getter
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvider
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
 from contracts import Header
+from worker import w3c
+from worker.current_span import current_span
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
-from worker.spans import LightTracer
+from worker.otlp_config import BatchLimits, OtlpTarget, credential_provider_requested
+from worker.spans import CurrentSpan, LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
     from aio_pika.abc import AbstractIncomingMessage  # only the broker folder imports aio-pika at run time
@@ -34,7 +36,7 @@ log = structlog.get_logger("worker.tracing")
 SERVICE_NAME: Final = "atlas-inference-worker"
 CAPTURE_CONTENT_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 TRACE_HEADERS: Final = ("traceparent", "tracestate")
-TRACE_HEADER_LIMIT: Final = 512  # a valid traceparent is 55 characters, a tracestate at most 512
+TRACE_HEADER_LIMIT: Final = w3c.HEADER_LIMIT
 OTHER: Final = "_OTHER"  # the conventions' value for anything outside a closed set
 OPERATION: Final = "chat"
 # gen_ai.provider.name for each provider kind; a compatible server speaks OpenAI's API.
@@ -48,22 +50,7 @@ PROVIDER_NAMES: Final = {
 DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 MESSAGING: Final[dict[str, AttributeValue]] = {"messaging.system": "rabbitmq"}
 
-_W3C = TraceContextTextMapPropagator()
 _NOTHING: AbstractContextManager[None] = nullcontext()
-
-
-class _AmqpHeaders(Getter[Mapping[str, Any]]):
-    """Reads trace headers from AMQP headers; a publisher's non-text value is ignored, never an error."""
-
-    def get(self, carrier: Mapping[str, Any], key: str) -> list[str] | None:
-        value = carrier.get(key)
-        return [value] if isinstance(value, str) and len(value) <= TRACE_HEADER_LIMIT else None
-
-    def keys(self, carrier: Mapping[str, Any]) -> list[str]:
-        return list(carrier)
-
-
-_AMQP = _AmqpHeaders()
 
 
 class DescribedProvider(Protocol):
@@ -110,12 +97,10 @@ class Tracing:
         if not self.enabled:
             return _NOTHING
         headers = message.headers or {}
-        parent = _W3C.extract(headers, getter=_AMQP)
+        parent = w3c.remote_parent(headers)
         links: list[Link] = []
-        if Header.ATTEMPTS in headers or Header.DEFERRALS in headers:
-            earlier = trace.get_current_span(parent).get_span_context()
-            if earlier.is_valid:
-                links.append(Link(earlier, {"atlas.link": "earlier_delivery"}))
+        if parent is not None and (Header.ATTEMPTS in headers or Header.DEFERRALS in headers):
+            links.append(Link(parent, {"atlas.link": "earlier_delivery"}))
         attributes = {
             **MESSAGING,
             "messaging.operation.type": "process",
@@ -127,8 +112,12 @@ class Tracing:
             attributes["messaging.message.id"] = message.message_id
         if message.correlation_id:
             attributes["messaging.message.conversation_id"] = message.correlation_id
+        name = f"process {queue}"
+        if isinstance(self._tracer, LightTracer):
+            return CurrentSpan(self._tracer.start_child(name, parent, SpanKind.CONSUMER, attributes, links))
+        context = trace.set_span_in_context(trace.NonRecordingSpan(parent)) if parent else Context()
         return self._tracer.start_as_current_span(
-            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes, links=links
+            name, context=context, kind=SpanKind.CONSUMER, attributes=attributes, links=links
         )
 
     def annotate_delivery(self, ids: RequestIds, attempt: int) -> None:
@@ -167,7 +156,7 @@ class Tracing:
         """Add attributes to the current span (None values are left out)."""
         if not self.enabled:
             return
-        span = trace.get_current_span()
+        span = current_span()
         if span.is_recording():
             span.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
@@ -186,8 +175,8 @@ class Tracing:
             return _NOTHING
         for key in TRACE_HEADERS:
             headers.pop(key, None)  # a copy's headers still hold the context it arrived with
-        _W3C.inject(headers)
-        span = trace.get_current_span()
+        span = current_span()
+        w3c.write(span.get_span_context(), headers)
         if span.is_recording():
             span.add_event(
                 "publish",
@@ -332,37 +321,43 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
 
 
 def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, str] = os.environ) -> Tracing:
-    """Tracing configured by the standard OTEL_* variables (the SDK reads sampler, endpoint, headers, batch
-    sizes and resource itself). Without the `otel` extra installed, tracing stays off with a warning."""
+    """Tracing configured by the standard OTEL_* variables: the SDK reads the sampler and the resource; OTLP
+    export (endpoint, headers, timeout, compression, certificates, OTEL_BSP_* batching) runs on the event loop
+    (`worker.otlp_export`). Without the `otel` extra installed, tracing stays off with a warning."""
     capture = content_capture_requested(environ)
     if not tracing_requested(environ):
         return Tracing(genai=genai, capture_content=capture)
     try:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
     except ImportError:
         log.warning("tracing_unavailable", hint="install the otel extra: pip install 'atlas-inference-worker[otel]'")
         return Tracing(genai=genai, capture_content=capture)
-    exporters: list[SpanExporter] = []
-    for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
-        match name.strip():
-            case "otlp":
-                from worker.otlp import otlp_span_exporter
-
-                exporters.append(otlp_span_exporter())
-            case "console":
-                exporters.append(ConsoleSpanExporter())
-            case other:
-                log.warning("tracing_exporter_unsupported", exporter=other, supported="otlp, console")
     # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over this default.
     named = "OTEL_SERVICE_NAME" in environ or "service.name=" in environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
     provider = SdkTracerProvider(resource=Resource.create({} if named else {"service.name": SERVICE_NAME}))
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+    exporters: list[str] = []
+    for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
+        match name.strip():
+            case "otlp" if not credential_provider_requested(environ):
+                from worker.otlp_export import LoopSpanExport
+
+                provider.add_span_processor(LoopSpanExport(OtlpTarget.from_env(environ), BatchLimits.from_env(environ)))
+                exporters.append(LoopSpanExport.__name__)
+            case "otlp":  # a requests.Session from a credential plug-in: the SDK's exporter, on its thread
+                from worker.otlp import otlp_span_exporter
+
+                provider.add_span_processor(BatchSpanProcessor(otlp_span_exporter()))
+                exporters.append("OTLPSpanExporter")
+            case "console":
+                provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+                exporters.append(ConsoleSpanExporter.__name__)
+            case other:
+                log.warning("tracing_exporter_unsupported", exporter=other, supported="otlp, console")
     log.info(
         "tracing_enabled",
-        exporters=[type(e).__name__ for e in exporters],
+        exporters=exporters,
         sampler=environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
         capture_content=capture,
     )

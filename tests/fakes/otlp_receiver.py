@@ -15,6 +15,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 class OtlpReceiver:
     exports: list[ExportTraceServiceRequest] = field(default_factory=list)
     content_types: list[str] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    refusals: list[int] = field(default_factory=list)  # statuses to answer the next exports with, in turn
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     endpoint: str = ""
@@ -35,6 +37,9 @@ class OtlpReceiver:
             await self._runner.cleanup()
 
     async def _traces(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        if self.refusals:
+            return web.Response(status=self.refusals.pop(0))
         export = ExportTraceServiceRequest()
         export.ParseFromString(await request.read())
         self.exports.append(export)

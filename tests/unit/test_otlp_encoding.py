@@ -3,9 +3,10 @@
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as reference_encode
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     Link,
     NonRecordingSpan,
@@ -19,7 +20,10 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from worker.otlp import encode_spans
+from worker.otlp import encode_request, encode_spans
+from worker.otlp_config import BatchLimits, OtlpTarget
+from worker.otlp_export import LoopSpanExport, _grouped
+from worker.spans import LightSpan, LightTracer
 
 
 def recorded_spans() -> tuple[ReadableSpan, ...]:
@@ -74,3 +78,54 @@ def test_the_encoding_decodes_to_what_the_reference_encoder_makes() -> None:
 
 def test_an_empty_batch_is_an_empty_request() -> None:
     assert encode_spans(()) == b""
+
+
+def test_light_spans_encode_as_the_reference_encodes_the_same_spans() -> None:
+    ended: list[tuple[LightSpan, int]] = []
+
+    class Capture(LoopSpanExport):
+        def on_end_light(self, span: LightSpan, end_time: int, resource: Resource, scope: InstrumentationScope) -> None:
+            ended.append((span, end_time))
+            super().on_end_light(span, end_time, resource, scope)
+
+    export = Capture(OtlpTarget(), BatchLimits())
+    provider = TracerProvider(resource=Resource.create({"service.name": "w"}))
+    provider.add_span_processor(export)
+    tracer = LightTracer(provider, "atlas-inference-worker")
+    [original] = [s for s in recorded_spans() if s.name == "process q"]  # its remote parent, trace state, link
+    assert original.parent is not None
+    with tracer.start_as_current_span(
+        "process q",
+        context=set_span_in_context(NonRecordingSpan(original.parent)),
+        kind=SpanKind.CONSUMER,
+        attributes=dict(original.attributes or {}),
+        links=original.links,
+    ) as consumer:
+        consumer.add_event("publish", {"messaging.destination.name": "replies"})
+        chat = tracer.start_span("chat m", kind=SpanKind.CLIENT, attributes={"gen_ai.usage.input_tokens": 612})
+        chat.set_status(Status(StatusCode.ERROR, "timed out"))
+        chat.end()
+        tracer.start_span("settle").end()
+
+    readable = [
+        ReadableSpan(
+            name=span.name,
+            context=span.context,
+            parent=span.parent,
+            resource=provider.resource,
+            attributes=span.attributes,
+            events=[Event(name, attributes, timestamp) for name, attributes, timestamp in span.events],
+            links=span.links,
+            kind=span.kind,
+            status=span.status,
+            start_time=span.start_time,
+            end_time=end_time,
+            instrumentation_scope=tracer._scope,
+        )
+        for span, end_time in ended
+    ]
+    direct = encode_request(_grouped(export._queue))
+    assert ExportTraceServiceRequest.FromString(direct) == reference_encode(readable)
+    assert len(ended) == 3
+    export._queue.clear()  # nothing to post at shutdown
+    provider.shutdown()
