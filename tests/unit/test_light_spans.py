@@ -23,9 +23,9 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from worker import w3c
-from worker.current_span import attach, current_span, detach
-from worker.spans import LightTracer, fixed_decisions
+from worker.tracing import w3c
+from worker.tracing.current_span import attach, current_span, detach
+from worker.tracing.spans import LightTracer, fixed_decisions
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"

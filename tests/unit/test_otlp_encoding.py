@@ -20,10 +20,10 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import AttributeValue
 
-from worker.otlp import encode_request, encode_spans
-from worker.otlp_config import BatchLimits, OtlpTarget
-from worker.otlp_export import LoopSpanExport, _grouped
-from worker.spans import LightSpan, LightTracer
+from worker.tracing.otlp_config import BatchLimits, OtlpTarget
+from worker.tracing.otlp_encoding import encode_request, encode_spans
+from worker.tracing.otlp_export import LoopSpanExport, _grouped
+from worker.tracing.spans import LightSpan, LightTracer
 
 
 def recorded_spans() -> tuple[ReadableSpan, ...]:

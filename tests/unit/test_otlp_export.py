@@ -10,10 +10,10 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from structlog.testing import capture_logs
 
 from tests.fakes.otlp_receiver import OtlpReceiver
-from worker.otlp_config import BatchLimits, OtlpTarget
-from worker.otlp_export import LoopSpanExport
-from worker.spans import LightTracer
 from worker.tracing import tracing_from_env
+from worker.tracing.otlp_config import BatchLimits, OtlpTarget
+from worker.tracing.otlp_export import LoopSpanExport
+from worker.tracing.spans import LightTracer
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from urllib.request import getproxies, proxy_bypass
 import structlog
 from opentelemetry.util.re import parse_env_headers
 
-log = structlog.get_logger("worker.otlp_config")
+log = structlog.get_logger("worker.tracing.otlp_config")
 
 DEFAULT_ENDPOINT: Final = "http://localhost:4318"
 TRACES_PATH: Final = "v1/traces"

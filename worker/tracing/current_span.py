@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 
-log = structlog.get_logger("worker.current_span")
+log = structlog.get_logger("worker.tracing.current_span")
 
 
 def _runtime_variable() -> tuple["ContextVar[Context] | None", str | None]:

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the otel extra is optional: these are only imported once tr
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import Link, SpanContext, SpanKind, Status
 
-log = structlog.get_logger("worker.otlp")
+log = structlog.get_logger("worker.tracing.otlp_encoding")
 
 # Wire types of the protobuf encoding.
 VARINT: Final = 0
@@ -213,7 +213,7 @@ def encode_ended(
     links: Sequence["Link"],
     status: "Status",
 ) -> bytes:
-    """One Span message from a span's plain values, as `worker.spans.LightSpan` keeps them (nothing dropped)."""
+    """One Span message from a span's plain values, as `worker.tracing.spans.LightSpan` keeps them (nothing dropped)."""
     parts = [
         b"\x0a\x10" + context.trace_id.to_bytes(16, "big") + b"\x12\x08" + context.span_id.to_bytes(8, "big"),
         _trace_state(context),

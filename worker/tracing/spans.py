@@ -11,7 +11,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
 
-from worker.current_span import attach, current_span, detach
+from worker.tracing.current_span import attach, current_span, detach
 
 # Our span sites pass only str, int, float, bool and tuples of str: the SDK's per-value cleaning (recursive
 # type checks through the collections ABCs, a lock per attribute set) is most of its cost per span and buys

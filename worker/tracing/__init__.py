@@ -17,13 +17,13 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode, TracerProvid
 from opentelemetry.util.types import AttributeValue
 
 from contracts import Header
-from worker import w3c
-from worker.current_span import current_span
 from worker.errors import ProviderError
 from worker.handling.outcome import RequestIds
 from worker.ops.genai_metrics import GenAIMetrics
-from worker.otlp_config import BatchLimits, OtlpTarget, credential_provider_requested
-from worker.spans import CurrentSpan, LightTracer
+from worker.tracing import w3c
+from worker.tracing.current_span import current_span
+from worker.tracing.otlp_config import BatchLimits, OtlpTarget, credential_provider_requested
+from worker.tracing.spans import CurrentSpan, LightTracer
 
 if TYPE_CHECKING:  # the providers import this module: a runtime import would be circular
     from aio_pika.abc import AbstractIncomingMessage  # only the broker folder imports aio-pika at run time
@@ -323,7 +323,7 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
 def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, str] = os.environ) -> Tracing:
     """Tracing configured by the standard OTEL_* variables: the SDK reads the sampler and the resource; OTLP
     export (endpoint, headers, timeout, compression, certificates, OTEL_BSP_* batching) runs on the event loop
-    (`worker.otlp_export`). Without the `otel` extra installed, tracing stays off with a warning."""
+    (`worker.tracing.otlp_export`). Without the `otel` extra installed, tracing stays off with a warning."""
     capture = content_capture_requested(environ)
     if not tracing_requested(environ):
         return Tracing(genai=genai, capture_content=capture)
@@ -341,12 +341,12 @@ def tracing_from_env(genai: GenAIMetrics | None = None, environ: Mapping[str, st
     for name in (environ.get("OTEL_TRACES_EXPORTER") or "otlp").lower().split(","):
         match name.strip():
             case "otlp" if not credential_provider_requested(environ):
-                from worker.otlp_export import LoopSpanExport
+                from worker.tracing.otlp_export import LoopSpanExport
 
                 provider.add_span_processor(LoopSpanExport(OtlpTarget.from_env(environ), BatchLimits.from_env(environ)))
                 exporters.append(LoopSpanExport.__name__)
             case "otlp":  # a requests.Session from a credential plug-in: the SDK's exporter, on its thread
-                from worker.otlp import otlp_span_exporter
+                from worker.tracing.otlp_encoding import otlp_span_exporter
 
                 provider.add_span_processor(BatchSpanProcessor(otlp_span_exporter()))
                 exporters.append("OTLPSpanExporter")

@@ -14,8 +14,8 @@ import aiohttp
 import structlog
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 
-from worker.otlp import Group, encode_ended, encode_request, encode_span
-from worker.otlp_config import BatchLimits, OtlpTarget
+from worker.tracing.otlp_config import BatchLimits, OtlpTarget
+from worker.tracing.otlp_encoding import Group, encode_ended, encode_request, encode_span
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from worker.spans import LightSpan
+    from worker.tracing.spans import LightSpan
 
-log = structlog.get_logger("worker.otlp_export")
+log = structlog.get_logger("worker.tracing.otlp_export")
 
 RETRYABLE: Final = frozenset({429, 502, 503, 504})  # as the SDK's OTLP/HTTP exporter
 MAX_ATTEMPTS: Final = 6
@@ -40,7 +40,7 @@ class LoopSpanExport(SpanProcessor):
 
     The SDK's batch processor hands spans to a thread that encodes and sends them; on a worker whose event loop
     is busy, that thread's Python competes with the loop for the GIL, and the handovers cost the loop more than
-    the encoding itself. Here a span is encoded as it ends (a few microseconds: `worker.otlp`), its bytes
+    the encoding itself. Here a span is encoded as it ends (a few microseconds: `otlp_encoding`), its bytes
     queued, and a full batch (or, every schedule delay, whatever is queued) posted by a task on the same loop.
     Spans ended on another thread are queued as well; their batch is posted on the loop."""
 
@@ -72,7 +72,7 @@ class LoopSpanExport(SpanProcessor):
     def on_end_light(
         self, span: "LightSpan", end_time: int, resource: "Resource", scope: "InstrumentationScope"
     ) -> None:
-        """`on_end` for a `worker.spans.LightSpan`, encoded from its values without building a ReadableSpan."""
+        """`on_end` for a `worker.tracing.spans.LightSpan`, encoded from its values without building a ReadableSpan."""
         context = span.context
         if context.trace_flags & 1:  # sampled; a span only recorded is not exported, as by the SDK
             encoded = encode_ended(
