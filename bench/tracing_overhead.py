@@ -67,20 +67,22 @@ def bootstrap_median(values: list[float], resamples: int = 4000) -> tuple[float,
     return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
+TRACING_PATHS = ("worker/tracing.py", "worker/tracing/__init__.py")
+
+
 def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
 
 
 def tracing_change() -> tuple[str, str]:
-    """The commit that brought tracing in (the newest first-parent commit of HEAD with worker/tracing/__init__.py whose
-    first parent has none) and that parent: "before this change" and the change, with nothing else between."""
+    """The commit that brought tracing in (the newest first-parent commit of HEAD with the tracing module, once
+    `worker/tracing.py`, now `worker/tracing/__init__.py`, whose first parent has neither) and that parent:
+    "before this change" and the change, with nothing else between."""
     # First parents only: a merged branch's older commits without tracing are not "before this change".
     candidates = _git("rev-list", "--first-parent", "--max-count=500", "HEAD").split()
-    index = next(
-        (i for i, c in enumerate(candidates) if not _git("ls-tree", "--name-only", c, "worker/tracing/__init__.py")), 0
-    )
+    index = next((i for i, c in enumerate(candidates) if not _git("ls-tree", "--name-only", c, *TRACING_PATHS)), 0)
     if index == 0:
-        raise RuntimeError("no commit with and before worker/tracing/__init__.py in the last 500 (a shallow clone?)")
+        raise RuntimeError("no commit with and before the tracing module in the last 500 (a shallow clone?)")
     return _git("rev-parse", "--short", candidates[index]), _git("rev-parse", "--short", candidates[index - 1])
 
 
