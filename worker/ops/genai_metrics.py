@@ -29,13 +29,26 @@ class GenAIMetrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
+        # Labelled children kept by their label values: `labels()` builds and checks its key on every call, and
+        # the values come from closed sets, so these stay small.
+        self._durations: dict[tuple[str, str, str], Histogram] = {}
+        self._tokens: dict[tuple[str, str, str], Histogram] = {}
 
     def observe(
         self, operation: str, provider: str, seconds: float, *, input_tokens: int, output_tokens: int, error_type: str
     ) -> None:
         """Record one call; `error_type` is empty for a call that answered. Token counts of 0 mean unknown."""
-        self.duration.labels(operation, provider, error_type).observe(seconds)
+        _child(self.duration, self._durations, (operation, provider, error_type)).observe(seconds)
         if input_tokens > 0:
-            self.token_usage.labels(operation, provider, "input").observe(input_tokens)
+            _child(self.token_usage, self._tokens, (operation, provider, "input")).observe(input_tokens)
         if output_tokens > 0:
-            self.token_usage.labels(operation, provider, "output").observe(output_tokens)
+            _child(self.token_usage, self._tokens, (operation, provider, "output")).observe(output_tokens)
+
+
+def _child(
+    histogram: Histogram, children: dict[tuple[str, str, str], Histogram], key: tuple[str, str, str]
+) -> Histogram:
+    child = children.get(key)
+    if child is None:
+        child = children[key] = histogram.labels(*key)
+    return child
