@@ -4,6 +4,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Histogram
 
+from worker.ops.labelled import Labelled
+
 # The bucket boundaries the GenAI semantic conventions advise for each instrument.
 DURATION_BUCKETS: Final = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TOKEN_BUCKETS: Final = tuple(float(4**n) for n in range(14))  # 1, 4, 16, … 67,108,864
@@ -29,26 +31,15 @@ class GenAIMetrics:
             buckets=TOKEN_BUCKETS,
             registry=registry,
         )
-        # Labelled children kept by their label values: `labels()` builds and checks its key on every call, and
-        # the values come from closed sets, so these stay small.
-        self._durations: dict[tuple[str, str, str], Histogram] = {}
-        self._tokens: dict[tuple[str, str, str], Histogram] = {}
+        self._duration = Labelled(self.duration)
+        self._token_usage = Labelled(self.token_usage)
 
     def observe(
         self, operation: str, provider: str, seconds: float, *, input_tokens: int, output_tokens: int, error_type: str
     ) -> None:
         """Record one call; `error_type` is empty for a call that answered. Token counts of 0 mean unknown."""
-        _child(self.duration, self._durations, (operation, provider, error_type)).observe(seconds)
+        self._duration(operation, provider, error_type).observe(seconds)
         if input_tokens > 0:
-            _child(self.token_usage, self._tokens, (operation, provider, "input")).observe(input_tokens)
+            self._token_usage(operation, provider, "input").observe(input_tokens)
         if output_tokens > 0:
-            _child(self.token_usage, self._tokens, (operation, provider, "output")).observe(output_tokens)
-
-
-def _child(
-    histogram: Histogram, children: dict[tuple[str, str, str], Histogram], key: tuple[str, str, str]
-) -> Histogram:
-    child = children.get(key)
-    if child is None:
-        child = children[key] = histogram.labels(*key)
-    return child
+            self._token_usage(operation, provider, "output").observe(output_tokens)

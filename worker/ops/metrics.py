@@ -11,6 +11,7 @@ from worker.broker.consumer import Settled
 from worker.errors import ErrorClass
 from worker.handling.outcome import DEAD_LETTER_REASONS, DeadLetterReason, Defer, Reply, Reroute, Retry, SettleResult
 from worker.ops.genai_metrics import GenAIMetrics
+from worker.ops.labelled import Labelled
 
 OTHER_TENANT: Final = "other"
 OTHER: Final = "other"  # any label value outside its closed set
@@ -88,6 +89,10 @@ class Metrics:
         for kind in ("reply", "reroute"):
             self.unroutable.labels(kind)  # present at 0 from the start, so `increase()` sees the first one
         self.loop_lag = loop_lag_histogram(r)
+        # The children `observe` touches on every settled delivery.
+        self._settled = Labelled(self.settled)
+        self._provider_latency = Labelled(self.provider_latency)
+        self._tokens = Labelled(self.tokens)
 
     def _declare_worker_state(self, r: CollectorRegistry) -> None:
         """Gauges of the worker's own state, read at scrape time, and the tenant source's faults."""
@@ -127,12 +132,12 @@ class Metrics:
                     status = closed(reply.status.value, STATUSES)
                     provider_kind = closed(reply.provenance.provider_kind, PROVIDER_KINDS)
                     if reply.timings.provider_ms > 0:
-                        self.provider_latency.labels(provider_kind, task).observe(reply.timings.provider_ms / 1000)
+                        self._provider_latency(provider_kind, task).observe(reply.timings.provider_ms / 1000)
                     usage = reply.usage
                     if usage.input_tokens:
-                        self.tokens.labels("input", provider_kind, tenant).inc(usage.input_tokens)
+                        self._tokens("input", provider_kind, tenant).inc(usage.input_tokens)
                     if usage.output_tokens:
-                        self.tokens.labels("output", provider_kind, tenant).inc(usage.output_tokens)
+                        self._tokens("output", provider_kind, tenant).inc(usage.output_tokens)
                 elif dead is not None:
                     provider_kind = closed(dead.provider_kind, PROVIDER_KINDS)
                 if dead is not None:
@@ -156,7 +161,7 @@ class Metrics:
                     self.dead_letters.labels(DeadLetterReason.REROUTE_UNROUTABLE, tenant).inc()
             case Defer():
                 pass
-        self.settled.labels(closed(settled.done, RESULTS), status, task, provider_kind, tenant).inc()
+        self._settled(closed(settled.done, RESULTS), status, task, provider_kind, tenant).inc()
 
     def breaker_state(self, tenant_id: str, endpoint: str, state: str) -> None:
         """Record a circuit breaker's new state (`closed`, `open` or `half_open`) for a tenant's endpoint."""
