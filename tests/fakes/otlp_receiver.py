@@ -1,6 +1,7 @@
 """A local OTLP/HTTP trace receiver: decodes each export with opentelemetry-proto, as a collector would."""
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -17,6 +18,8 @@ class OtlpReceiver:
     content_types: list[str] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     refusals: list[int] = field(default_factory=list)  # statuses to answer the next exports with, in turn
+    retry_after: str | None = None  # the Retry-After header sent with each refusal
+    times: list[float] = field(default_factory=list)  # when each export arrived (monotonic)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     endpoint: str = ""
@@ -38,8 +41,10 @@ class OtlpReceiver:
 
     async def _traces(self, request: web.Request) -> web.Response:
         self.headers.append(dict(request.headers))
+        self.times.append(time.monotonic())
         if self.refusals:
-            return web.Response(status=self.refusals.pop(0))
+            retry = {"retry-after": self.retry_after} if self.retry_after is not None else None
+            return web.Response(status=self.refusals.pop(0), headers=retry)
         export = ExportTraceServiceRequest()
         export.ParseFromString(await request.read())
         self.exports.append(export)

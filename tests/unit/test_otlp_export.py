@@ -145,6 +145,30 @@ async def test_no_retry_is_waited_for_once_shutdown_began(receiver: OtlpReceiver
     assert receiver.spans() == []
 
 
+async def test_a_retry_after_that_is_no_number_of_seconds_waits_the_usual_backoff(receiver: OtlpReceiver) -> None:
+    # float() reads "nan": asyncio's loop would then retry at once, uvloop's raise and lose the batch.
+    receiver.refusals.append(503)
+    receiver.retry_after = "nan"
+    limits = BatchLimits(max_export_batch_size=2)
+    provider, tracer = traced(LoopSpanExport(OtlpTarget(endpoint=f"{receiver.endpoint}/v1/traces"), limits))
+    end_spans(tracer, 1)
+    await asyncio.wait_for(receiver.arrived.wait(), 3)
+    assert len(receiver.spans()) == 2
+    assert receiver.times[1] - receiver.times[0] >= 0.7  # the usual backoff: 1 s, give or take a fifth
+    await asyncio.to_thread(provider.shutdown)
+
+
+async def test_a_certificate_that_cannot_be_read_fails_the_export_with_a_log_line_not_an_exception() -> None:
+    target = OtlpTarget(endpoint="https://127.0.0.1:9/v1/traces", certificate="/nonexistent/ca.pem", timeout_s=0.5)
+    provider, tracer = traced(LoopSpanExport(target, BatchLimits()))
+    end_spans(tracer, 1)
+    with capture_logs() as logs:
+        await asyncio.to_thread(provider.shutdown)  # the worker's way out: must not raise
+    failed = [entry for entry in logs if entry["event"] == "tracing_export_failed"]
+    assert len(failed) == 1
+    assert "FileNotFoundError" in failed[0]["error"]
+
+
 async def test_a_collector_refusing_the_request_is_not_tried_again(receiver: OtlpReceiver) -> None:
     receiver.refusals.append(400)
     provider, tracer = traced(LoopSpanExport(OtlpTarget(endpoint=f"{receiver.endpoint}/v1/traces"), BatchLimits()))

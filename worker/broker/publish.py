@@ -8,8 +8,14 @@ channel is asked for its current channel at each publish, so publishes follow it
 The publish does not wait for aiormq's writer to hand the frames to the socket (`wait=False`): the confirm that
 is awaited comes only after the broker has the message, and frames leave in the order they were queued, so
 waiting for the write as well would only hold the channel's publish lock for one more loop turn per publish.
+
+aiormq finds the publish a `basic.return` belongs to by its message_id, the latest publish with that id winning.
+The message_id is the publisher's (a copy keeps the request's, a reply's is made from its request_id), so two
+publishes in flight could share one: the returned publish would then be confirmed, silently dropped, and the
+other failed. A publish therefore waits for any publish in flight on its channel with the same message_id.
 """
 
+import asyncio
 from typing import Final, cast
 
 import aiormq
@@ -19,6 +25,9 @@ from pamqp.commands import Basic
 
 Properties = Basic.Properties
 PERSISTENT: Final = 2  # AMQP delivery mode
+
+# Per underlying channel, the message_ids of the publishes in flight on it; a channel's entry goes with its last.
+_in_flight: dict[aiormq.Channel, dict[str, asyncio.Event]] = {}
 
 
 async def publish(
@@ -31,6 +40,27 @@ async def publish(
         raise ChannelInvalidStateError(f"{channel!r} closed")
     # aio-pika's channels are aiormq's `Channel`, whose `basic_publish` takes `wait` (the abstract one does not).
     underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    message_id = properties.message_id
+    if not message_id:  # aiormq gives it a random one
+        await _publish(underlay, exchange, routing_key, body, properties, within_s)
+        return
+    async with asyncio.timeout(within_s):
+        while (earlier := _in_flight.get(underlay, {}).get(message_id)) is not None:
+            await earlier.wait()
+    ids = _in_flight.setdefault(underlay, {})
+    done = ids[message_id] = asyncio.Event()
+    try:
+        await _publish(underlay, exchange, routing_key, body, properties, within_s)
+    finally:
+        del ids[message_id]
+        if not ids:
+            _in_flight.pop(underlay, None)
+        done.set()
+
+
+async def _publish(
+    underlay: aiormq.Channel, exchange: str, routing_key: str, body: bytes, properties: Properties, within_s: float
+) -> None:
     await underlay.basic_publish(
         body,
         exchange=exchange,

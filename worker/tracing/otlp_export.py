@@ -3,6 +3,7 @@
 import asyncio
 import contextvars
 import gzip
+import math
 import random
 import threading
 import time
@@ -168,11 +169,12 @@ class LoopSpanExport(SpanProcessor):
 
     async def _send(self, body: bytes, timeout_s: float) -> tuple[int | None, float | None, str | None]:
         """One POST: its status and Retry-After, or the connection error that stopped it."""
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(ssl=self.target.ssl_context() or True, limit=2)
-            # Not trust_env: aiohttp would then read ~/.netrc on a thread for every request.
-            self._session = aiohttp.ClientSession(connector=connector)
         try:
+            if self._session is None or self._session.closed:
+                # In the try: a CA bundle or client key that cannot be read fails this post, not the export task.
+                connector = aiohttp.TCPConnector(ssl=self.target.ssl_context() or True, limit=2)
+                # Not trust_env: aiohttp would then read ~/.netrc on a thread for every request.
+                self._session = aiohttp.ClientSession(connector=connector)
             async with self._session.post(
                 self.target.endpoint,
                 data=body,
@@ -268,6 +270,8 @@ def _compressed(data: bytes, compression: str) -> bytes:
 
 def _seconds(value: str | None) -> float | None:
     try:
-        return max(float(value), 0.0) if value else None
+        seconds = float(value) if value else None
     except ValueError:
         return None  # an HTTP date: the usual backoff instead
+    # float() reads "nan" and "inf" too: a NaN delay makes uvloop's call_later raise, asyncio's misorder its timers.
+    return max(seconds, 0.0) if seconds is not None and math.isfinite(seconds) else None
