@@ -2,6 +2,10 @@
 
 import asyncio
 
+import pytest
+from structlog.testing import capture_logs
+
+from worker.broker import acks as acks_module
 from worker.broker.acks import Acknowledger, TagRuns
 
 
@@ -108,3 +112,26 @@ async def test_a_single_ack_never_reaches_the_broker_after_a_multiple_ack_that_c
         assert multiple or tag > covered, f"single ack of {tag} after a multiple ack up to {covered}: {channel.acks}"
         covered = max(covered, tag) if multiple else covered
     assert channel.acks == [(2, False), (3, True)]
+
+
+class StuckChannel(RecordingChannel):
+    """Like aiormq's channel after a partition: its write queue is full and nothing will ever make room."""
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_ack_stuck_behind_a_dead_socket_does_not_stop_every_later_ack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(acks_module, "ACK_TIMEOUT_S", 0.05)
+    stuck, healthy = StuckChannel(), RecordingChannel()
+    acks = Acknowledger()
+    with capture_logs() as logs:
+        acks.ack(Delivery(stuck, 1))  # type: ignore[arg-type]
+        await asyncio.wait_for(acks.flush(), 5)  # gives up on the dead socket instead of waiting forever
+        acks.ack(Delivery(healthy, 1))  # type: ignore[arg-type]  # e.g. the channel after the reconnect
+        await asyncio.wait_for(acks.flush(), 5)
+
+    assert healthy.acks == [(1, True)]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["ack_lost"]

@@ -18,6 +18,11 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 log = structlog.get_logger("worker.broker.acks")
 
+# aiormq waits for room in its bounded write queue with no limit of its own. A peer that stops reading without
+# closing (a partition) fills it, and when the heartbeat then ends the connection the waiting ack is never woken:
+# without this bound the flush, and every ack after it, would wait forever, on the reconnected channel as well.
+ACK_TIMEOUT_S = 30.0
+
 
 @dataclass
 class TagRuns:
@@ -78,11 +83,13 @@ class Acknowledger:
                     continue
                 run_end, singles = runs.take()
                 try:
-                    if run_end is not None:
-                        await channel.basic_ack(run_end, multiple=True)
-                    for tag in singles:
-                        await channel.basic_ack(tag)
-                except (AMQPError, ChannelInvalidStateError, ConnectionError) as exc:
+                    async with asyncio.timeout(ACK_TIMEOUT_S):
+                        if run_end is not None:
+                            await channel.basic_ack(run_end, multiple=True)
+                        for tag in singles:
+                            await channel.basic_ack(tag)
+                except (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError) as exc:
+                    # Unacked, the deliveries go back to the queue when their channel closes, as a stuck one does.
                     log.warning("ack_lost", error=f"{type(exc).__name__}: {exc}", hint="the broker delivers it again")
 
     async def _flush_soon(self) -> None:

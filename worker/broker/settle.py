@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
-from worker.broker.acks import Acknowledger
+from worker.broker.acks import ACK_TIMEOUT_S, Acknowledger
 from worker.broker.copies import copy_body, copy_properties, lineage_headers, publisher_headers
 from worker.broker.header_trust import HeaderTrust
 from worker.broker.headers import read_count
@@ -119,8 +119,11 @@ class Settler:
     async def return_to_queue(self, delivery: AbstractIncomingMessage) -> None:
         """Give an unsettled delivery back to the broker (shutdown, or a publish that was not confirmed)."""
         # If the channel is gone, the broker requeues unacked deliveries itself.
-        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError, asyncio.CancelledError):
-            await asyncio.shield(delivery.nack(requeue=True))
+        with contextlib.suppress(
+            AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError, asyncio.CancelledError
+        ):
+            async with asyncio.timeout(ACK_TIMEOUT_S):  # a write queue that never frees up (see `acks`)
+                await asyncio.shield(delivery.nack(requeue=True))
         # Only once the nack is on the wire: a `multiple` ack sent before it would take the delivery with it.
         self._acks.returned(delivery)
 
