@@ -52,3 +52,6 @@ def configure_logging(level: str = "info", *, json: bool = True, cache: bool = T
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
+    # OpenTelemetry warns once per malformed member of a publisher's `tracestate` (up to 32 a delivery), quoting
+    # it: publisher input must not be able to flood the log. The member is dropped either way.
+    logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)

@@ -224,3 +224,30 @@ def test_spans_ended_on_a_later_loop_are_posted_from_that_loop() -> None:
     assert asyncio.run(one_loop()) == 2
     assert asyncio.run(one_loop()) == 2  # the first loop, its session and its export task are gone
     provider.shutdown()
+
+
+async def test_a_redirect_is_not_followed_with_the_spans_and_their_headers(receiver: OtlpReceiver) -> None:
+    from aiohttp import web
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"{receiver.endpoint}/v1/traces")  # 307 keeps the method and the body
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", elsewhere)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    export = LoopSpanExport(
+        OtlpTarget(endpoint=f"http://127.0.0.1:{port}/v1/traces", headers={"api-key": "s3cret-collector-key"}),
+        BatchLimits(),
+    )
+    provider, tracer = traced(export)
+    end_spans(tracer, 2)
+    with capture_logs() as logs:
+        await asyncio.to_thread(provider.shutdown)
+    await runner.cleanup()
+
+    assert receiver.exports == []  # neither the spans nor the api-key reached the redirect's target
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["tracing_export_failed"]

@@ -39,7 +39,9 @@ async def publish(
     if channel.is_closed:
         raise ChannelInvalidStateError(f"{channel!r} closed")
     # aio-pika's channels are aiormq's `Channel`, whose `basic_publish` takes `wait` (the abstract one does not).
-    underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+    # While the robust connection reconnects this waits for the new channel: no longer than the publish may take.
+    async with asyncio.timeout(within_s):
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     message_id = properties.message_id
     if not message_id:  # aiormq gives it a random one
         await _publish(underlay, exchange, routing_key, body, properties, within_s)

@@ -31,6 +31,8 @@ log = structlog.get_logger("worker.tracing.otlp_export")
 RETRYABLE: Final = frozenset({429, 502, 503, 504})  # as the SDK's OTLP/HTTP exporter
 MAX_ATTEMPTS: Final = 6
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024  # the SDK exporter's default limit, before compression
+COMPRESS_ON_LOOP_BYTES: Final = 256 * 1024  # bigger batches (prompts captured, say) are compressed on a thread
+MAX_RESPONSE_BYTES: Final = 64 * 1024  # of a collector's answer, read and dropped
 USER_AGENT: Final = "atlas-inference-worker OTLP/HTTP"
 
 Entry = tuple["Resource", "InstrumentationScope | None", bytes]
@@ -154,11 +156,14 @@ class LoopSpanExport(SpanProcessor):
         if len(data) > MAX_REQUEST_BYTES:
             log.warning("tracing_batch_too_large", size=len(data), max_request_size=MAX_REQUEST_BYTES, spans=spans)
             return
-        body = _compressed(data, self.target.compression)
+        if len(data) > COMPRESS_ON_LOOP_BYTES and self.target.compression == "gzip":
+            body = await asyncio.to_thread(_compressed, data, self.target.compression)  # big: off the loop
+        else:
+            body = _compressed(data, self.target.compression)
         deadline = time.monotonic() + self.target.timeout_s
         for attempt in range(MAX_ATTEMPTS):
             status, retry_after, error = await self._send(body, max(deadline - time.monotonic(), 0.001))
-            if status is not None and 200 <= status < 400:
+            if status is not None and 200 <= status < 300:
                 return
             retryable = status in RETRYABLE if status is not None else error is not None
             backoff = retry_after if retry_after is not None else 2**attempt * random.uniform(0.8, 1.2)
@@ -181,8 +186,10 @@ class LoopSpanExport(SpanProcessor):
                 headers=self._headers,
                 proxy=self.target.proxy,
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
+                # Not followed: a redirect would carry the spans and the OTEL headers (API keys) to another host.
+                allow_redirects=False,
             ) as response:
-                await response.read()
+                await response.content.read(MAX_RESPONSE_BYTES)  # a collector's answer is small; never all of it
                 return response.status, _seconds(response.headers.get("retry-after")), None
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
             return None, None, repr(error)
