@@ -68,7 +68,8 @@ class OtlpTarget:
             return None
         context = ssl.create_default_context(cafile=self.certificate)
         if self.client_certificate:
-            context.load_cert_chain(self.client_certificate, self.client_key)
+            # No password is configured: an encrypted key fails to load instead of OpenSSL asking on stdin.
+            context.load_cert_chain(self.client_certificate, self.client_key, password=_no_password)
         return context
 
 
@@ -122,3 +123,7 @@ def _number(raw: str | None, default: float, name: str) -> float:
     except ValueError:
         log.warning("tracing_setting_invalid", variable=name, value=raw, using=default)
         return float(default)
+
+
+def _no_password() -> bytes:
+    return b""

@@ -177,7 +177,9 @@ class LoopSpanExport(SpanProcessor):
         try:
             if self._session is None or self._session.closed:
                 # In the try: a CA bundle or client key that cannot be read fails this post, not the export task.
-                connector = aiohttp.TCPConnector(ssl=self.target.ssl_context() or True, limit=2)
+                # Off the loop: a CA bundle (or the system's store) is read and parsed, tens of milliseconds.
+                context = await asyncio.to_thread(self.target.ssl_context)
+                connector = aiohttp.TCPConnector(ssl=context or True, limit=2)
                 # Not trust_env: aiohttp would then read ~/.netrc on a thread for every request.
                 self._session = aiohttp.ClientSession(connector=connector)
             async with self._session.post(
