@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from worker.log import configure_logging
 from worker.tracing import w3c
 from worker.tracing.current_span import attach, current_span, detach
 from worker.tracing.spans import LightTracer, fixed_decisions
@@ -141,3 +142,15 @@ def test_current_span_helpers_agree_with_the_api() -> None:
     finally:
         detach(token)
     assert trace.get_current_span() is trace.INVALID_SPAN is current_span()
+
+
+def test_a_publishers_malformed_tracestate_cannot_flood_the_log(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    configure_logging("info", cache=False)  # the worker's own pipeline, writing to the captured stderr
+    members = ",".join(f"bad key {n}=v" for n in range(40))[: w3c.HEADER_LIMIT]  # each member warns in the SDK
+    parent = w3c.remote_parent({"traceparent": f"00-{'1' * 32}-{'2' * 16}-01", "tracestate": members})
+
+    assert parent is not None
+    assert parent.trace_id == int("1" * 32, 16)
+    assert capsys.readouterr().err == ""  # not one line quoting the publisher's text

@@ -43,40 +43,32 @@ FAILURE_HEADERS: Final = frozenset(
 )
 
 
+def _copied(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """The original's properties every copy keeps, by aio-pika's names (headers and delivery mode are the copy's)."""
+    return {
+        "content_type": message.content_type,
+        "content_encoding": message.content_encoding,
+        "correlation_id": message.correlation_id,
+        "reply_to": message.reply_to,
+        "message_id": message.message_id,
+        "timestamp": message.timestamp,
+        "type": message.type,
+        "app_id": message.app_id,
+        "priority": message.priority,
+    }
+
+
 def copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
     """A persistent copy of `message` with `body` and `headers`: every other property is the original's
     (`dlq replay` publishes it through aio-pika; `copy_properties` is the same copy for `settle`)."""
-    return aio_pika.Message(
-        body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-        priority=message.priority,
-        delivery_mode=DeliveryMode.PERSISTENT,
-    )
+    return aio_pika.Message(body, headers=headers, delivery_mode=DeliveryMode.PERSISTENT, **_copied(message))
 
 
 def copy_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Properties:
     """The properties of `copy_of`, built straight for the channel (see `worker.broker.publish`)."""
-    return Properties(
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        message_type=message.type,
-        app_id=message.app_id,
-        priority=message.priority,
-        delivery_mode=PERSISTENT,
-    )
+    copied = _copied(message)
+    copied["message_type"] = copied.pop("type")  # pamqp's name for it
+    return Properties(headers=headers, delivery_mode=PERSISTENT, **copied)
 
 
 def copy_body(body: bytes, limit: int, *, dead_letter: bool) -> tuple[bytes, dict[str, Any]]:

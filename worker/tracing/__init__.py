@@ -36,7 +36,6 @@ log = structlog.get_logger("worker.tracing")
 SERVICE_NAME: Final = "atlas-inference-worker"
 CAPTURE_CONTENT_ENV: Final = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 TRACE_HEADERS: Final = ("traceparent", "tracestate")
-TRACE_HEADER_LIMIT: Final = w3c.HEADER_LIMIT
 OTHER: Final = "_OTHER"  # the conventions' value for anything outside a closed set
 OPERATION: Final = "chat"
 # gen_ai.provider.name for each provider kind; a compatible server speaks OpenAI's API.
@@ -169,8 +168,7 @@ class Tracing:
         they came (the reply continues the caller's trace)."""
         if not self.enabled:
             for key in TRACE_HEADERS:
-                value = (incoming or {}).get(key)
-                if isinstance(value, str) and len(value) <= TRACE_HEADER_LIMIT:
+                if (value := w3c.header(incoming or {}, key)) is not None:
                     headers.setdefault(key, value)
             return _NOTHING
         for key in TRACE_HEADERS:

@@ -14,7 +14,7 @@ TRACEPARENT: Final = re.compile(
 _FLAGS: Final = tuple(TraceFlags(n) for n in range(256))
 
 
-def _header(headers: Mapping[str, Any], key: str) -> str | None:
+def header(headers: Mapping[str, Any], key: str) -> str | None:
     """A publisher's non-text or oversized value is ignored, never an error."""
     value = headers.get(key)
     return value if isinstance(value, str) and len(value) <= HEADER_LIMIT else None
@@ -23,16 +23,16 @@ def _header(headers: Mapping[str, Any], key: str) -> str | None:
 def remote_parent(headers: Mapping[str, Any]) -> SpanContext | None:
     """The publisher's span from `traceparent` and `tracestate`, or None where there is no valid one: what
     `TraceContextTextMapPropagator.extract` finds, without building a Context around it."""
-    header = _header(headers, "traceparent")
-    if not header:
+    traceparent = header(headers, "traceparent")
+    if not traceparent:
         return None
-    match = TRACEPARENT.search(header)
+    match = TRACEPARENT.search(traceparent)
     if not match:
         return None
     version, trace_id, span_id, flags, rest = match.groups()
     if trace_id == "0" * 32 or span_id == "0" * 16 or version == "ff" or (version == "00" and rest):
         return None
-    state = _header(headers, "tracestate")
+    state = header(headers, "tracestate")
     return SpanContext(
         int(trace_id, 16),
         int(span_id, 16),
