@@ -257,8 +257,9 @@ async def _tracing(sizes: Sizes, logs: Path) -> list[bool]:
     # pair per round, and twice the throughput rounds, because a 1 % target needs the spread well below 1 %.
     rounds = 2 * sizes.throughput_rounds
     print(
-        f"## 6. Tracing overhead: worker CPU per message, {sizes.throughput_messages} messages per worker × {rounds} "
-        "rounds, each pair side by side on one queue: the commit before tracing against the commit that added it "
+        f"## 6. Tracing overhead: CPU per message of the worker as deployed (`python -m worker run`, the HTTP fake "
+        f"provider), {sizes.throughput_messages} messages per worker × {rounds} rounds, each pair side by side on one "
+        "queue: the commit before tracing against the commit that added it "
         "(tracing off), and this code with tracing off against on (100 % sampled, OTLP/HTTP to a local sink)",
         flush=True,
     )

@@ -1,7 +1,8 @@
 """Benchmark 6: what tracing costs per message: the change with tracing off, and tracing every request today.
 
-`python -m bench.tracing_overhead [--modes before,added] [--rounds N] [--messages N] [--side-by-side]` runs it
-alone, e.g. many rounds of two builds, draining one queue together, to judge a 1 % difference.
+`python -m bench.tracing_overhead [--modes before,added] [--rounds N] [--messages N] [--side-by-side]
+[--provider http|instant]` runs it alone, e.g. many rounds of two builds, draining one queue together, to judge
+a 1 % difference.
 """
 
 import argparse
@@ -19,7 +20,19 @@ from typing import Final
 from aio_pika.abc import AbstractIncomingMessage
 from aiohttp import web
 
-from bench.common import ROOT, Namespace, Process, amqp_url, cpu_seconds, incident_body, namespace, preload, python
+from bench.common import (
+    ROOT,
+    Namespace,
+    Process,
+    amqp_url,
+    cpu_seconds,
+    incident_body,
+    namespace,
+    preload,
+    python,
+    start_fake_provider,
+    worker_argv,
+)
 from bench.common import write_tenant as write_bench_tenant
 from bench.stats import Spread, alternate, median, pairwise_ratios, spread
 from worker.handling.ladder import RetryLadder
@@ -27,6 +40,10 @@ from worker.handling.ladder import RetryLadder
 # before: the commit just before tracing was merged; added: the merge itself, tracing off (together: what the change
 # cost when off, with nothing else between them); off and on: this code, without and with every request traced.
 MODES = ("before", "added", "off", "on")
+# http: the worker as deployed (`python -m worker run`) calling `bench/fake_provider.py` over HTTP, as every request
+# it handles does; instant: `python -m bench.target worker`, the worker in-process with a provider that answers
+# without any I/O, so the denominator is the worker's own work alone (a stricter ratio than any deployment sees).
+PROVIDERS = ("http", "instant")
 # CPU is counted from this share of the replies on: start-up (connections, first calls, the prefetch filling) varies
 # more from run to run than the steady drain that follows.
 WARM_UP: Final = 0.1
@@ -38,6 +55,7 @@ class TracingResult:
     baseline_commit: str
     change_commit: str
     modes: tuple[str, ...] = MODES
+    provider: str = "http"
     cpu_ms: dict[str, list[float]] = field(default_factory=dict)
     exports_received: int = 0
     spans_received: int = 0
@@ -124,6 +142,20 @@ async def otlp_sink() -> AsyncIterator[tuple[str, list[bytes]]]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def fake_provider(logs: Path, provider: str) -> AsyncIterator[str]:
+    """The tenant's base URL: `bench/fake_provider.py` answering at once in its own process (http), or an address
+    nothing is asked at (instant: `bench.target worker` never calls its provider over the network)."""
+    if provider == "instant":
+        yield "http://127.0.0.1:9/v1"
+        return
+    fake, port = await start_fake_provider(logs, "tracing", 0.0)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        await fake.stop()
+
+
 def thread_cpu_ns(pid: int) -> int:
     """CPU time of all a process's threads in nanoseconds (schedstat), finer than /proc/<pid>/stat's ticks; falls
     back to those ticks where the kernel keeps no schedstat."""
@@ -137,7 +169,7 @@ def thread_cpu_ns(pid: int) -> int:
     return total or int(cpu_seconds(pid) * 1e9)
 
 
-async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> float:
+async def _one_run(ns: Namespace, target: Process, ready: bytes, count: int, run: int) -> float:
     replies = await ns.reply_queue()
     await replies.purge()
     bodies = [(f"{run}-{i}", incident_body("acme", f"tr-{run}-{i}")) for i in range(count)]
@@ -158,7 +190,7 @@ async def _one_run(ns: Namespace, target: Process, count: int, run: int) -> floa
     tag = await replies.consume(on_reply, no_ack=True)
     await target.start()
     try:
-        await target.ready(b"ready")
+        await target.ready(ready)
         await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
         cpu_ns = thread_cpu_ns(target.pid) - cpu_at_warm
     finally:
@@ -172,7 +204,7 @@ def settled(target: Process) -> int:
     return target.log_path.read_bytes()[target.started_at_offset :].count(b'"request_settled"')
 
 
-async def _side_by_side_run(ns: Namespace, targets: list[Process], count: int, run: int) -> list[float]:
+async def _side_by_side_run(ns: Namespace, targets: list[Process], ready: bytes, count: int, run: int) -> list[float]:
     """Two workers drain one queue at the same time, so both meet the same machine from moment to moment;
     each one's CPU per message over the same window (after the warm-up) is its CPU ÷ the requests it settled."""
     replies = await ns.reply_queue()
@@ -196,7 +228,7 @@ async def _side_by_side_run(ns: Namespace, targets: list[Process], count: int, r
         for target in targets:
             await target.start()
         for target in targets:
-            await target.ready(b"ready")
+            await target.ready(ready)
         # Published only once both consume, so neither gets a head start (the broker deals deliveries in turn).
         await preload(ns, bodies, replies.name)
         await asyncio.wait_for(finished.wait(), timeout=max(120.0, count / 50))
@@ -226,10 +258,12 @@ async def run(
     logs: Path,
     modes: tuple[str, ...] = MODES,
     side_by_side: bool = False,
+    provider: str = "http",
 ) -> TracingResult:
     """Each round runs every mode once (the order reversed every other round); all runs of a round share one
     PYTHONHASHSEED, so a pair differs in its code alone, not in how its dicts happen to be laid out. Side by
-    side, a round's workers drain one queue of `count` requests each together instead of one after another."""
+    side, a round's workers drain one queue of `count` requests each together instead of one after another.
+    `provider` is one of PROVIDERS."""
     ladder = RetryLadder()
     before_commit, change_commit = tracing_change()
     with (
@@ -237,11 +271,22 @@ async def run(
         checkouts(before_commit, change_commit) as (before_path, change_path),
     ):
         tenants = Path(directory)
-        write_bench_tenant(tenants, "acme", "http://127.0.0.1:9/v1", max_concurrency=max(prefetch, 16))
-        result = TracingResult(count, before_commit, change_commit, modes)
-        async with namespace("bench-tr", ladder) as ns, otlp_sink() as (endpoint, received):
-            argv = [python(), "-m", "bench.target", "worker", "--amqp-url", amqp_url()]
-            argv += ["--namespace", ns.topology.namespace, "--prefetch", str(prefetch), "--tenants", str(tenants)]
+        result = TracingResult(count, before_commit, change_commit, modes, provider)
+        async with (
+            namespace("bench-tr", ladder) as ns,
+            otlp_sink() as (endpoint, received),
+            fake_provider(logs, provider) as base_url,
+        ):
+            write_bench_tenant(tenants, "acme", base_url, max_concurrency=max(prefetch, 16))
+            if provider == "http":
+                argv, ready = (
+                    worker_argv(amqp_url(), ns.topology.namespace, tenants, prefetch=prefetch),
+                    b"worker_started",
+                )
+            else:
+                argv = [python(), "-m", "bench.target", "worker", "--amqp-url", amqp_url(), "--namespace"]
+                argv += [ns.topology.namespace, "--prefetch", str(prefetch), "--tenants", str(tenants)]
+                ready = b"ready"
             off = {"OTEL_SDK_DISABLED": "true"}
             tracing_on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
             envs: dict[str, tuple[dict[str, str], Path]] = {
@@ -261,7 +306,8 @@ async def run(
                 for n in range(rounds):
                     started = time.perf_counter()
                     order = list(modes) if n % 2 == 0 else list(reversed(modes))  # which one starts first
-                    cpus = await _side_by_side_run(ns, [target(m, n, n + 1) for m in order], count * len(modes), n)
+                    targets = [target(m, n, n + 1) for m in order]
+                    cpus = await _side_by_side_run(ns, targets, ready, count * len(modes), n)
                     for mode, cpu_ms in zip(order, cpus, strict=True):
                         result.cpu_ms[mode].append(cpu_ms)
                     shown = ", ".join(f"{m} {c:.3f}" for m, c in zip(order, cpus, strict=True))
@@ -269,7 +315,7 @@ async def run(
                     print(f"  tracing round {n + 1} side by side: {shown} ms CPU/msg ({took:.0f} s)")
             for n, mode in enumerate([] if side_by_side else alternate(modes, rounds)):
                 started = time.perf_counter()
-                cpu_ms = await _one_run(ns, target(mode, n, n // len(modes) + 1), count, n)
+                cpu_ms = await _one_run(ns, target(mode, n, n // len(modes) + 1), ready, count, n)
                 result.cpu_ms[mode].append(cpu_ms)
                 print(
                     f"  tracing run {n + 1}: {mode:6} {cpu_ms:.3f} ms CPU/msg ({time.perf_counter() - started:.0f} s)"
@@ -286,6 +332,12 @@ def cli() -> None:
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--logs", type=Path, default=None, help="keep each worker's log here")
     parser.add_argument("--side-by-side", action="store_true", help="a round's workers drain one queue together")
+    parser.add_argument(
+        "--provider",
+        choices=PROVIDERS,
+        default="http",
+        help="http: the deployed worker calling a fake over HTTP (default); instant: a provider with no I/O",
+    )
     args = parser.parse_args()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
     if not set(modes) <= set(MODES) or not modes:
@@ -293,7 +345,7 @@ def cli() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tracing-logs-") as directory:
         logs = args.logs or Path(directory)
         logs.mkdir(parents=True, exist_ok=True)
-        r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes, args.side_by_side))
+        r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes, args.side_by_side, args.provider))
     for mode in modes:
         print(f"{mode:7} {r.cpu(mode).show('{:.4f} ms')} CPU per message")
     for mode, baseline in (("added", "before"), ("on", "off")):
