@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import concurrency, ladder, throughput, tracing_overhead
+from bench import concurrency, ladder, throughput, tracing_overhead, tracing_sites
 from worker.handling.ladder import RetryLadder
 
 pytestmark = pytest.mark.broker
@@ -56,3 +56,24 @@ async def test_tracing_harness_runs_before_added_off_and_on(
     assert b"tracing_enabled" in (tmp_path / "tracing-3-on.log").read_bytes()
     assert b"tracing_enabled" not in (tmp_path / "tracing-2-off.log").read_bytes()
     assert b"tracing_enabled" not in (tmp_path / "tracing-1-added.log").read_bytes()
+    assert b'"provider_ms"' in (tmp_path / "tracing-3-on.log").read_bytes()  # the deployed worker, over HTTP
+
+
+async def test_tracing_sites_are_timed_in_the_worker_and_alone(
+    amqp_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AMQP_URL", amqp_url)
+    ns, calls, messages = await tracing_sites.in_the_worker(50, tmp_path)
+    alone_ns, alone_calls = await tracing_sites.one_delivery_in_isolation(20)
+    # One consumer span and one settle span a delivery, each entered and left once; one model call.
+    assert calls["Tracing.delivery"] == messages
+    assert calls["CurrentSpan.__exit__"] == 2 * messages
+    assert calls["ModelCallTelemetry.__exit__"] == messages
+    assert alone_calls["CurrentSpan.__exit__"] == 2 * 20
+    assert all(ns[site] > 0 for site in calls) and alone_ns["Tracing.delivery"] > 0
+    table = tracing_sites.show((ns, calls, messages), (alone_ns, alone_calls), 20)
+    assert "tracing, all sites (less the GenAI metrics)" in table
+    # The timers are gone again: tracing's own methods are back.
+    from worker.tracing import Tracing
+
+    assert not hasattr(Tracing.delivery, "__wrapped__")

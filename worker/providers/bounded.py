@@ -31,6 +31,8 @@ async def within(timeout_s: float, endpoint: str, work: Awaitable[T]) -> T:
 class GuardedProvider:
     def __init__(self, provider: Provider, breaker: CircuitBreaker, tracing: Tracing = NO_TRACING) -> None:
         self._provider = provider
+        # A provider's endpoint is fixed, but reading it masks its URL again: read once, not on every call.
+        self._endpoint = provider.endpoint
         self.breaker = breaker
         self._tracing = tracing
         self._in_flight = 0
@@ -43,7 +45,7 @@ class GuardedProvider:
 
     @property
     def endpoint(self) -> str:
-        return self._provider.endpoint
+        return self._endpoint
 
     @property
     def model(self) -> str:
