@@ -149,3 +149,34 @@ async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str],
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "the-key-itself" not in result.stderr
+
+
+@pytest.mark.parametrize("redelivered", [False, True])
+def test_a_first_delivery_reads_as_no_attempts_and_a_vouched_one_reads_every_header(redelivered: bool) -> None:
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from worker.broker.consumer import Received, delivery_context
+    from worker.handling.outcome import DeliveryContext
+
+    received = Received(12.5, datetime(2026, 12, 2, tzinfo=UTC))
+    message = cast(Any, SimpleNamespace(redelivered=redelivered))
+    assert delivery_context(message, {}, received) == DeliveryContext(
+        attempts=0,
+        received_at=received.at,
+        received_monotonic=12.5,
+        redeliveries=int(redelivered),
+    )
+    believed = {
+        Header.ATTEMPTS: 2,
+        Header.SETTLE_SEQ: 3,
+        Header.REDELIVERIES: 1,
+        Header.FIRST_FAILURE_AT: "2026-12-01T10:00:00+00:00",
+        Header.ERROR_CODE: "http_503",
+        Header.ERROR_MESSAGE: "unavailable",
+    }
+    later = delivery_context(message, believed, received)
+    assert (later.attempts, later.settle_seq, later.redeliveries) == (2, 3, 1 + int(redelivered))
+    assert later.first_failure_at == datetime(2026, 12, 1, 10, tzinfo=UTC)
+    assert later.last_error is not None
+    assert later.last_error.code == "http_503"

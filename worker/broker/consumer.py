@@ -101,6 +101,8 @@ class Received:
 
 def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], received: Received) -> DeliveryContext:
     """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
+    if not believed:  # a first delivery (or none of its headers vouched for): every reader below finds nothing
+        return DeliveryContext(0, received.at, received.monotonic, redeliveries=int(bool(message.redelivered)))
     return DeliveryContext(
         attempts=read_count(believed, Header.ATTEMPTS),
         received_at=received.at,
