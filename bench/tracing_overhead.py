@@ -169,7 +169,8 @@ def thread_cpu_ns(pid: int) -> int:
     return total or int(cpu_seconds(pid) * 1e9)
 
 
-async def _one_run(ns: Namespace, target: Process, ready: bytes, count: int, run: int) -> float:
+async def drain_alone(ns: Namespace, target: Process, ready: bytes, count: int, run: int) -> float:
+    """`target` drains `count` preloaded requests on its own; its CPU per message after the warm-up, in ms."""
     replies = await ns.reply_queue()
     await replies.purge()
     bodies = [(f"{run}-{i}", incident_body("acme", f"tr-{run}-{i}")) for i in range(count)]
@@ -315,7 +316,7 @@ async def run(
                     print(f"  tracing round {n + 1} side by side: {shown} ms CPU/msg ({took:.0f} s)")
             for n, mode in enumerate([] if side_by_side else alternate(modes, rounds)):
                 started = time.perf_counter()
-                cpu_ms = await _one_run(ns, target(mode, n, n // len(modes) + 1), ready, count, n)
+                cpu_ms = await drain_alone(ns, target(mode, n, n // len(modes) + 1), ready, count, n)
                 result.cpu_ms[mode].append(cpu_ms)
                 print(
                     f"  tracing run {n + 1}: {mode:6} {cpu_ms:.3f} ms CPU/msg ({time.perf_counter() - started:.0f} s)"

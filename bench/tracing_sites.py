@@ -23,7 +23,7 @@ import orjson
 from bench.common import Process, amqp_url, namespace, python, worker_argv
 from bench.common import write_tenant as write_bench_tenant
 from bench.stats import table
-from bench.tracing_overhead import _one_run, fake_provider, otlp_sink
+from bench.tracing_overhead import drain_alone, fake_provider, otlp_sink
 
 REPORT: Final = "tracing_sites"
 # (class path, method) of every place the worker enters tracing code on a delivery's way, in its order.
@@ -182,7 +182,7 @@ async def in_the_worker(messages: int, logs: Path) -> tuple[dict[str, int], dict
             argv = [python(), "-m", "bench.tracing_sites", "worker", *argv[3:]]  # `-m worker` → this module
             env = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_TRACES_SAMPLER": "always_on"}
             target = Process(argv, logs / "tracing-sites-worker.log", env=env)
-            await _one_run(ns, target, b"worker_started", messages, 0)
+            await drain_alone(ns, target, b"worker_started", messages, 0)
     for line in reversed(target.log_path.read_text().splitlines()):
         if REPORT in line:
             report = orjson.loads(line)
