@@ -1,0 +1,47 @@
+"""The publishing channel closed by the broker, and publishes the broker refuses: what each publish reports."""
+
+import uuid
+
+import pytest
+from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
+
+from contracts import Topology
+from tests.broker import BrokerClient, collect
+from worker.broker.connection import connect_worker
+from worker.broker.publish import PERSISTENT, Properties, publish
+
+pytestmark = pytest.mark.broker
+
+
+async def test_a_publish_right_after_the_broker_closed_the_channel_waits_for_it_to_reopen(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    # A publish to an exchange that is gone (an operator deleted atlas.cloud) makes the broker close the
+    # channel. The robust channel reopens by itself; the next settle's publish must not fail meanwhile (its
+    # delivery would go back to the queue and the tenant's provider be called a second time).
+    connection = await connect_worker(amqp_url, topology.namespace, 5)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        replies = await client.reply_queue()
+        properties = Properties(message_id="reply-after-close", delivery_mode=PERSISTENT)
+        with pytest.raises(ChannelNotFoundEntity):
+            await publish(channel, f"{topology.namespace}.gone-{uuid.uuid4().hex[:6]}", "x", b"lost", properties, 5)
+
+        await publish(channel, "", replies.name, b"answered", properties, 5)
+
+        assert [m.body for m in await collect(replies, 1)] == [b"answered"]
+    finally:
+        await connection.close()
+
+
+async def test_a_publish_on_a_channel_the_worker_closed_fails_as_closed(amqp_url: str, topology: Topology) -> None:
+    # Closed for good (shutdown): it will not reopen, so the publish does not wait for it (that would end in
+    # TimeoutError after `within_s`).
+    connection = await connect_worker(amqp_url, topology.namespace, 5)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.close()
+        with pytest.raises(ChannelInvalidStateError):
+            await publish(channel, "", "anywhere", b"late", Properties(delivery_mode=PERSISTENT), 5)
+    finally:
+        await connection.close()
