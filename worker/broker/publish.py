@@ -19,12 +19,13 @@ import asyncio
 from typing import Final, cast
 
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractRobustChannel
 from aio_pika.exceptions import ChannelInvalidStateError
 from pamqp.commands import Basic
 
 Properties = Basic.Properties
 PERSISTENT: Final = 2  # AMQP delivery mode
+REOPEN_POLL_S: Final = 0.02
 
 # Per underlying channel, the message_ids of the publishes in flight on it; a channel's entry goes with its last.
 _in_flight: dict[aiormq.Channel, dict[str, asyncio.Event]] = {}
@@ -36,11 +37,14 @@ async def publish(
     """Publish and wait for the broker's confirm. Raises PublishError when the broker returns it unroutable
     (the channel is opened with `on_return_raises`), DeliveryError on a nack, ChannelInvalidStateError when the
     channel is closed, TimeoutError when no confirm came within `within_s` seconds."""
-    if channel.is_closed:
-        raise ChannelInvalidStateError(f"{channel!r} closed")
     # aio-pika's channels are aiormq's `Channel`, whose `basic_publish` takes `wait` (the abstract one does not).
-    # While the robust connection reconnects this waits for the new channel: no longer than the publish may take.
+    # While the robust connection reconnects, or the robust channel reopens after the broker closed it (a publish
+    # to a deleted exchange), this waits for the new channel: no longer than the publish may take.
     async with asyncio.timeout(within_s):
+        if channel.is_closed and isinstance(channel, AbstractRobustChannel):
+            await _reopened(channel)
+        if channel.is_closed:
+            raise ChannelInvalidStateError(f"{channel!r} closed")
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     message_id = properties.message_id
     if not message_id:  # aiormq gives it a random one
@@ -58,6 +62,18 @@ async def publish(
         if not ids:
             _in_flight.pop(underlay, None)
         done.set()
+
+
+async def _reopened(channel: AbstractRobustChannel) -> None:
+    """Until the robust channel is open again, or closed for good (by the worker: it will not reopen). Polled:
+    aio-pika starts reopening only some loop turns after the channel closed, so there is no event to wait for
+    yet, and this runs only while the channel is closed."""
+    closed = asyncio.ensure_future(channel.closed())
+    try:
+        while channel.is_closed and not closed.done():
+            await asyncio.wait({closed}, timeout=REOPEN_POLL_S)
+    finally:
+        closed.cancel()  # a shield: the channel's own future is left alone
 
 
 async def _publish(
