@@ -1,5 +1,6 @@
 """The publishing channel closed by the broker, and publishes the broker refuses: what each publish reports."""
 
+import asyncio
 import uuid
 
 import pytest
@@ -43,5 +44,31 @@ async def test_a_publish_on_a_channel_the_worker_closed_fails_as_closed(amqp_url
         await channel.close()
         with pytest.raises(ChannelInvalidStateError):
             await publish(channel, "", "anywhere", b"late", Properties(delivery_mode=PERSISTENT), 5)
+    finally:
+        await connection.close()
+
+
+async def test_a_refused_publish_while_the_channel_is_being_restored_does_not_break_it_for_good(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    # A delivery put back after its publish closed the channel comes straight back and publishes again, to the
+    # same deleted exchange, the moment the channel is open again: while aio-pika is still restoring it.
+    connection = await connect_worker(amqp_url, topology.namespace, 5)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        replies = await client.reply_queue()
+        gone = f"{topology.namespace}.gone-{uuid.uuid4().hex[:6]}"
+        properties = Properties(delivery_mode=PERSISTENT)
+        with pytest.raises(ChannelNotFoundEntity):
+            await publish(channel, gone, "x", b"lost", properties, 5)
+        async with asyncio.timeout(5):
+            while channel.is_closed:  # noqa: ASYNC110 (aio-pika has no event for it): the first turn it is open again
+                await asyncio.sleep(0)
+        with pytest.raises(ChannelNotFoundEntity):
+            await publish(channel, gone, "x", b"lost again", properties, 5)
+
+        await publish(channel, "", replies.name, b"answered", properties, 5)  # every later settle publishes
+
+        assert [m.body for m in await collect(replies, 1)] == [b"answered"]
     finally:
         await connection.close()

@@ -41,8 +41,8 @@ async def publish(
     # While the robust connection reconnects, or the robust channel reopens after the broker closed it (a publish
     # to a deleted exchange), this waits for the new channel: no longer than the publish may take.
     async with asyncio.timeout(within_s):
-        if channel.is_closed and isinstance(channel, AbstractRobustChannel):
-            await _reopened(channel)
+        if isinstance(channel, AbstractRobustChannel):
+            await _restored(channel)
         if channel.is_closed:
             raise ChannelInvalidStateError(f"{channel!r} closed")
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
@@ -64,16 +64,23 @@ async def publish(
         done.set()
 
 
-async def _reopened(channel: AbstractRobustChannel) -> None:
-    """Until the robust channel is open again, or closed for good (by the worker: it will not reopen). Polled:
-    aio-pika starts reopening only some loop turns after the channel closed, so there is no event to wait for
-    yet, and this runs only while the channel is closed."""
-    closed = asyncio.ensure_future(channel.closed())
-    try:
-        while channel.is_closed and not closed.done():
-            await asyncio.wait({closed}, timeout=REOPEN_POLL_S)
-    finally:
-        closed.cancel()  # a shield: the channel's own future is left alone
+async def _restored(channel: AbstractRobustChannel) -> None:
+    """Until the robust channel is restored, or closed for good (by the worker: it will not reopen).
+
+    Restored, not just open: aio-pika reopens the channel, then restores its QoS, exchanges and queues on it. A
+    publish the broker refuses in between (to a deleted exchange) closes the new channel under that restore, and
+    aio-pika then never reopens it again: every later publish would fail. While the channel is closed this polls:
+    aio-pika starts reopening only some loop turns after the close, so there is nothing to wait for yet."""
+    if channel.is_closed:
+        closed = asyncio.ensure_future(channel.closed())
+        try:
+            while channel.is_closed and not closed.done():
+                await asyncio.wait({closed}, timeout=REOPEN_POLL_S)
+            if closed.done():
+                return
+        finally:
+            closed.cancel()  # a shield: the channel's own future is left alone
+    await channel.ready()  # at once when the channel is restored, as it nearly always is
 
 
 async def _publish(
