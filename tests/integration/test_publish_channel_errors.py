@@ -4,10 +4,10 @@ import asyncio
 import uuid
 
 import pytest
-from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity
+from aio_pika.exceptions import ChannelInvalidStateError, ChannelNotFoundEntity, DeliveryError
 
 from contracts import Topology
-from tests.broker import BrokerClient, collect
+from tests.broker import BrokerClient, collect, drain_now
 from worker.broker.connection import connect_worker
 from worker.broker.publish import PERSISTENT, Properties, publish
 
@@ -70,5 +70,38 @@ async def test_a_refused_publish_while_the_channel_is_being_restored_does_not_br
         await publish(channel, "", replies.name, b"answered", properties, 5)  # every later settle publishes
 
         assert [m.body for m in await collect(replies, 1)] == [b"answered"]
+    finally:
+        await connection.close()
+
+
+async def test_a_publish_the_broker_nacks_fails_and_the_next_one_on_the_channel_is_confirmed(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    # A full quorum queue that rejects publishes (x-overflow reject-publish) nacks: never taken for a confirm.
+    connection = await connect_worker(amqp_url, topology.namespace, 5)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        full = await client.channel.declare_queue(
+            f"{topology.namespace}.full-{uuid.uuid4().hex[:6]}",
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        replies = await client.reply_queue()
+        try:
+            confirmed, refused = [], []
+            for n in range(3):  # a quorum queue's limit is soft: it takes one more before it refuses
+                body = f"m{n}".encode()
+                try:
+                    await publish(channel, "", full.name, body, Properties(delivery_mode=PERSISTENT), 5)
+                    confirmed.append(body)
+                except DeliveryError:
+                    refused.append(body)
+            await publish(channel, "", replies.name, b"answered", Properties(delivery_mode=PERSISTENT), 5)
+
+            assert refused, confirmed
+            assert [m.body for m in await drain_now(full)] == confirmed  # a nacked publish is not on the queue
+            assert [m.body for m in await collect(replies, 1)] == [b"answered"]
+        finally:
+            await full.delete(if_unused=False, if_empty=False)
     finally:
         await connection.close()
