@@ -12,7 +12,8 @@ waiting for the write as well would only hold the channel's publish lock for one
 aiormq finds the publish a `basic.return` belongs to by its message_id, the latest publish with that id winning.
 The message_id is the publisher's (a copy keeps the request's, a reply's is made from its request_id), so two
 publishes in flight could share one: the returned publish would then be confirmed, silently dropped, and the
-other failed. A publish therefore waits for any publish in flight on its channel with the same message_id.
+other failed. A publish therefore waits for any publish in flight on its channel with the same message_id, and a
+publish that timed out stays in flight until the broker has answered it.
 """
 
 import asyncio
@@ -26,6 +27,9 @@ from pamqp.commands import Basic
 Properties = Basic.Properties
 PERSISTENT: Final = 2  # AMQP delivery mode
 REOPEN_POLL_S: Final = 0.02
+# How long a publish given up on keeps waiting for the broker's answer (and its message_id): far beyond the
+# heartbeat timeout, after which a silent connection is closed and every confirmation it waits for fails.
+ANSWER_WAIT_S: Final = 600.0
 
 # Per underlying channel, the message_ids of the publishes in flight on it; a channel's entry goes with its last.
 _in_flight: dict[aiormq.Channel, dict[str, asyncio.Event]] = {}
@@ -55,13 +59,22 @@ async def publish(
             await earlier.wait()
     ids = _in_flight.setdefault(underlay, {})
     done = ids[message_id] = asyncio.Event()
-    try:
-        await _publish(underlay, exchange, routing_key, body, properties, within_s)
-    finally:
+    # Given up on (timeout, cancellation), the publish goes on waiting for the broker's answer in its own task and
+    # keeps its message_id meanwhile: a return that comes late is matched to it, never to a later publish with the
+    # same id (which the broker routed, and which would be failed as returned).
+    answer = asyncio.ensure_future(_publish(underlay, exchange, routing_key, body, properties, ANSWER_WAIT_S))
+
+    def release(task: "asyncio.Future[None]") -> None:
+        if not task.cancelled():
+            task.exception()  # retrieved: once given up on, a late failure has no one left to tell
         del ids[message_id]
         if not ids:
             _in_flight.pop(underlay, None)
         done.set()
+
+    answer.add_done_callback(release)
+    async with asyncio.timeout(within_s):
+        await asyncio.shield(answer)
 
 
 async def _restored(channel: AbstractRobustChannel) -> None:
