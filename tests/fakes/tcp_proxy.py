@@ -15,6 +15,8 @@ class TcpProxy:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._accepting = True
+        self._upstream_flowing = asyncio.Event()  # cleared by `hold`: what clients send waits in the proxy
+        self._upstream_flowing.set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -41,6 +43,13 @@ class TcpProxy:
     def resume(self) -> None:
         self._accepting = True
 
+    def hold(self) -> None:
+        """Keep what clients send in the proxy (a slow link to the broker) until `release`; nothing is lost."""
+        self._upstream_flowing.clear()
+
+    def release(self) -> None:
+        self._upstream_flowing.set()
+
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         if not self._accepting:
             client_writer.transport.abort()
@@ -52,16 +61,18 @@ class TcpProxy:
             return
         self._writers |= {client_writer, upstream_writer}
         await asyncio.gather(
-            self._pipe(client_reader, upstream_writer),
-            self._pipe(upstream_reader, client_writer),
+            self._pipe(client_reader, upstream_writer, self._upstream_flowing),
+            self._pipe(upstream_reader, client_writer, None),
             return_exceptions=True,
         )
         self._writers -= {client_writer, upstream_writer}
 
     @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event | None) -> None:
         try:
             while data := await reader.read(65536):
+                if flowing is not None:
+                    await flowing.wait()
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):

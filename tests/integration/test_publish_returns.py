@@ -3,9 +3,12 @@
 import asyncio
 import uuid
 
+import pytest
 from aio_pika.exceptions import PublishError
 
 from contracts import Topology
+from tests.broker import BrokerClient, collect
+from tests.fakes.tcp_proxy import TcpProxy
 from worker.broker.connection import connect_worker
 from worker.broker.publish import PERSISTENT, Properties, publish
 
@@ -27,3 +30,32 @@ async def test_a_return_fails_the_publish_returned_not_another_with_the_same_mes
         assert results[1] is None, results  # and the routed one is confirmed
     finally:
         await connection.close()
+
+
+async def test_a_late_return_of_a_timed_out_publish_does_not_fail_a_later_one_with_its_message_id(
+    amqp_url: str, client: BrokerClient, topology: Topology
+) -> None:
+    # A slow link: the first publish (unroutable) gives up before the broker has seen it, and the delivery is
+    # settled again with the same message_id. The broker then returns the first: that is not the second's return.
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    connection = await connect_worker(amqp_url.replace(":5672", f":{proxy.port}"), topology.namespace, 5)
+    try:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        replies = await client.reply_queue()
+        proxy.hold()
+        with pytest.raises(TimeoutError):
+            await publish(channel, "", f"{topology.namespace}.nowhere", b"given up", _shared(), 0.2)
+        second = asyncio.ensure_future(publish(channel, "", replies.name, b"answered", _shared(), 10))
+        await asyncio.sleep(0.1)  # the second publish is written too (behind the first, in the proxy)
+        proxy.release()
+
+        await second  # confirmed: the broker routed it
+        assert [m.body for m in await collect(replies, 1)] == [b"answered"]
+    finally:
+        await connection.close()
+        await proxy.close()
+
+
+def _shared() -> Properties:
+    return Properties(message_id="request-7", delivery_mode=PERSISTENT)

@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.broker.acks import ACK_TIMEOUT_S, Acknowledger
@@ -231,7 +231,11 @@ class Settler:
             await self._publish_copy(
                 delivery, ids, self._atlas_cloud, Topology.reply_routing_key(ids.tenant_id, ids.task), headers
             )
-        except PublishError:
+        except (PublishError, ChannelNotFoundEntity) as exc:
+            if isinstance(exc, ChannelNotFoundEntity) and f"no exchange '{self._atlas_cloud}'" not in str(exc):
+                raise  # another publish's 404 closed the channel under this one: not this reroute's doing
+            # Unroutable: returned (nothing bound), or the exchange is gone (the broker closed the channel over
+            # it). Put back, it would close the publishing channel at each delivery until its delivery limit.
             log.error("reroute_unroutable", exchange=self._atlas_cloud)
             await self._dead_letter(
                 delivery,
