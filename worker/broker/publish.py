@@ -40,11 +40,12 @@ async def publish(
 ) -> None:
     """Publish and wait for the broker's confirm. Raises PublishError when the broker returns it unroutable
     (the channel is opened with `on_return_raises`), DeliveryError on a nack, ChannelInvalidStateError when the
-    channel is closed, TimeoutError when no confirm came within `within_s` seconds."""
+    channel is closed, TimeoutError when no confirm came within `within_s` seconds (all waits below included)."""
+    deadline = asyncio.get_running_loop().time() + within_s
     # aio-pika's channels are aiormq's `Channel`, whose `basic_publish` takes `wait` (the abstract one does not).
     # While the robust connection reconnects, or the robust channel reopens after the broker closed it (a publish
     # to a deleted exchange), this waits for the new channel: no longer than the publish may take.
-    async with asyncio.timeout(within_s):
+    async with asyncio.timeout_at(deadline):
         if isinstance(channel, AbstractRobustChannel):
             await _restored(channel)
         if channel.is_closed:
@@ -52,9 +53,10 @@ async def publish(
         underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
     message_id = properties.message_id
     if not message_id:  # aiormq gives it a random one
-        await _publish(underlay, exchange, routing_key, body, properties, within_s)
+        async with asyncio.timeout_at(deadline):
+            await _publish(underlay, exchange, routing_key, body, properties, within_s)
         return
-    async with asyncio.timeout(within_s):
+    async with asyncio.timeout_at(deadline):
         while (earlier := _in_flight.get(underlay, {}).get(message_id)) is not None:
             await earlier.wait()
     ids = _in_flight.setdefault(underlay, {})
@@ -73,7 +75,7 @@ async def publish(
         done.set()
 
     answer.add_done_callback(release)
-    async with asyncio.timeout(within_s):
+    async with asyncio.timeout_at(deadline):
         await asyncio.shield(answer)
 
 
