@@ -161,37 +161,21 @@ async def test_tenant_without_config_is_rerouted_to_atlas_cloud_unchanged(scene:
     assert left.replies == []
 
 
+@pytest.mark.parametrize("exchange_deleted", [False, True], ids=["nothing-bound", "exchange-deleted"])
 async def test_unroutable_reroute_is_dead_lettered_with_reason(
-    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
-) -> None:
-    from tests.conftest import start_worker, worker_settings
-
-    running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, atlas_cloud_exchange=f"{topology.namespace}.atlas-cloud")
-    )
-    try:
-        # The exchange exists but nothing is bound to it: the reroute is returned, never dropped.
-        dead = await client.channel.get_queue(topology.dead)
-        raw = orjson.dumps(samples.request("initech", "summary"))
-        await client.publish_request(raw)
-        [message] = await collect(dead, 1)
-        assert message.body == raw
-        assert message.headers[Header.REASON] == "reroute_unroutable"
-    finally:
-        await running.stop()
-
-
-async def test_a_reroute_to_a_deleted_atlas_cloud_exchange_is_dead_lettered_with_reason(
-    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path, exchange_deleted: bool
 ) -> None:
     from tests.conftest import start_worker, worker_settings
 
     exchange = f"{topology.namespace}.atlas-cloud"
     running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, atlas_cloud_exchange=exchange))
     try:
-        # An operator deletes the exchange while the worker runs: the broker answers the publish by closing the
-        # channel (404), not with a return. The request must not go round the queue until its delivery limit.
-        await client.channel.exchange_delete(exchange)
+        if exchange_deleted:
+            # An operator deletes the exchange while the worker runs: the broker answers the publish by closing
+            # the channel (404), not with a return. The request must not go round the queue until its delivery
+            # limit.
+            await client.channel.exchange_delete(exchange)
+        # Otherwise the exchange exists but nothing is bound to it: the reroute is returned, never dropped.
         dead = await client.channel.get_queue(topology.dead)
         raw = orjson.dumps(samples.request("initech", "summary"))
         await client.publish_request(raw)

@@ -1,7 +1,9 @@
 """Bounds without a broker: header tables that always fit a frame, clamped counts, which worker headers are
 believed, escaped operator output, probe slots, closed metric labels, the security flags."""
 
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -10,12 +12,12 @@ from pamqp.encode import field_table
 from contracts import ErrorInfo, Header, Topology
 from tests.ops.cli import atlas_worker
 from tests.unit.test_operations_metrics import reply, scrape
-from worker.broker.consumer import Settled
+from worker.broker.consumer import Received, Settled, delivery_context
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.headers import read_count
 from worker.broker.limits import HEADER_BUDGET_BYTES, MAX_COUNT, bounded_body, bounded_headers
 from worker.exit_codes import StartupError
-from worker.handling.outcome import DeadLetter, DeadLetterReason, Reply, RequestIds, SettleResult
+from worker.handling.outcome import DeadLetter, DeadLetterReason, DeliveryContext, Reply, RequestIds, SettleResult
 from worker.handling.route import PROBES_IN_FLIGHT, TenantSlots
 from worker.ops.dlq import escaped
 from worker.ops.metrics import Metrics
@@ -153,12 +155,6 @@ async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str],
 
 @pytest.mark.parametrize("redelivered", [False, True])
 def test_a_first_delivery_reads_as_no_attempts_and_a_vouched_one_reads_every_header(redelivered: bool) -> None:
-    from datetime import UTC, datetime
-    from types import SimpleNamespace
-
-    from worker.broker.consumer import Received, delivery_context
-    from worker.handling.outcome import DeliveryContext
-
     received = Received(12.5, datetime(2026, 12, 2, tzinfo=UTC))
     message = cast(Any, SimpleNamespace(redelivered=redelivered))
     assert delivery_context(message, {}, received) == DeliveryContext(
