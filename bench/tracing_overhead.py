@@ -40,6 +40,8 @@ from worker.handling.ladder import RetryLadder
 # before: the commit just before tracing was merged; added: the merge itself, tracing off (together: what the change
 # cost when off, with nothing else between them); off and on: this code, without and with every request traced.
 MODES = ("before", "added", "off", "on")
+# Not in the default run: tracing on with every span dropped by the sampler (only the context propagated).
+EXTRA_MODES = ("dropped",)
 # http: the worker as deployed (`python -m worker run`) calling `bench/fake_provider.py` over HTTP, as every request
 # it handles does; instant: `python -m bench.target worker`, the worker in-process with a provider that answers
 # without any I/O, so the denominator is the worker's own work alone (a stricter ratio than any deployment sees).
@@ -295,6 +297,7 @@ async def run(
                 "added": (off, change_path),
                 "off": (off, ROOT),
                 "on": (tracing_on, ROOT),
+                "dropped": ({**tracing_on, "OTEL_TRACES_SAMPLER": "always_off"}, ROOT),
             }
 
             def target(mode: str, n: int, seed: int) -> Process:
@@ -341,15 +344,15 @@ def cli() -> None:
     )
     args = parser.parse_args()
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    if not set(modes) <= set(MODES) or not modes:
-        parser.error(f"--modes: choose from {','.join(MODES)}")
+    if not set(modes) <= set(MODES + EXTRA_MODES) or not modes:
+        parser.error(f"--modes: choose from {','.join(MODES + EXTRA_MODES)}")
     with tempfile.TemporaryDirectory(prefix="bench-tracing-logs-") as directory:
         logs = args.logs or Path(directory)
         logs.mkdir(parents=True, exist_ok=True)
         r = asyncio.run(run(args.messages, args.rounds, 64, logs, modes, args.side_by_side, args.provider))
     for mode in modes:
         print(f"{mode:7} {r.cpu(mode).show('{:.4f} ms')} CPU per message")
-    for mode, baseline in (("added", "before"), ("on", "off")):
+    for mode, baseline in (("added", "before"), ("on", "off"), ("dropped", "off")):
         if mode in modes and baseline in modes:
             low, high = r.interval(mode, baseline)
             shown = r.ratio(mode, baseline).show("{:.4f}×")

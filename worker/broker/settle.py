@@ -8,7 +8,7 @@ from typing import Any, Final
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity, DeliveryError, PublishError
 
 from contracts import ErrorInfo, Header, InferenceReply, Topology
 from worker.broker.acks import ACK_TIMEOUT_S, Acknowledger
@@ -38,6 +38,14 @@ audit = structlog.get_logger("worker.audit")
 PUBLISH_TIMEOUT_S = 30.0
 ERROR_MESSAGE_LIMIT = 1000
 SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
+# A reply the broker refuses (a nack: the caller's reply queue is full, `x-overflow: reject-publish`) is published
+# again after each of these waits. Put back on the queue instead, the request would be answered anew at each
+# delivery, its provider called (and paid for) every time until the delivery limit.
+REFUSED_REPLY_WAITS_S: Final = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+
+
+class ReplyRefused(Exception):
+    """The broker refused every publish of a reply."""
 
 
 def _now() -> str:
@@ -137,13 +145,13 @@ class Settler:
         dead: DeadLetter | None,
         ids: RequestIds,
     ) -> SettleResult:
-        reply_lost = False
+        lost: PublishError | ReplyRefused | None = None
         if reply is not None and dead is None:
             # The common case, awaited directly: no gather, no extra task.
             try:
                 await self._publish_reply(delivery, reply)
-            except PublishError:
-                reply_lost = True
+            except (PublishError, ReplyRefused) as exc:
+                lost = exc
         else:
             publishes = []
             if reply is not None:
@@ -151,21 +159,23 @@ class Settler:
             if dead is not None:
                 publishes.append(self._dead_letter(delivery, dead, ids))
             results = await asyncio.gather(*publishes, return_exceptions=True)
-            reply_lost = reply is not None and isinstance(results[0], PublishError)
+            if reply is not None and isinstance(results[0], PublishError | ReplyRefused):
+                lost = results[0]
             for result in results:
-                if isinstance(result, BaseException) and not (reply_lost and result is results[0]):
+                if isinstance(result, BaseException) and result is not lost:
                     raise result
-        if reply_lost:
-            log.warning("reply_unroutable", reply_to=delivery.reply_to)
+        if lost is not None:
+            log.warning("reply_unroutable", reply_to=delivery.reply_to, refused=isinstance(lost, ReplyRefused))
             if dead is None:
+                if isinstance(lost, ReplyRefused):
+                    error = ErrorInfo(code="reply_rejected", message=str(lost))
+                else:
+                    error = ErrorInfo(
+                        code="reply_unroutable", message=f"no queue named {delivery.reply_to!r} to reply to"
+                    )
+                attempts = reply.provenance.attempts if reply else 0
                 await self._dead_letter(
-                    delivery,
-                    DeadLetter(
-                        DeadLetterReason.REPLY_UNROUTABLE,
-                        ErrorInfo(code="reply_unroutable", message=f"no queue named {delivery.reply_to!r} to reply to"),
-                        attempts=reply.provenance.attempts if reply else 0,
-                    ),
-                    ids,
+                    delivery, DeadLetter(DeadLetterReason.REPLY_UNROUTABLE, error, attempts=attempts), ids
                 )
             return SettleResult.DEAD_LETTERED
         if dead is None:
@@ -198,7 +208,18 @@ class Settler:
                 timestamp=datetime.now(UTC),
                 headers=headers,
             )
-            await publish(self._channel, exchange, routing_key, body, properties, PUBLISH_TIMEOUT_S)
+            for wait_s in (*REFUSED_REPLY_WAITS_S, None):
+                try:
+                    await publish(self._channel, exchange, routing_key, body, properties, PUBLISH_TIMEOUT_S)
+                    return
+                except PublishError:  # returned, no queue to route it to: a DeliveryError too, but not a refusal
+                    raise
+                except DeliveryError as exc:
+                    if wait_s is None:
+                        waited = sum(REFUSED_REPLY_WAITS_S)
+                        raise ReplyRefused(f"the broker refused the reply to {routing_key!r} for {waited:g} s") from exc
+                    log.warning("reply_refused", reply_to=routing_key, exchange=exchange, retry_in_s=wait_s)
+                    await asyncio.sleep(wait_s)
 
     async def _dead_letter(self, delivery: AbstractIncomingMessage, dead: DeadLetter, ids: RequestIds) -> None:
         headers = {
