@@ -14,12 +14,13 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from contracts import TenantConfig
+from contracts._base import TENANT_ID_PATTERN
 from worker.secrets import REFERENCE_PREFIXES
 
 log = structlog.get_logger("worker.tenants")
@@ -27,6 +28,8 @@ log = structlog.get_logger("worker.tenants")
 # An operator who means "no tenant of this deployment uses BYOC" says so with this file; without it an empty
 # directory is indistinguishable from a volume that failed to mount or a ConfigMap swap gone wrong.
 NO_TENANTS_MARKER = ".no-byoc-tenants"
+TENANT_FILE_SUFFIX = ".toml"
+TENANT_ID = re.compile(TENANT_ID_PATTERN)
 MAX_TENANT_FILE_BYTES = 1024 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UNREADABLE = (-1, -1, -1)
@@ -46,9 +49,12 @@ class ConfigProblem:
 
 
 class TenantConfigError(Exception):
-    def __init__(self, problems: list[ConfigProblem]) -> None:
+    """A tenant file that cannot be used; `declared_tenant_id` is the `tenant_id` it names, when it could be read."""
+
+    def __init__(self, problems: list[ConfigProblem], declared_tenant_id: str | None = None) -> None:
         super().__init__("; ".join(map(str, problems)))
         self.problems = problems
+        self.declared_tenant_id = declared_tenant_id
 
 
 class TenantSourceFault(Exception):
@@ -167,16 +173,33 @@ def load_tenant_file(path: Path) -> TenantConfig:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise TenantConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
-    config = parse_tenant_config(data, path)
+    declared = data.get("tenant_id")
+    declared = declared if isinstance(declared, str) and TENANT_ID.fullmatch(declared) else None
+    if path.suffix != TENANT_FILE_SUFFIX:
+        problem = f"tenant files end in {TENANT_FILE_SUFFIX!r}, in lower case: rename it to {path.stem}.toml"
+        raise TenantConfigError([ConfigProblem(path, "", problem)], declared)
+    try:
+        config = parse_tenant_config(data, path)
+    except TenantConfigError as exc:
+        raise TenantConfigError(exc.problems, declared) from None
     if config.tenant_id != path.stem:
         raise TenantConfigError(
-            [ConfigProblem(path, "tenant_id", f"is {config.tenant_id!r} but the file is named {path.name!r}")]
+            [ConfigProblem(path, "tenant_id", f"is {config.tenant_id!r} but the file is named {path.name!r}")],
+            declared,
         )
     return config
 
 
-def scan_directory(directory: Path) -> list[Path]:
-    """The tenant files of a directory; raises TenantSourceFault when the directory cannot be trusted as a whole."""
+class Listing(NamedTuple):
+    """A tenants directory as listed: its tenant files, and the other names in it, which are not read."""
+
+    paths: list[Path]
+    ignored: list[str]
+
+
+def list_directory(directory: Path) -> Listing:
+    """The tenant files of a directory (a `.TOML` too, so that it is refused rather than passed over), and the
+    names it does not read; raises TenantSourceFault when the directory cannot be trusted as a whole."""
     try:
         with os.scandir(directory) as entries:
             names = [entry.name for entry in entries]
@@ -186,17 +209,23 @@ def scan_directory(directory: Path) -> list[Path]:
         raise TenantSourceFault(f"{directory} is not a directory") from None
     except OSError as exc:
         raise TenantSourceFault(f"{directory} cannot be listed: {exc.strerror or exc}") from None
-    paths = sorted(directory / name for name in names if name.endswith(".toml") and not name.startswith("."))
-    if not paths and NO_TENANTS_MARKER not in names:
+    visible = [name for name in names if not name.startswith(".")]  # dot names: a ConfigMap's own, editors' swap files
+    tenant_files = {name for name in visible if name.lower().endswith(TENANT_FILE_SUFFIX)}
+    if not tenant_files and NO_TENANTS_MARKER not in names:
         raise TenantSourceFault(
             f"{directory} holds no tenant files; if no tenant uses BYOC, create {directory / NO_TENANTS_MARKER}"
         )
-    return paths
+    return Listing(sorted(directory / name for name in tenant_files), sorted(set(visible) - tenant_files))
+
+
+def scan_directory(directory: Path) -> list[Path]:
+    """The tenant files of a directory; raises TenantSourceFault when the directory cannot be trusted as a whole."""
+    return list_directory(directory).paths
 
 
 def validate_path(path: Path) -> tuple[list[TenantConfig], list[ConfigProblem]]:
     """A tenant file, or every tenant file of a directory: the good configs and the problems of the rest."""
-    if not path.is_dir() and path.suffix == ".toml":
+    if not path.is_dir() and path.suffix.lower() == TENANT_FILE_SUFFIX:
         paths = [path]
     else:
         try:
@@ -221,9 +250,12 @@ class TenantRegistry:
 
     - A tenant whose file exists but does not validate is *quarantined*, never treated as unconfigured:
       unconfigured tenants are served by Atlas Cloud, and a typo must not send a BYOC tenant's data there.
+      A file that cannot be used quarantines the tenant it is named for and the one its `tenant_id` names, so a
+      misnamed `acmee.toml` holding `tenant_id = "acme"` keeps acme's requests from Atlas Cloud.
     - A broken edit of a tenant that loaded before keeps its last good config.
-    - A tenant leaves BYOC when its file is deleted while the directory stays healthy. A directory that
-      vanishes, cannot be listed, or loses every file at once is a fault, not a removal: everything is kept.
+    - A tenant leaves BYOC when its file is deleted while the directory stays healthy, and is still gone at the
+      next reload (an editor saving by rename leaves the name missing for a moment). A directory that vanishes,
+      cannot be listed, or loses every file at once is a fault, not a removal: everything is kept.
     """
 
     def __init__(self, directory: Path, *, on_fault: Callable[[str], None] | None = None) -> None:
@@ -231,8 +263,12 @@ class TenantRegistry:
         self.fault: str | None = None  # why the source cannot be trusted right now; None while healthy
         self._on_fault = on_fault
         self._configs: dict[str, TenantConfig] = {}
-        self._broken: dict[str, list[ConfigProblem]] = {}
+        self._sources: dict[str, Path] = {}  # the file each config came from
+        self._claims: dict[Path, tuple[list[str], list[ConfigProblem]]] = {}  # unusable files: ids they quarantine
+        self._broken: dict[str, list[ConfigProblem]] = {}  # quarantined tenants (claimed, without a config)
         self._seen: dict[Path, tuple[int, int, int]] = {}
+        self._missing: set[Path] = set()  # gone at the last look: removed if still gone at this one
+        self._ignored: set[str] = set()
         self._folded: dict[str, list[str]] = {}
         self.version = 0  # bumps on every change, so caches keyed on configs can notice
 
@@ -285,9 +321,9 @@ class TenantRegistry:
             self._on_fault(reason)
 
     def _refresh(self) -> bool:
-        paths = scan_directory(self.directory)
+        listing = list_directory(self.directory)
         current: dict[Path, tuple[int, int, int]] = {}
-        for path in paths:
+        for path in listing.paths:
             try:
                 info = path.stat()
             except OSError:
@@ -298,63 +334,93 @@ class TenantRegistry:
             current[path] = (info.st_ino, info.st_mtime_ns, info.st_size)
         if current and all(stamp == UNREADABLE for stamp in current.values()):
             raise TenantSourceFault(f"none of the {len(current)} tenant files in {self.directory} can be read")
+        self._note_ignored(listing.ignored)
         changed = self._forget_removed(set(current))
         for path, stamp in current.items():
             if self._seen.get(path) != stamp:
-                changed |= self._load(path)
-        self._seen = current
+                self._load(path)
+                changed = True
+        # A file gone for the first time is still counted as seen, so the next look can confirm it is gone.
+        self._seen = current | {path: self._seen[path] for path in self._missing}
         if self.fault is not None:
             log.info("tenant_source_healthy", directory=str(self.directory), previous_fault=self.fault)
             self.fault = None
         if changed:
             self.version += 1
+            self._broken = {}
+            for claimed, problems in self._claims.values():
+                for tenant_id in claimed:
+                    if tenant_id not in self._configs:
+                        self._broken.setdefault(tenant_id, problems)
             self._folded = {}
             for tenant_id in [*self._configs, *self._broken]:
                 self._folded.setdefault(tenant_id.casefold(), []).append(tenant_id)
         return changed
 
-    def _forget_removed(self, present: set[Path]) -> bool:
-        removed = [path for path in self._seen if path not in present]
-        for path in removed:
-            self._broken.pop(path.stem, None)
-            if self._configs.pop(path.stem, None) is not None:
-                log.warning("tenant_removed", tenant_id=path.stem, file=str(path))
-        return bool(removed)
+    def _note_ignored(self, names: list[str]) -> None:
+        for name in set(names) - self._ignored:
+            log.warning(
+                "tenant_file_ignored",
+                directory=str(self.directory),
+                file=name,
+                reason=f"only <tenant_id>{TENANT_FILE_SUFFIX} files are tenant configurations",
+            )
+        self._ignored = set(names)
 
-    def _load(self, path: Path) -> bool:
-        tenant_id = path.stem
+    def _forget_removed(self, present: set[Path]) -> bool:
+        gone = {path for path in self._seen if path not in present}
+        confirmed, self._missing = gone & self._missing, gone - self._missing
+        for path in sorted(self._missing):
+            log.warning(
+                "tenant_file_missing",
+                file=str(path),
+                action="its tenant leaves BYOC if the file is still missing at the next reload",
+            )
+        for path in sorted(confirmed):
+            self._claims.pop(path, None)
+            tenant_id = path.stem
+            if self._sources.get(tenant_id) == path:
+                del self._configs[tenant_id], self._sources[tenant_id]
+                log.warning("tenant_removed", tenant_id=tenant_id, file=str(path))
+        return bool(confirmed)
+
+    def _load(self, path: Path) -> None:
         try:
             config = load_tenant_file(path)
         except TenantConfigError as exc:
-            self._rejected(tenant_id, path, exc.problems)
-            return True
-        self._broken.pop(tenant_id, None)
+            self._rejected(path, exc)
+            return
+        tenant_id = config.tenant_id
+        self._claims.pop(path, None)
         is_new = tenant_id not in self._configs
-        self._configs[tenant_id] = config
+        self._configs[tenant_id], self._sources[tenant_id] = config, path
         log.info(
             "tenant_loaded" if is_new else "tenant_reloaded",
             tenant_id=tenant_id,
             provider=config.provider.kind,
             policy=config.fallback.policy.value,
         )
-        return True
 
-    def _rejected(self, tenant_id: str, path: Path, problems: list[ConfigProblem]) -> None:
-        errors = [str(p) for p in problems]
-        if tenant_id in self._configs:
-            log.error(
-                "tenant_config_rejected",
-                tenant_id=tenant_id,
-                file=str(path),
-                errors=errors,
-                action="keeping the last good config",
-            )
-            return
-        self._broken[tenant_id] = problems
-        log.error(
-            "tenant_config_invalid",
-            tenant_id=tenant_id,
-            file=str(path),
-            errors=errors,
-            action="requests fail with tenant_config_invalid until the file is fixed",
-        )
+    def _rejected(self, path: Path, exc: TenantConfigError) -> None:
+        claimed = [path.stem]
+        if exc.declared_tenant_id is not None and exc.declared_tenant_id != path.stem:
+            claimed.append(exc.declared_tenant_id)
+        self._claims[path] = (claimed, exc.problems)
+        errors = [str(p) for p in exc.problems]
+        for tenant_id in claimed:
+            if tenant_id in self._configs:
+                log.error(
+                    "tenant_config_rejected",
+                    tenant_id=tenant_id,
+                    file=str(path),
+                    errors=errors,
+                    action="keeping the last good config",
+                )
+            else:
+                log.error(
+                    "tenant_config_invalid",
+                    tenant_id=tenant_id,
+                    file=str(path),
+                    errors=errors,
+                    action="requests fail with tenant_config_invalid until the file is fixed",
+                )

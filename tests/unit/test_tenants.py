@@ -121,10 +121,97 @@ def test_deleted_file_removes_the_tenant_while_the_directory_stays_healthy(tmp_p
     registry.refresh()
 
     path.unlink()
+    with capture_logs() as logs:
+        registry.refresh()
+    assert registry.get("acme") is not None  # gone once: perhaps an editor saving by rename
+    assert [e["event"] for e in logs] == ["tenant_file_missing"]
+
     registry.refresh()
 
     assert registry.get("acme") is None
+    assert registry.problems("acme") is None
     assert registry.healthy
+
+
+def test_a_file_saved_by_rename_never_takes_its_tenant_off_byoc(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    path = write(tmp_path, "acme", GOOD)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    registry.refresh()
+
+    # vim's default save: the old file renamed to a backup, then the new one written; a reload in between.
+    with capture_logs() as logs:
+        path.rename(tmp_path / "acme.toml~")
+        registry.refresh()
+        assert registry.get("acme") is not None
+        write(tmp_path, "acme", GOOD.replace("queue_and_retry", "fail_closed"))
+        registry.refresh()
+        registry.refresh()
+
+    config = registry.get("acme")
+    assert config is not None
+    assert config.fallback.policy is FallbackPolicy.FAIL_CLOSED
+    assert "tenant_removed" not in [e["event"] for e in logs]
+
+
+def test_a_misnamed_file_quarantines_the_tenant_it_declares(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    write(tmp_path, "acmee", GOOD.replace("queue_and_retry", "fail_closed"))  # a typo in the file name
+
+    with capture_logs() as logs:
+        registry.refresh()
+
+    assert registry.get("acme") is None
+    problems = registry.problems("acme")
+    assert problems is not None  # not "no BYOC config": acme's requests must not go to Atlas Cloud
+    assert "is 'acme' but the file is named 'acmee.toml'" in problems[0].message
+    assert registry.problems("acmee") is not None
+    assert {e["tenant_id"] for e in logs if e["event"] == "tenant_config_invalid"} == {"acme", "acmee"}
+
+
+def test_a_stray_file_declaring_a_tenant_keeps_it_quarantined_once_its_own_file_is_deleted(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    own = write(tmp_path, "acme", GOOD)
+    write(tmp_path, "acme-old", GOOD)  # also says tenant_id = "acme"
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    registry.refresh()
+    assert registry.get("acme") is not None  # its own file wins while it is there
+
+    own.unlink()
+    registry.refresh()
+    registry.refresh()
+
+    assert registry.get("acme") is None
+    assert registry.problems("acme") is not None  # which file is acme's? Not a question to answer by guessing
+
+
+def test_an_upper_case_extension_quarantines_its_tenant_with_the_fix(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    (tmp_path / "acme.TOML").write_text(GOOD)
+
+    registry.refresh()
+
+    problems = registry.problems("acme")
+    assert problems is not None
+    assert "rename it to acme.toml" in problems[0].message
+
+
+def test_other_files_in_the_directory_are_named_in_a_warning_once(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    (tmp_path / "acme.yaml").write_text("tenant_id: acme\n")
+    (tmp_path / ".acme.toml.swp").write_text("")  # dot names (editors, ConfigMaps) are not mentioned
+
+    with capture_logs() as logs:
+        registry.refresh()
+        registry.refresh()
+
+    assert [(e["event"], e["file"]) for e in logs if e["log_level"] == "warning"] == [
+        ("tenant_file_ignored", "acme.yaml")
+    ]
+    assert registry.get("acme") is None
 
 
 def test_the_last_tenant_leaves_byoc_only_with_the_marker(tmp_path: Path) -> None:
@@ -139,6 +226,7 @@ def test_the_last_tenant_leaves_byoc_only_with_the_marker(tmp_path: Path) -> Non
     assert NO_TENANTS_MARKER in registry.fault
 
     (tmp_path / NO_TENANTS_MARKER).touch()
+    registry.refresh()
     registry.refresh()
     assert registry.healthy
     assert registry.get("acme") is None
