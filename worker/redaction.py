@@ -1,7 +1,7 @@
 """The one redaction facility: masks secrets in every text that leaves the worker, by value, URL, shape and field.
 
-    by value   every secret this process has resolved (a tenant's keys, a draft's literal keys, the parts of a
-               service-account JSON key), exact match, raw and JSON-escaped
+    by value   every secret this process has resolved (a tenant's keys, the parts of a service-account JSON
+               key), exact match, raw and JSON-escaped; a draft's literal keys only while it is checked
     by URL     userinfo (`user:pass@`) and credential-looking query parameters (`?api-key=`, `&sig=`)
     by shape   PEM blocks, bearer/basic tokens, `sk-…` keys, AWS access key ids, JWTs, `password=…` pairs; and,
                in provider error text only, long key-like tokens
@@ -14,7 +14,9 @@ through here; nothing else masks secrets.
 import functools
 import re
 import threading
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -112,6 +114,33 @@ class KnownSecrets:
 
 
 known_secrets = KnownSecrets()
+# A draft's own secrets (Test Connection from a message), masked only in what is written while it is checked.
+_draft_secrets: ContextVar[KnownSecrets | None] = ContextVar("draft_secrets", default=None)
+DRAFT_SECRETS_LIMIT = 64  # a draft names a handful; more would be a publisher's attempt to slow every scrub
+
+
+def remember_secret(value: str) -> None:
+    """Make a resolved secret known: process-wide, or inside `draft_secrets` only to the draft's own check."""
+    (_draft_secrets.get() or known_secrets).remember(value)
+
+
+@contextmanager
+def draft_secrets() -> Iterator[None]:
+    """Secrets resolved inside (and in the tasks and threads started from inside) are masked in every text
+    written inside, and forgotten after. A draft comes from a message: were its literal values made known
+    process-wide, any publisher could evict the tenants' real keys from the list, make the worker mask
+    ordinary words in every log line and dead letter, and slow every scrub with thousands of values."""
+    token = _draft_secrets.set(KnownSecrets(limit=DRAFT_SECRETS_LIMIT))
+    try:
+        yield
+    finally:
+        _draft_secrets.reset(token)
+
+
+def _scrub_known(text: str) -> str:
+    text = known_secrets.scrub(text)
+    scoped = _draft_secrets.get()
+    return text if scoped is None else scoped.scrub(text)
 
 
 def _secret_parts(value: str) -> list[str]:
@@ -148,12 +177,12 @@ def redact_text(text: str) -> str:
     # Only ASCII is lowered here exactly as the rules' IGNORECASE matches it (Unicode folds more, e.g. "ſ" ~ "s").
     if text.isascii() and _SHAPE_NEEDLES.search(text.lower()) is None:
         # Masking puts in only "*", which no needle has, so no rule can apply after it either.
-        return known_secrets.scrub(text)
+        return _scrub_known(text)
     return _redact_text_fully(text)
 
 
 def _redact_text_fully(text: str) -> str:
-    text = redact_url(known_secrets.scrub(text))
+    text = redact_url(_scrub_known(text))
     for pattern, replacement in _SHAPES:
         text = pattern.sub(replacement, text)
     return text
@@ -262,7 +291,7 @@ def _strip_leaf(value: Any, field: str) -> Any:
 
 def _strip_secrets(text: str) -> str:
     """Known secret values and PEM blocks masked in a text, nothing else."""
-    return PEM_BLOCK.sub(PEM_MASKED, known_secrets.scrub(text))
+    return PEM_BLOCK.sub(PEM_MASKED, _scrub_known(text))
 
 
 def redact_log_event(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:

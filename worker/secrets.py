@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from worker.errors import ErrorClass, ProviderError
-from worker.redaction import known_secrets
+from worker.redaction import remember_secret
 
 REFERENCE_PREFIXES = ("env:", "file:")
 
@@ -27,7 +27,7 @@ def is_reference(secret: SecretStr) -> bool:
 def resolve_secret(secret: SecretStr) -> str:
     """The secret's value. A reference that cannot be resolved is an auth error naming the reference."""
     value = _resolve(secret.get_secret_value())
-    known_secrets.remember(value)
+    remember_secret(value)
     return value
 
 

@@ -209,3 +209,46 @@ async def test_stored_tenant_with_an_unset_variable_is_not_reported_reachable(
     assert [(c.requirement, c.status) for c in report.checks] == [("secrets", "fail")]
     assert "environment variable ATLAS_TEST_UNSET_KEY" in (report.checks[0].fix or "")
     assert fake_openai.requests == []
+
+
+@pytest.fixture
+async def draft_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
+    """A worker whose drafts may reach the loopback fakes (a range the operator allows, as a private one)."""
+    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=("127.0.0.0/8",)))
+    yield running
+    await running.stop()
+
+
+async def test_a_drafts_literal_key_is_masked_in_its_own_report_and_nowhere_else(
+    client: BrokerClient,
+    draft_worker: RunningWorker,
+    fake_openai: FakeOpenAI,
+    capsys: pytest.CaptureFixture[str],
+    restore_logging: None,
+) -> None:
+    configure_logging("info", cache=False)  # the worker's own JSON lines, written to the captured stderr
+    fake_openai.quote_refused_key = True
+    # A publisher's "key" that is another tenant's id: were it made a known secret process-wide, the worker
+    # would mask that tenant's id in every later log line and dead letter.
+    draft = {"kind": "openai_compatible", "base_url": fake_openai.base_url, "model": "m", "api_key": "globex-prod"}
+
+    tested, tested_raw = await ask(
+        client, {"request_id": "tc-words", "tenant_id": "newco", "task": "test_connection", "provider": draft}
+    )
+    check_logs = capsys.readouterr().err
+    later, _ = await ask(client, {"request_id": "later", "tenant_id": "globex-prod", "task": "no-such-task"})
+    await wait_for_dead_letters(client, 1)
+    [(headers, parked)] = await dead_letters(client)
+    later_logs = capsys.readouterr().err
+
+    assert tested.result is not None
+    assert tested.result.connection is not None
+    assert tested.result.connection.verdict == "not_ready"
+    assert "Incorrect API key provided: ***" in tested_raw.decode()
+    assert b"globex-prod" not in tested_raw
+    assert '"request_id":"tc-words"' in check_logs
+    assert "globex-prod" not in check_logs
+    assert later.tenant_id == "globex-prod"
+    assert orjson.loads(parked)["tenant_id"] == "globex-prod"  # the dead letter is the request as it came
+    assert Header.REDACTED not in headers
+    assert '"tenant_id":"globex-prod"' in later_logs

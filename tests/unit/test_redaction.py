@@ -1,16 +1,19 @@
 """The redaction facility: secrets masked by value, URL and shape, in text, message bodies and log lines."""
 
+import asyncio
 import logging
 
 import orjson
 import pytest
 import structlog
+from pydantic import SecretStr
 
 from tests.fakes.vertex_server import new_key, service_account_json
 from worker.log import configure_logging
 from worker.redaction import (
     MASK,
     KnownSecrets,
+    draft_secrets,
     known_secrets,
     redact,
     redact_body,
@@ -18,6 +21,7 @@ from worker.redaction import (
     redact_text,
     redact_url,
 )
+from worker.secrets import resolve_secret
 
 SERVICE_ACCOUNT = service_account_json(new_key(), "http://127.0.0.1:9/token")
 PRIVATE_KEY = orjson.loads(SERVICE_ACCOUNT)["private_key"]
@@ -47,6 +51,41 @@ def test_the_oldest_secrets_are_forgotten_beyond_the_limit() -> None:
     for value in ("first-secret-1", "second-secret-2", "third-secret-3"):
         secrets.remember(value)
     assert secrets.scrub("first-secret-1 third-secret-3") == f"first-secret-1 {MASK}"
+
+
+async def test_a_drafts_secrets_are_masked_while_it_is_checked_then_forgotten() -> None:
+    async def write(text: str) -> str:
+        await asyncio.sleep(0)
+        return redact_text(text)
+
+    gate = asyncio.Event()
+
+    async def another_delivery() -> str:  # started before the check, writing while it runs
+        await gate.wait()
+        return redact_text("other: draft-literal-key-42")
+
+    other = asyncio.create_task(another_delivery())
+    with draft_secrets():
+        resolve_secret(SecretStr("draft-literal-key-42"))
+        inside = [
+            redact_text("here: draft-literal-key-42"),
+            await asyncio.create_task(write("task: draft-literal-key-42")),
+            await asyncio.to_thread(redact_text, "thread: draft-literal-key-42"),
+        ]
+        gate.set()
+        elsewhere = await other
+
+    assert inside == [f"here: {MASK}", f"task: {MASK}", f"thread: {MASK}"]
+    assert elsewhere == "other: draft-literal-key-42"
+    assert redact_text("after: draft-literal-key-42") == "after: draft-literal-key-42"
+    assert known_secrets.scrub("draft-literal-key-42") == "draft-literal-key-42"
+
+
+async def test_a_draft_cannot_fill_the_scope_it_is_checked_in() -> None:
+    with draft_secrets():
+        for n in range(1000):
+            resolve_secret(SecretStr(f"flooded-value-{n:04}"))
+        assert redact_text("flooded-value-0000 flooded-value-0999") == f"flooded-value-0000 {MASK}"
 
 
 @pytest.mark.parametrize(

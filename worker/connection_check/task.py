@@ -2,7 +2,10 @@
 
 import time
 
-from contracts import ErrorInfo, InferenceRequest, Provenance, ReplyResult, Status, Usage
+import structlog
+
+from contracts import ConnectionReport, ErrorInfo, InferenceRequest, Provenance, ReplyResult, Status, Usage
+from contracts.tenant import ProviderSettings
 from worker.connection_check.guard import ConfigRefused
 from worker.connection_check.probes import check_connection, check_draft_from_message, stored_timeout_s
 from worker.handling import replies
@@ -10,6 +13,9 @@ from worker.handling.outcome import DeliveryContext, Outcome, Reply
 from worker.handling.route import TenantLookup
 from worker.providers.egress import EgressPolicy
 from worker.providers.pool import ProviderPool
+from worker.redaction import draft_secrets
+
+log = structlog.get_logger("worker.connection_check")
 
 
 async def answer_test_connection(
@@ -31,7 +37,7 @@ async def answer_test_connection(
         return Reply(replies.reply(ids, ctx, Status.FAILED, error=error))
     try:
         if request.provider is not None:
-            report = await check_draft_from_message(request.provider, draft_egress)
+            report = await _check_draft(request.provider, draft_egress)
         elif tenant is not None:
             report = await check_connection(tenant.provider, providers.build, stored_timeout_s(tenant))
         else:
@@ -53,3 +59,21 @@ async def answer_test_connection(
             provider_ms=(time.monotonic() - started) * 1000,
         )
     )
+
+
+async def _check_draft(settings: ProviderSettings, draft_egress: EgressPolicy) -> ConnectionReport:
+    """A draft from the message, its literal keys masked in whatever is written while it is checked (and only
+    then: `draft_secrets`). An unexpected error is logged here, where its text is still masked, and passed on
+    without that text."""
+    with draft_secrets():
+        try:
+            return await check_draft_from_message(settings, draft_egress)
+        except ConfigRefused:
+            raise
+        except Exception as exc:
+            log.exception("test_connection_failed")
+            raise DraftCheckFailed(f"checking the draft failed: {type(exc).__name__}") from None
+
+
+class DraftCheckFailed(Exception):
+    """A draft's check failed unexpectedly; its message never holds the error's own text (the draft's keys)."""
