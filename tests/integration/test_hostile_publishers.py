@@ -96,6 +96,32 @@ async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_
     assert reconnects == []
 
 
+async def test_oversized_worker_headers_beside_a_forged_x_death_do_not_drop_the_connection(scene: Scene) -> None:
+    await scene.tenant("acme")
+    reconnects = count_reconnects(scene.running)
+    # Without a header key, a forged x-death makes the worker believe its own headers, and it carries believed
+    # headers onto its copies whole: 120 KB of them, plus what the worker adds, would pass frame_max.
+    forged_death = [{"queue": scene.client.topology.retry_queue(0), "reason": "expired", "count": 1}]
+    padded = {
+        Header.FIRST_FAILURE_AT: "2" * 40_000,
+        Header.ORIGINAL_EXCHANGE: "e" * 40_000,
+        Header.ORIGINAL_ROUTING_KEY: "k" * 40_000,
+        "x-death": forged_death,
+    }
+    # Unknown task: dead-lettered at once, a copy with the believed headers and the worker's failure headers.
+    await scene.send({"request_id": "padded", "tenant_id": "acme", "task": "no-such-task"}, headers=padded)
+    await scene.send(samples.request("acme", request_id="after"))
+
+    left = await scene.leftovers()
+    [dead] = left.dead
+
+    assert sorted(json_body(m)["status"] for m in left.replies) == ["ok", "rejected"]
+    assert dead.headers[Header.REASON] == "malformed"
+    assert dead.headers[Header.ORIGINAL_EXCHANGE] == scene.client.topology.requests  # its own, not the forged one
+    assert len(str(dead.headers[Header.FIRST_FAILURE_AT])) < 64
+    assert reconnects == []
+
+
 @pytest.mark.parametrize("attempts", [2**63 - 1, -(2**63), -5, True, "3", 2.5])
 async def test_attempts_header_out_of_range_or_of_the_wrong_type_never_loops_the_message(
     scene: Scene, attempts: Any

@@ -20,8 +20,10 @@ from pydantic import SecretStr
 
 from contracts import Header, Topology
 from worker.broker.headers import latest_death, read_text
+from worker.broker.limits import ERROR_MESSAGE_LIMIT, SHORT_HEADER_CHARS
 from worker.errors import ProviderError
 from worker.exit_codes import ExitCode, StartupError
+from worker.handling.history import HISTORY_MAX_BYTES
 from worker.secrets import resolve_secret
 
 # The worker's headers that change what it does with a request, or that claim where it came from.
@@ -46,6 +48,10 @@ VOUCHED: Final = (
     # The request's failed tries: a forged one on a fresh publish would tell the operator a false story.
     Header.HISTORY,
 )
+# The longest value the worker itself writes under each of them. A copy carries believed headers whole, so a
+# longer one (forged beside an `x-death`, without a header key) is not believed: 17 of them could otherwise fill
+# the copy's content-header frame past the broker's frame_max, which closes the worker's whole connection.
+VALUE_LIMITS: Final = {Header.HISTORY: HISTORY_MAX_BYTES, Header.ERROR_MESSAGE: ERROR_MESSAGE_LIMIT}
 MIN_KEY_BYTES: Final = 16
 
 
@@ -76,7 +82,7 @@ class HeaderTrust:
     def believed(self, headers: Mapping[str, Any] | None, request_id: str | None) -> dict[str, Any]:
         """The vouched-for headers of a delivery; an empty dict for a fresh (or forged) one."""
         headers = headers or {}
-        present = {name: headers[name] for name in VOUCHED if name in headers}
+        present = {name: headers[name] for name in VOUCHED if name in headers and _could_be_ours(name, headers[name])}
         if not present or request_id is None:
             return {}
         if self._key is None:
@@ -115,3 +121,10 @@ class HeaderTrust:
             and queue.removeprefix(self._retry_prefix).isdigit()
             and reason == "expired"
         )
+
+
+def _could_be_ours(name: str, value: Any) -> bool:
+    """A count, or a text no longer than the worker writes under this header."""
+    if isinstance(value, int):
+        return not isinstance(value, bool)
+    return isinstance(value, str) and len(value) <= VALUE_LIMITS.get(name, SHORT_HEADER_CHARS)

@@ -21,6 +21,11 @@ HEADER_BUDGET_BYTES: Final = 96 * 1024
 # so a count plus one can always be written back.
 MAX_COUNT: Final = 1_000_000
 _TABLE_LENGTH_BYTES: Final = 4
+# Error text the worker writes into a copy's headers is cut to this many characters.
+ERROR_MESSAGE_LIMIT: Final = 1000
+# The longest value the worker writes under one of its own short headers (timestamps, exchange and routing-key
+# names, which AMQP caps at 255 bytes, tenant ids, codes and kinds).
+SHORT_HEADER_CHARS: Final = 255
 
 
 def encoded_size(name: str, value: Any) -> int | None:

@@ -15,7 +15,7 @@ from worker.broker.acks import ACK_TIMEOUT_S, Acknowledger
 from worker.broker.copies import copy_body, copy_properties, lineage_headers, publisher_headers
 from worker.broker.header_trust import HeaderTrust
 from worker.broker.headers import read_count
-from worker.broker.limits import MAX_BODY_BYTES, bounded_headers
+from worker.broker.limits import ERROR_MESSAGE_LIMIT, MAX_BODY_BYTES, bounded_headers
 from worker.broker.publish import PERSISTENT, Properties, publish
 from worker.handling import history
 from worker.handling.outcome import (
@@ -36,7 +36,6 @@ log = structlog.get_logger("worker.broker.settle")
 audit = structlog.get_logger("worker.audit")
 
 PUBLISH_TIMEOUT_S = 30.0
-ERROR_MESSAGE_LIMIT = 1000
 SETTLE_SPAN: Final = {"messaging.system": "rabbitmq", "messaging.operation.type": "settle"}
 # A reply the broker refuses (a nack: the caller's reply queue is full, `x-overflow: reject-publish`) is published
 # again after each of these waits. Put back on the queue instead, the request would be answered anew at each
