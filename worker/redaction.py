@@ -41,7 +41,9 @@ CREDENTIAL_QUERY_PARAMETER = re.compile(
 )
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
 PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
-_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@?#\"']+@", re.IGNORECASE)
+# Tried only where a run of scheme characters starts: tried at every letter, a long run of them with no "://"
+# would be scanned again from each one (quadratic: 30 s for 64 KiB of a provider's error text).
+_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s@?#\"']+@", re.IGNORECASE)
 _URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&#\s\"']+)=([^&#\s\"']*)")
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (PEM_BLOCK, PEM_MASKED),
@@ -264,6 +266,19 @@ def redact_body(body: bytes) -> bytes | None:
 
 
 _TOO_DEEP_TO_WRITE = b""
+# In JSON text: a string under a secret-looking key (`"api_key": "…"`), for text that cannot be parsed.
+_JSON_SECRET_FIELD = re.compile(
+    rf'(?P<key>"[^"\\]*(?:{SECRET_FIELD.pattern})[^"\\]*"\s*:\s*")(?:[^"\\]|\\.)*(?P<end>"|\Z)', re.IGNORECASE
+)
+
+
+def redact_cut_body(prefix: bytes) -> bytes | None:
+    """The prefix of a body cut at the size limit, masked with every rule, or None when it holds nothing to
+    mask. Cut, it is no longer JSON, so a draft's keys cannot be found by field, and it can no longer be
+    replayed, so nothing is lost by masking as much as provider error text is; undecodable bytes are kept."""
+    text = prefix.decode("utf-8", "surrogateescape")
+    masked = _JSON_SECRET_FIELD.sub(rf"\g<key>{MASK}\g<end>", redact_provider_text(text))
+    return masked.encode("utf-8", "surrogateescape") if masked != text else None
 
 
 def _masked_json(data: dict[str, Any]) -> bytes | None:

@@ -67,6 +67,23 @@ async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_heade
     assert dead.headers[Header.ERROR_CODE] == "body_too_large"
 
 
+async def test_an_oversized_draft_is_dead_lettered_as_a_prefix_with_its_keys_masked(scene: Scene) -> None:
+    draft = {"kind": "openai_compatible", "base_url": "https://llm.example", "model": "m", "api_key": "lit-key-1"}
+    request = {"request_id": "huge-draft", "tenant_id": "newco", "task": "test_connection", "provider": draft}
+    body = orjson.dumps(request)[:-1] + b', "padding": "' + b"x" * MAX_BODY_BYTES  # cut short: not JSON either
+
+    await scene.client.publish_request(body, reply_to=scene.replies.name, correlation_id="huge-draft")
+    await scene.settled(None)
+
+    [dead] = (await scene.leftovers()).dead
+    assert len(dead.body) <= DEAD_LETTER_BODY_PREFIX_BYTES
+    assert b"lit-key-1" not in dead.body
+    assert b'"api_key":"***"' in dead.body
+    assert b'"base_url":"https://llm.example"' in dead.body  # what is not secret stays readable
+    assert dead.headers[Header.REDACTED] is True
+    assert dead.headers[Header.BODY_TRUNCATED] is True
+
+
 def big_headers(total_bytes: int) -> dict[str, Any]:
     """Publisher headers that together come close to the 128 KiB frame: the publish itself still fits."""
     piece = 16 * 1024

@@ -1,5 +1,6 @@
 """Message copies: a delivery republished (retry, deferral, reroute, dead letter, replay) with new headers."""
 
+import asyncio
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -11,9 +12,10 @@ from contracts import Header
 from worker.broker.headers import Headers, read_count
 from worker.broker.limits import bounded_body
 from worker.broker.publish import PERSISTENT, Properties
-from worker.redaction import redact_body
+from worker.redaction import redact_body, redact_cut_body
 
 ATLAS_PREFIX: Final = "atlas-"
+MASK_ON_LOOP_BYTES: Final = 64 * 1024  # a dead letter's body bigger than this is masked on a thread
 # Informational headers `dlq replay` writes; they change nothing the worker does, so they travel on.
 PASSED_ON: Final = frozenset({Header.REPLAYS, Header.REPLAYED_AT})
 # Headers that describe a past failure: a replayed request starts clean (attempts too, unless kept).
@@ -71,14 +73,23 @@ def copy_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -
     return Properties(headers=headers, delivery_mode=PERSISTENT, **copied)
 
 
-def copy_body(body: bytes, limit: int, *, dead_letter: bool) -> tuple[bytes, dict[str, Any]]:
+async def copy_body(body: bytes, limit: int, *, dead_letter: bool) -> tuple[bytes, dict[str, Any]]:
     """The body a copy carries and the headers that say how it differs from the original: cut to a prefix
-    when over `limit`, and for a dead letter (read by operators, kept for days) a draft's literal keys masked."""
-    extra: dict[str, Any] = {}
-    if dead_letter and (masked := redact_body(body)) is not None:
-        body, extra[Header.REDACTED] = masked, True
+    when over `limit`, and for a dead letter (read by operators, kept for days) its secrets masked.
+
+    A body over the limit is cut before anything reads it (it can be as large as the broker allows), and its
+    prefix, which can be neither parsed nor replayed, is masked as text. A whole body is masked as JSON, which
+    takes time in proportion to its items (seconds for 4 MiB of them): a large one is masked off the loop."""
     body, cut = bounded_body(body, limit)
-    return body, extra | cut
+    if not dead_letter:
+        return body, cut
+    if cut:
+        masked: bytes | None = redact_cut_body(body)
+    elif len(body) > MASK_ON_LOOP_BYTES:
+        masked = await asyncio.to_thread(redact_body, body)
+    else:
+        masked = redact_body(body)
+    return (body, cut) if masked is None else (masked, cut | {Header.REDACTED: True})
 
 
 def publisher_headers(headers: Headers) -> dict[str, Any]:

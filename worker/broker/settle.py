@@ -313,7 +313,7 @@ class Settler:
         """Republish the original body and properties with extra headers. The body is otherwise never changed,
         only cut to a prefix when it is over the size limit (and masked in a dead letter); publisher headers
         are left off when they would not fit."""
-        body, about_body = copy_body(delivery.body, self._max_body_bytes, dead_letter=dead_letter)
+        body, about_body = await copy_body(delivery.body, self._max_body_bytes, dead_letter=dead_letter)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         ours = {
             **self.trust.believed(delivery.headers, ids.request_id),
