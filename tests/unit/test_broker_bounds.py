@@ -156,12 +156,13 @@ async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str],
 @pytest.mark.parametrize("redelivered", [False, True])
 def test_a_first_delivery_reads_as_no_attempts_and_a_vouched_one_reads_every_header(redelivered: bool) -> None:
     received = Received(12.5, datetime(2026, 12, 2, tzinfo=UTC))
-    message = cast(Any, SimpleNamespace(redelivered=redelivered))
+    message = cast(Any, SimpleNamespace(redelivered=redelivered, body=b"{}"))
     assert delivery_context(message, {}, received) == DeliveryContext(
         attempts=0,
         received_at=received.at,
         received_monotonic=12.5,
         redeliveries=int(redelivered),
+        body_bytes=2,
     )
     believed = {
         Header.ATTEMPTS: 2,

@@ -102,7 +102,10 @@ class Received:
 def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any], received: Received) -> DeliveryContext:
     """What the delivery says beyond its body, from the worker's own headers that `HeaderTrust` vouches for."""
     if not believed:  # a first delivery (or none of its headers vouched for): every reader below finds nothing
-        return DeliveryContext(0, received.at, received.monotonic, redeliveries=int(bool(message.redelivered)))
+        redelivered = int(bool(message.redelivered))
+        return DeliveryContext(
+            0, received.at, received.monotonic, redeliveries=redelivered, body_bytes=len(message.body)
+        )
     return DeliveryContext(
         attempts=read_count(believed, Header.ATTEMPTS),
         received_at=received.at,
@@ -112,6 +115,7 @@ def delivery_context(message: AbstractIncomingMessage, believed: dict[str, Any],
         settle_seq=read_count(believed, Header.SETTLE_SEQ),
         redeliveries=read_count(believed, Header.REDELIVERIES) + bool(message.redelivered),
         history=read_history(believed),
+        body_bytes=len(message.body),
     )
 
 

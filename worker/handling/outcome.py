@@ -29,6 +29,7 @@ class DeliveryContext:
     settle_seq: int = 0  # times a worker put it back on the ladder, from our header
     redeliveries: int = 0  # broker redeliveries in its history, this delivery's included
     history: tuple[AttemptRecord, ...] = ()  # its failed tries so far, from our header
+    body_bytes: int = 0  # the request body's size, which bounds how long its prompt takes to render
 
 
 class MalformedCode(StrEnum):
