@@ -77,6 +77,14 @@ async def test_a_refused_password_is_one_line_that_does_not_echo_it(amqp_url: st
     assert "not-the-password-0b7f" not in result.output
 
 
+async def test_publisher_rules_without_a_known_worker_user_are_refused_at_start(tenants_dir: Path) -> None:
+    url = "amqps://127.0.0.1:5671/?auth=external"  # the user is the client certificate's, unknown to the worker
+
+    result = await run_worker(tenants_dir, "--publisher", "incident-api=acme", amqp_url=url)
+
+    assert_one_line_error(result, ExitCode.USAGE, "--publisher", "AMQP_URL")
+
+
 async def test_metrics_port_in_use_is_one_line_with_its_own_exit_code(
     tenants_dir: Path, held_port: int, closed_port: int
 ) -> None:
