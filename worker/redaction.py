@@ -39,7 +39,9 @@ CREDENTIAL_QUERY_PARAMETER = re.compile(
 )
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
 PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
-_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@?#\"']+@", re.IGNORECASE)
+# The userinfo runs to the authority's last '@' (the authority ends at '/', '?', '#', a space or a quote), as
+# urllib and yarl split it: a password may hold '@' unescaped, and stopping at the first would print its tail.
+_URL_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s?#\"']+@", re.IGNORECASE)
 _URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&#\s\"']+)=([^&#\s\"']*)")
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (PEM_BLOCK, PEM_MASKED),
