@@ -2,7 +2,9 @@
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from urllib.parse import urlparse
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from yarl import URL
 
 from contracts import REQUEST_ROUTING_KEY, Topology
 
@@ -142,3 +145,32 @@ async def delete_namespace(url: str, topology: Topology, extra_exchanges: tuple[
             await channel.exchange_delete(name)
     finally:
         await connection.close()
+
+
+@dataclass(frozen=True)
+class AmqpUser:
+    """An AMQP user of its own on the test broker, as a publishing service other than the worker would have."""
+
+    name: str
+    url: str
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def add_user(amqp_url: str) -> AmqpUser | None:
+    """A new user with every permission on the URL's vhost, made with `rabbitmqctl`: None when this broker is
+    not local or the tool is missing (AMQP itself cannot create users)."""
+    url = URL(amqp_url)
+    if url.host not in ("127.0.0.1", "localhost") or shutil.which("rabbitmqctl") is None:
+        return None
+    name, password = f"atlas-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    vhost = url.path[1:] or "/"
+    _rabbitmqctl("add_user", name, password)
+    _rabbitmqctl("set_permissions", "-p", vhost, name, ".*", ".*", ".*")
+    return AmqpUser(name, str(url.with_user(name).with_password(password)))
+
+
+def delete_user(user: AmqpUser) -> None:
+    _rabbitmqctl("delete_user", user.name)

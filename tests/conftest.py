@@ -13,7 +13,7 @@ import pytest
 import structlog
 
 from contracts import Topology
-from tests.broker import BrokerClient, broker_client, delete_namespace, find_broker
+from tests.broker import AmqpUser, BrokerClient, add_user, broker_client, delete_namespace, delete_user, find_broker
 from tests.fakes.openai_server import FakeOpenAI
 from worker.app import WorkerApp
 from worker.handling.ladder import RetryLadder
@@ -66,6 +66,19 @@ def amqp_url() -> Iterator[str]:
     yield url
     if container is not None:
         container.stop()
+
+
+@pytest.fixture(scope="session")
+def other_user(amqp_url: str) -> Iterator[AmqpUser]:
+    """A publisher's own AMQP user, not the worker's (skips locally where it cannot be made, fails in CI)."""
+    user = add_user(amqp_url)
+    if user is None:
+        message = "cannot add an AMQP user: the broker is not local or rabbitmqctl is missing"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield user
+    delete_user(user)
 
 
 @pytest.fixture

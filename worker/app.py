@@ -10,6 +10,7 @@ import structlog
 from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy, InferenceRequest
+from worker.broker.amqp_url import login_user
 from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
@@ -145,6 +146,14 @@ class WorkerApp:
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
+        worker_user = login_user(settings.amqp_url)
+        if settings.publishers.users and worker_user is None:
+            # Its own retries and replays could not be told from a stranger's: every one would be refused.
+            raise StartupError(
+                ExitCode.USAGE,
+                "--publisher rules need the worker's own AMQP user: with auth=external, name it in AMQP_URL "
+                "(amqps://USER@HOST/?auth=external)",
+            )
         async with AsyncExitStack() as stack:
             if settings.metrics_port is not None:
                 # First, so liveness answers while the broker connection is still being made.
@@ -175,7 +184,7 @@ class WorkerApp:
             channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
             stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
-            self.consumer = self._consumer(channels, providers, tracing, header_key)
+            self.consumer = self._consumer(channels, providers, tracing, header_key, worker_user)
             if settings.freeze_heap:
                 freeze_heap()  # everything is imported and built; what follows is per request
             await self.consumer.start()
@@ -223,7 +232,12 @@ class WorkerApp:
         return Router(self.registry, Handler(providers, self.settings.ladder, tracing), test_connection)
 
     def _consumer(
-        self, channels: WorkerChannels, providers: ProviderPool, tracing: Tracing, header_key: bytes | None
+        self,
+        channels: WorkerChannels,
+        providers: ProviderPool,
+        tracing: Tracing,
+        header_key: bytes | None,
+        worker_user: str | None,
     ) -> Consumer:
         """The message path, wired: consumer → handler → providers, and the settler behind them."""
         settings = self.settings
@@ -232,6 +246,7 @@ class WorkerApp:
             channels.publish,
             settings.topology,
             settings.atlas_cloud_exchange,
+            worker_user=worker_user,
             trust=HeaderTrust(settings.topology, header_key),
             max_body_bytes=settings.max_body_bytes,
             tracing=tracing,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from worker import runtime
+from worker.broker.amqp_url import amqp_url_problem
 from worker.broker.publishers import PublisherRules
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
@@ -486,12 +487,21 @@ def _log_as_json(log_format: str | None) -> bool:
     return log_format == "json" if log_format else not sys.stderr.isatty()
 
 
+def _check_amqp_url(args: argparse.Namespace) -> None:
+    """Before any command uses the broker URL: one that does not parse would fail deep in the AMQP library, with a
+    traceback quoting the part of the password it took for a port."""
+    url = getattr(args, "amqp_url", None)
+    if url is not None and (problem := amqp_url_problem(url)) is not None:
+        raise StartupError(ExitCode.USAGE, f"{problem} (from --amqp-url or AMQP_URL)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(
         getattr(args, "log_level", LOG_LEVEL_DEFAULT), json=_log_as_json(getattr(args, "log_format", None))
     )
     try:
+        _check_amqp_url(args)
         code: int = args.func(args)
     except StartupError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

@@ -41,9 +41,11 @@ CREDENTIAL_QUERY_PARAMETER = re.compile(
 )
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
 PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
+# The userinfo runs to the authority's last '@' (the authority ends at '/', '?', '#', a space or a quote), as
+# urllib and yarl split it: a password may hold '@' unescaped, and stopping at the first would print its tail.
 # Tried only where a run of scheme characters starts: tried at every letter, a long run of them with no "://"
 # would be scanned again from each one (quadratic: 30 s for 64 KiB of a provider's error text).
-_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s@?#\"']+@", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s?#\"']+@", re.IGNORECASE)
 _URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&#\s\"']+)=([^&#\s\"']*)")
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (PEM_BLOCK, PEM_MASKED),

@@ -7,9 +7,12 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from worker.errors import ErrorClass, ProviderError
+from worker.files import FileRefused, read_regular_file
 from worker.redaction import remember_secret
 
 REFERENCE_PREFIXES = ("env:", "file:")
+# Far above any key or service-account JSON; a `file:` reference to something bigger is a mistake, not a secret.
+MAX_SECRET_FILE_BYTES = 64 * 1024
 
 
 class SecretUnresolved(ProviderError):
@@ -41,9 +44,16 @@ def _resolve(value: str) -> str:
     if value.startswith("file:"):
         path = Path(value.removeprefix("file:"))
         try:
-            return path.read_text().strip()
+            # Read at each provider call, on the event loop: a FIFO or a huge file must not hold it.
+            raw = read_regular_file(path, MAX_SECRET_FILE_BYTES)
+        except FileRefused as refused:
+            raise SecretUnresolved(f"file {path}", f"secret file {path} {refused}") from None
         except OSError as exc:
             raise SecretUnresolved(f"file {path}", f"cannot read secret file {path}: {exc.strerror}") from exc
+        try:
+            return raw.decode().strip()
+        except UnicodeDecodeError:
+            raise SecretUnresolved(f"file {path}", f"secret file {path} is not UTF-8 text") from None
     return value
 
 
@@ -55,6 +65,8 @@ def reference_status(secret: SecretStr) -> str:
         return f"{value}: set" if os.environ.get(name) else f"{value}: NOT SET in this environment"
     if value.startswith("file:"):
         path = Path(value.removeprefix("file:"))
+        if path.exists() and not path.is_file():
+            return f"{value}: NOT A REGULAR FILE here"
         if not path.is_file():
             return f"{value}: no such file here"
         return f"{value}: readable" if os.access(path, os.R_OK) else f"{value}: NOT READABLE here"

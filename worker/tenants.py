@@ -8,7 +8,6 @@ registry keeps every last-good config, says so in `fault`, and the app stops con
 import difflib
 import os
 import re
-import stat
 import tomllib
 import typing
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from contracts import TenantConfig
 from contracts._base import TENANT_ID_PATTERN
+from worker.files import FileRefused, read_regular_file
 from worker.secrets import REFERENCE_PREFIXES
 
 log = structlog.get_logger("worker.tenants")
@@ -143,26 +143,14 @@ def parse_tenant_config(data: dict[str, Any], path: Path) -> TenantConfig:
     return config
 
 
-def _read_regular_file(path: Path) -> bytes:
-    # O_NONBLOCK and the fstat check: a FIFO or device named `x.toml` is refused instead of blocking the worker.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise TenantConfigError([ConfigProblem(path, "", "is not a regular file")])
-        with os.fdopen(fd, "rb", closefd=False) as handle:
-            raw = handle.read(MAX_TENANT_FILE_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_TENANT_FILE_BYTES:
-        raise TenantConfigError([ConfigProblem(path, "", f"is larger than {MAX_TENANT_FILE_BYTES} bytes")])
-    return raw
-
-
 def load_tenant_file(path: Path) -> TenantConfig:
     """Read and validate `<tenant_id>.toml`: the one validator behind `run`, reload, `tenants validate` and
     `test-connection --config`. Any fault of the file (unreadable, not UTF-8, not TOML, invalid) is an error."""
     try:
-        raw = _read_regular_file(path)
+        # A FIFO or device named `x.toml` is refused instead of blocking the worker.
+        raw = read_regular_file(path, MAX_TENANT_FILE_BYTES)
+    except FileRefused as refused:
+        raise TenantConfigError([ConfigProblem(path, "", str(refused))]) from None
     except OSError as exc:
         raise TenantConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror or exc}")]) from None
     try:

@@ -77,6 +77,42 @@ async def test_a_refused_password_is_one_line_that_does_not_echo_it(amqp_url: st
     assert "not-the-password-0b7f" not in result.output
 
 
+@pytest.mark.parametrize("password", ["s3cr/tXYZ", "s3cr#tXYZ", "s3cr?tXYZ", "1234#tXYZ", "1234/tXYZ"])
+async def test_a_password_with_a_reserved_character_is_one_line_that_does_not_echo_it(
+    tenants_dir: Path, closed_port: int, password: str
+) -> None:
+    url = f"amqp://guest:{password}@127.0.0.1:{closed_port}/"
+
+    for result in (
+        await run_worker(tenants_dir, amqp_url=url),
+        await atlas_worker("dlq", "list", amqp_url=url),
+        await atlas_worker("topology", "declare", amqp_url=url),
+    ):
+        assert_one_line_error(result, ExitCode.USAGE, "percent-encode reserved characters in the password")
+        assert "s3cr" not in result.output
+        assert "tXYZ" not in result.output
+        assert "1234" not in result.output
+
+
+async def test_an_encoded_password_with_reserved_characters_reaches_the_broker(
+    tenants_dir: Path, closed_port: int
+) -> None:
+    url = f"amqp://guest:s3cr%2Ft%23X%40YZ@127.0.0.1:{closed_port}/"
+
+    result = await run_worker(tenants_dir, amqp_url=url)
+
+    assert_one_line_error(result, ExitCode.BROKER_UNREACHABLE, "cannot reach the broker", "amqp://***@127.0.0.1")
+    assert "s3cr" not in result.output
+
+
+async def test_publisher_rules_without_a_known_worker_user_are_refused_at_start(tenants_dir: Path) -> None:
+    url = "amqps://127.0.0.1:5671/?auth=external"  # the user is the client certificate's, unknown to the worker
+
+    result = await run_worker(tenants_dir, "--publisher", "incident-api=acme", amqp_url=url)
+
+    assert_one_line_error(result, ExitCode.USAGE, "--publisher", "AMQP_URL")
+
+
 async def test_metrics_port_in_use_is_one_line_with_its_own_exit_code(
     tenants_dir: Path, held_port: int, closed_port: int
 ) -> None:

@@ -13,13 +13,14 @@ import pytest
 
 from contracts import Header, Topology
 from tests import samples
-from tests.broker import BrokerClient, collect, drain_now, json_body
+from tests.broker import AmqpUser, BrokerClient, broker_client, collect, drain_now, json_body
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
 from tests.integration.test_tool_schemas import LAG_INTERVAL_S, MAX_LOOP_LAG_S, lag_samples
 from tests.ops.scrape import Samples, free_port, scrape
 from tests.scene import Scene, open_scene
+from worker.broker.amqp_url import login_user
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
 from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
 from worker.broker.publishers import PublisherRules
@@ -308,23 +309,32 @@ async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believe
 
 
 async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
-    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path, fake_openai: FakeOpenAI
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
 ) -> None:
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     write_tenant(tenants_dir, "globex", fake_openai.base_url)
-    rules = PublisherRules.parse(["guest=acme"], ["replies-*"])
-    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene:
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], ["replies-*"])
+    me = other_user.name
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
         replies = scene.replies
         victim = await client.channel.declare_queue(f"victim-{uuid.uuid4().hex[:8]}", exclusive=True)
-        await publish(client, samples.request("acme", request_id="allowed"), user_id="guest", reply_to=replies.name)
-        await publish(client, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
+        await publish(publisher, samples.request("acme", request_id="allowed"), user_id=me, reply_to=replies.name)
+        await publish(publisher, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
         await publish(
-            client, samples.request("globex", request_id="other-tenant"), user_id="guest", reply_to=replies.name
+            publisher, samples.request("globex", request_id="other-tenant"), user_id=me, reply_to=replies.name
         )
         await publish(
-            client,
+            publisher,
             samples.request("acme", request_id="injected"),
-            user_id="guest",
+            user_id=me,
             reply_to=victim.name,
             correlation_id="their-rpc",
         )
@@ -356,6 +366,198 @@ async def test_the_broker_refuses_a_user_id_that_is_not_the_connections_user(
             await exchange.publish(aio_pika.Message(b"{}", user_id="admin"), "request")
     finally:
         await running.stop()
+
+
+async def test_a_publisher_cannot_pass_for_the_worker_by_its_user_id(
+    amqp_url: str, topology: Topology, worker: RunningWorker, other_user: AmqpUser
+) -> None:
+    async with broker_client(other_user.url, topology) as publisher:
+        with pytest.raises(aio_pika.exceptions.ChannelPreconditionFailed):
+            await publish(publisher, samples.request("acme"), user_id=login_user(amqp_url))
+
+
+async def test_a_refused_publisher_is_refused_whatever_worker_headers_it_forges(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+) -> None:
+    write_tenant(tenants_dir, "globex", fake_openai.base_url, policy="queue_and_retry")
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
+    forged = {
+        Header.ATTEMPTS: 1,
+        Header.SETTLE_SEQ: 3,
+        Header.REPLAYS: 1,
+        Header.ORIGINAL_EXCHANGE: topology.requests,
+        "atlas-signature": {Header.ATTEMPTS: "00" * 32},
+        # What the broker writes when a retry level's TTL sends a worker's copy back.
+        "x-death": [
+            {"queue": topology.retry_queue(0), "reason": "expired", "count": 1, "exchange": topology.retry},
+        ],
+        "x-first-death-reason": "expired",
+    }
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
+        await publish(
+            publisher,
+            samples.request("globex", request_id="forged"),
+            user_id=other_user.name,
+            reply_to=scene.replies.name,
+            headers=forged,
+        )
+        await scene.settled("forged")
+        left = await scene.leftovers()
+
+    [reply] = [json_body(m) for m in left.replies]
+    assert reply["status"] == "rejected"
+    assert reply["error"]["code"] == "publisher_refused"
+    [dead] = left.dead
+    assert dead.headers[Header.REASON] == "publisher_refused"
+    assert fake_openai.requests == []
+    assert (left.retry, left.cloud) == ([], [])
+
+
+async def test_with_publisher_rules_a_request_retried_on_the_ladder_comes_back_and_is_answered(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3)
+    fake_openai.faults.append(Fault("server_error"))
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], ["replies-*"])
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
+        await publish(
+            publisher,
+            samples.request("acme", request_id="retried"),
+            user_id=other_user.name,
+            reply_to=scene.replies.name,
+            correlation_id="their-rpc",
+        )
+        await scene.settled("retried")
+        left = await scene.leftovers()
+
+    [message] = left.replies
+    reply = json_body(message)
+    assert (reply["status"], reply["provenance"]["attempts"]) == ("ok", 2)
+    assert message.correlation_id == "their-rpc"
+    [retry] = left.retry
+    assert retry.user_id == login_user(amqp_url)  # published as the worker, which the broker vouches for
+    assert retry.reply_to == scene.replies.name
+    assert (left.cloud, left.dead) == ([], [])
+
+
+async def test_with_publisher_rules_a_deferred_request_comes_back_and_is_answered(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+) -> None:
+    # One call at a time, each a second long: the second request finds the tenant busy and is deferred.
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed", max_concurrency=1)
+    fake_openai.latency_s = 1.0
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
+        for request_id in ("first", "second"):
+            body = samples.request("acme", request_id=request_id)
+            await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+        for request_id in ("first", "second"):
+            await scene.settled(request_id)
+        left = await scene.leftovers()
+
+    assert sorted((json_body(m)["request_id"], json_body(m)["status"]) for m in left.replies) == [
+        ("first", "ok"),
+        ("second", "ok"),
+    ]
+    assert left.retry, "nothing was deferred"
+    assert {m.user_id for m in left.retry} == {login_user(amqp_url)}
+    assert left.dead == []
+
+
+@pytest.mark.parametrize("replayer", ["worker", "listed publisher"])
+async def test_with_publisher_rules_a_replayed_dead_letter_is_answered(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+    replayer: str,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
+    fake_openai.always = Fault("server_error")  # the provider outage
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
+        body = samples.request("acme", request_id="outage")
+        await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+        await scene.settled("outage")
+        [failed] = await drain_now(scene.replies)
+        fake_openai.always = None  # the provider is back
+
+        replay_url = amqp_url if replayer == "worker" else other_user.url
+        replayed = await dlq(replay_url, topology, "replay", "outage")
+        assert replayed.code == 0, replayed.stderr
+        await scene.settled("outage")
+        left = await scene.leftovers()
+
+    assert json_body(failed)["status"] == "failed"
+    [reply] = [json_body(m) for m in left.replies]
+    assert (reply["request_id"], reply["status"]) == ("outage", "ok")
+    assert left.dead == []
+
+
+async def test_replay_leaves_a_refused_publishers_dead_letters_until_an_operator_names_them(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    write_tenant(tenants_dir, "globex", fake_openai.base_url)
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(other_user.url, topology) as publisher,
+    ):
+        body = samples.request("globex", request_id="not-theirs")
+        await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+        await scene.settled("not-theirs")
+        [refused] = await drain_now(scene.replies)
+
+        everything = await dlq(amqp_url, topology, "replay", "--all")
+        still = json.loads((await dlq(amqp_url, topology, "list", "--json")).stdout)
+        named = await dlq(amqp_url, topology, "replay", "not-theirs")
+        await scene.settled("not-theirs")
+        left = await scene.leftovers()
+
+    assert json_body(refused)["error"]["code"] == "publisher_refused"
+    assert everything.code == 0, everything.stderr
+    assert "replayed 0 dead letter(s)" in everything.stdout
+    assert "publisher_refused" in everything.stderr
+    assert [(r["request_id"], r["reason"]) for r in still] == [("not-theirs", "publisher_refused")]
+    # Named on purpose, it is the operator's request now: replayed as the worker's user, it is answered.
+    assert named.code == 0, named.stderr
+    assert [json_body(m)["status"] for m in left.replies] == ["ok"]
+    assert left.dead == []
 
 
 # --- 7: dead letters belong to the worker ----------------------------------------------------------------------

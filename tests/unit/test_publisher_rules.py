@@ -24,3 +24,38 @@ def test_no_rules_means_no_restriction() -> None:
 def test_a_malformed_rule_is_an_error(bad: str) -> None:
     with pytest.raises(ValueError, match="expected USER=TENANT"):
         PublisherRules.parse([bad], [])
+
+
+WORKER = "atlas-worker"
+
+
+def test_the_workers_own_copies_are_admitted_for_any_tenant() -> None:
+    rules = PublisherRules.parse(["svc-a=acme"], [])
+    # A retry, deferral or replay the worker published: the broker vouches that only its user could have.
+    assert rules.refusal(WORKER, "acme", None, worker_user=WORKER) is None
+    assert rules.refusal(WORKER, "initech", None, worker_user=WORKER) is None
+
+
+def test_the_workers_user_is_no_exemption_from_the_reply_to_patterns() -> None:
+    rules = PublisherRules.parse(["svc-a=acme"], ["replies-*"])
+    assert rules.refusal(WORKER, "acme", "replies-1", worker_user=WORKER) is None
+    assert rules.refusal(WORKER, "acme", "someone-elses-queue", worker_user=WORKER) is not None
+
+
+def test_listed_publishers_are_checked_as_before_beside_the_worker() -> None:
+    rules = PublisherRules.parse(["svc-a=acme"], [])
+    assert rules.refusal("svc-a", "acme", None, worker_user=WORKER) is None
+    assert rules.refusal("svc-a", "initech", None, worker_user=WORKER) is not None
+    assert rules.refusal("svc-b", "acme", None, worker_user=WORKER) is not None
+
+
+@pytest.mark.parametrize("user_id", [None, "", "Atlas-Worker", "atlas-worker "])
+def test_only_the_workers_exact_user_is_the_worker(user_id: str | None) -> None:
+    rules = PublisherRules.parse(["svc-a=acme"], [])
+    assert rules.refusal(user_id, "acme", None, worker_user=WORKER) is not None
+
+
+def test_with_no_known_worker_user_nothing_passes_for_the_worker() -> None:
+    rules = PublisherRules.parse(["svc-a=acme"], [])
+    assert rules.refusal(None, "acme", None, worker_user=None) is not None
+    assert rules.refusal("", "acme", None, worker_user="") is not None

@@ -7,6 +7,8 @@ import time
 import orjson
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from tests.fakes.vertex_server import new_key, service_account_json
@@ -99,15 +101,38 @@ async def test_a_draft_cannot_fill_the_scope_it_is_checked_in() -> None:
         ("https://host/v1?key=AIzaSyExample&alt=json", "https://host/v1?key=***&alt=json"),
         ("https://b.s3.amazonaws.com/o?X-Amz-Signature=abc123&X-Amz-Credential=AKIA", None),
         ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+        # The userinfo ends at the authority's last '@', as urllib and yarl split it: a password may hold '@'.
+        ("amqp://guest:s3cr@tXYZ@broker:5672/", "amqp://***@broker:5672/"),
+        ("amqp://ops@prod:pa@ss@w0rd@broker/vhost", "amqp://***@broker/vhost"),
+        ("amqp://guest:s3cr@tXYZ@broker", "amqp://***@broker"),
+        ("https://svc:s3cr@tXYZ@host/v1/@me?x=1", "https://***@host/v1/@me?x=1"),
+        ("https://host/v1/users/@me", "https://host/v1/users/@me"),
+        ("https://host?from=a@b", "https://host?from=a@b"),
     ],
 )
 def test_urls_lose_userinfo_and_credential_query_parameters(url: str, shown: str | None) -> None:
     printed = redact_url(url)
     if shown is not None:
         assert printed == shown
-    for secret in ("pa55word", "tokenonly", "deadbeef42", "AIzaSyExample", "abc123", "=AKIA"):
+    for secret in ("pa55word", "tokenonly", "deadbeef42", "AIzaSyExample", "abc123", "=AKIA", "s3cr", "tXYZ", "w0rd"):
         assert secret not in printed
     assert "api-version=2024-10-21" in redact_url("https://h/?api-version=2024-10-21&api-key=k")
+
+
+# What a password may hold inside a URL's authority without percent-encoding ('@' and ':' included).
+PASSWORD_CHARS = st.characters(codec="ascii", exclude_characters="/?#\"' \t\n\r\x0b\x0c", exclude_categories=["Cc"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(PASSWORD_CHARS, min_size=1, max_size=40))
+def test_no_part_of_a_password_is_left_in_a_printed_url(password: str) -> None:
+    assert redact_url(f"amqp://atlas:{password}@broker:5672/prod") == "amqp://***@broker:5672/prod"
+
+
+def test_each_url_in_a_text_loses_its_own_userinfo_and_nothing_between_them() -> None:
+    text = "cannot reach amqp://guest:s3cr@tXYZ@broker:5672/ (mail ops@example.test) or amqp://u:p@w@h2/"
+
+    assert redact_text(text) == "cannot reach amqp://***@broker:5672/ (mail ops@example.test) or amqp://***@h2/"
 
 
 @pytest.mark.parametrize(

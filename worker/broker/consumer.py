@@ -216,10 +216,14 @@ class Consumer:
     def _admitted(
         self, decoded: InferenceRequest | Malformed, message: AbstractIncomingMessage
     ) -> InferenceRequest | Malformed:
-        """The request, unless the operator's publisher rules refuse who sent it, for whom, or where to reply."""
+        """The request, unless the operator's publisher rules refuse who sent it, for whom, or where to reply.
+        What the worker published itself (a retry, a deferral, a replay) carries the user the settler publishes
+        as, so the copies it makes come back in as their originals did."""
         if not isinstance(decoded, InferenceRequest) or not self._publishers.active:
             return decoded
-        refusal = self._publishers.refusal(message.user_id, decoded.tenant_id, message.reply_to)
+        refusal = self._publishers.refusal(
+            message.user_id, decoded.tenant_id, message.reply_to, worker_user=self._settler.worker_user
+        )
         if refusal is None:
             return decoded
         log.warning("publisher_refused", user_id=message.user_id, reason=refusal)

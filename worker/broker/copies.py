@@ -45,8 +45,10 @@ FAILURE_HEADERS: Final = frozenset(
 )
 
 
-def _copied(message: AbstractIncomingMessage) -> dict[str, Any]:
-    """The original's properties every copy keeps, by aio-pika's names (headers and delivery mode are the copy's)."""
+def _copied(message: AbstractIncomingMessage, user_id: str | None) -> dict[str, Any]:
+    """The original's properties every copy keeps, by aio-pika's names (headers and delivery mode are the copy's).
+    `user_id` is the publishing connection's own user, never the original's: the broker refuses any other, and
+    with publisher rules on it is how the worker knows its own copies when they come back."""
     return {
         "content_type": message.content_type,
         "content_encoding": message.content_encoding,
@@ -55,20 +57,23 @@ def _copied(message: AbstractIncomingMessage) -> dict[str, Any]:
         "message_id": message.message_id,
         "timestamp": message.timestamp,
         "type": message.type,
+        "user_id": user_id,
         "app_id": message.app_id,
         "priority": message.priority,
     }
 
 
-def copy_of(message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any]) -> aio_pika.Message:
-    """A persistent copy of `message` with `body` and `headers`: every other property is the original's
-    (`dlq replay` publishes it through aio-pika; `copy_properties` is the same copy for `settle`)."""
-    return aio_pika.Message(body, headers=headers, delivery_mode=DeliveryMode.PERSISTENT, **_copied(message))
+def copy_of(
+    message: AbstractIncomingMessage, body: bytes, headers: dict[str, Any], *, user_id: str | None
+) -> aio_pika.Message:
+    """A persistent copy of `message` with `body` and `headers`, published as `user_id`: every other property is
+    the original's (`dlq replay` publishes it through aio-pika; `copy_properties` is the same copy for `settle`)."""
+    return aio_pika.Message(body, headers=headers, delivery_mode=DeliveryMode.PERSISTENT, **_copied(message, user_id))
 
 
-def copy_properties(message: AbstractIncomingMessage, headers: dict[str, Any]) -> Properties:
+def copy_properties(message: AbstractIncomingMessage, headers: dict[str, Any], *, user_id: str | None) -> Properties:
     """The properties of `copy_of`, built straight for the channel (see `worker.broker.publish`)."""
-    copied = _copied(message)
+    copied = _copied(message, user_id)
     copied["message_type"] = copied.pop("type")  # pamqp's name for it
     return Properties(headers=headers, delivery_mode=PERSISTENT, **copied)
 

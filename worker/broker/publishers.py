@@ -2,7 +2,9 @@
 
 RabbitMQ refuses a publish whose `user_id` property is not the connection's own user, so once rules are set
 `user_id` says who published; a request without one, from a user not listed, for a tenant its user may not
-name, or with a `reply_to` matching no allowed pattern is refused (rejected and dead-lettered)."""
+name, or with a `reply_to` matching no allowed pattern is refused (rejected and dead-lettered). The worker's
+own user is the exception to the user and tenant rules: its copies (retries, deferrals, replays) carry it,
+and the broker lets no other connection claim it. Nothing else a message carries, headers included, counts."""
 
 import fnmatch
 from dataclasses import dataclass, field
@@ -34,9 +36,12 @@ class PublisherRules:
     def active(self) -> bool:
         return bool(self.users or self.reply_to)
 
-    def refusal(self, user_id: str | None, tenant_id: str | None, reply_to: str | None) -> str | None:
-        """Why this publish is not allowed, or None when it is."""
-        if self.users:
+    def refusal(
+        self, user_id: str | None, tenant_id: str | None, reply_to: str | None, *, worker_user: str | None = None
+    ) -> str | None:
+        """Why this publish is not allowed, or None when it is. `worker_user` is the AMQP user the worker
+        publishes its copies as (None: unknown, so nothing passes for the worker's)."""
+        if self.users and not (worker_user and user_id == worker_user):
             if not user_id or user_id not in self.users:
                 return "the message's user_id is not a publisher allowed by the worker's --publisher rules"
             allowed = self.users[user_id]

@@ -60,11 +60,14 @@ class Settler:
         topology: Topology,
         atlas_cloud_exchange: str,
         *,
+        worker_user: str | None,
         trust: HeaderTrust | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._channel = channel
+        # The AMQP user `channel` is authenticated as: every copy carries it as `user_id` (see `copies`).
+        self.worker_user = worker_user
         self._tracing = tracing
         self._topology = topology
         self._atlas_cloud = atlas_cloud_exchange
@@ -324,7 +327,7 @@ class Settler:
         ours |= self.trust.signature(ids.request_id, ours)
         headers = bounded_headers(publisher_headers(delivery.headers), ours)
         with self._tracing.publish(exchange_name, routing_key, headers, delivery.headers):
-            properties = copy_properties(delivery, headers)
+            properties = copy_properties(delivery, headers, user_id=self.worker_user)
             await publish(self._channel, exchange_name, routing_key, body, properties, PUBLISH_TIMEOUT_S)
 
 

@@ -10,11 +10,13 @@ from datetime import UTC, datetime
 import aio_pika
 
 from contracts import Topology
+from worker.broker.amqp_url import login_user
 from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
 from worker.broker.topology import TopologySpec, topology_spec
 from worker.handling.ladder import RetryLadder
 from worker.ops.dlq import (
+    HELD_BACK_FROM_REPLAY,
     DeadLetterQueue,
     Progress,
     Selection,
@@ -58,7 +60,7 @@ async def _dlq(args: argparse.Namespace) -> int:
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         raise broker_error(exc, args.amqp_url) from None
     try:
-        dlq = DeadLetterQueue(connection, topology)
+        dlq = DeadLetterQueue(connection, topology, login_user(args.amqp_url))
         try:
             return await _DLQ_COMMANDS[args.dlq_command](dlq, args)
         except aio_pika.exceptions.ChannelNotFoundEntity as exc:
@@ -135,7 +137,15 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"replayed {replayed} dead letter(s) to {dlq.topology.requests}")
+    print(f"replayed {replayed.count} dead letter(s) to {dlq.topology.requests}")
+    if replayed.held_back:
+        reasons = ", ".join(sorted(HELD_BACK_FROM_REPLAY))
+        print(
+            f"left {replayed.held_back} {reasons} dead letter(s) in {dlq.topology.dead}: replayed as "
+            f"{dlq.user or 'this user'} they would get past the --publisher rules that refused them; "
+            f"name them by id, or select --reason {reasons}, to replay them anyway",
+            file=sys.stderr,
+        )
     return 0
 
 

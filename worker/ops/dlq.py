@@ -21,7 +21,7 @@ from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
 from worker.broker.copies import copy_of, replay_headers
 from worker.broker.headers import latest_death, read_count, read_history, read_text, read_time
 from worker.handling.history import History
-from worker.handling.outcome import DEAD_LETTER_REASONS
+from worker.handling.outcome import DEAD_LETTER_REASONS, DeadLetterReason
 from worker.redaction import redact, redact_text
 
 PUBLISH_TIMEOUT_S = 30.0
@@ -31,6 +31,9 @@ BROKER_REASONS: Final = frozenset({"delivery_limit", "rejected", "expired", "max
 KNOWN_REASONS: Final = DEAD_LETTER_REASONS | BROKER_REASONS
 KNOWN_TASKS: Final = frozenset(task.value for task in Task)
 CANDIDATES_SHOWN: Final = 10
+# A replay is published as the replaying user (the worker's, usually), which the publisher rules admit: a request
+# they refused would run without the check that refused it. Replayed only when the operator names it.
+HELD_BACK_FROM_REPLAY: Final = frozenset({DeadLetterReason.PUBLISHER_REFUSED.value})
 
 
 def filter_problem(task: str | None, reason: str | None) -> str | None:
@@ -99,6 +102,10 @@ class Selection:
     @property
     def is_empty(self) -> bool:
         return not (self.ids or self.tenant or self.task or self.reason or self.everything)
+
+    def names(self, view: DeadLetterView) -> bool:
+        """The operator asked for this dead letter in so many words: by its id, or by its reason."""
+        return view.id in self.ids or self.reason == view.reason
 
     def matches(self, view: DeadLetterView) -> bool:
         return (
@@ -207,12 +214,23 @@ class Progress:
             self._out.write("\n")
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """What a replay did: how many dead letters it published back, how many it left (`HELD_BACK_FROM_REPLAY`)."""
+
+    count: int
+    held_back: int
+
+
 @dataclass
 class DeadLetterQueue:
     """The `{ns}.dead` queue of one namespace, over one broker connection."""
 
     connection: AbstractConnection
     topology: Topology
+    # The AMQP user `connection` is authenticated as: a replayed copy is published as it (the broker allows no
+    # other), so publisher rules judge a replay by who replayed it.
+    user: str | None
 
     async def _queue(self, channel: AbstractChannel) -> AbstractQueue:
         return await channel.declare_queue(self.topology.dead, passive=True)
@@ -246,12 +264,12 @@ class DeadLetterQueue:
     async def take(
         self,
         selection: Selection,
-        act: Callable[[AbstractIncomingMessage, DeadLetterView], Awaitable[None]],
+        act: Callable[[AbstractIncomingMessage, DeadLetterView], Awaitable[bool]],
         progress: Progress | None = None,
         expected: int = 0,
     ) -> int:
-        """Run `act` on each selected dead letter, then ack it. A message whose `act` raises is not acked,
-        and neither are the unselected ones: closing the channel returns them all to the queue. An id
+        """Run `act` on each selected dead letter, then ack it. A message whose `act` raises or returns False
+        is not acked, and neither are the unselected ones: closing the channel returns them all to the queue. An id
         selects one dead letter at most. `expected` is how many a browse just saw: the broker requeues a
         closed channel's messages asynchronously, so they may reach the queue a moment after its count."""
         channel = await self.connection.channel()
@@ -270,7 +288,8 @@ class DeadLetterQueue:
                 if not selection.matches(view) or (selection.ids and view.id not in unused_ids):
                     continue
                 unused_ids.discard(view.id)
-                await act(message, view)
+                if not await act(message, view):
+                    continue
                 await message.ack()
                 done += 1
                 if progress is not None:
@@ -292,17 +311,25 @@ class DeadLetterQueue:
 
     async def replay(
         self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None, expected: int = 0
-    ) -> int:
+    ) -> "Replayed":
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        held_back = 0
         try:
             exchange = await channel.get_exchange(self.topology.requests, ensure=False)
 
-            async def republish(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
-                copy = copy_of(message, message.body, replay_headers(view.headers, keep_attempts=keep_attempts))
+            async def republish(message: AbstractIncomingMessage, view: DeadLetterView) -> bool:
+                nonlocal held_back
+                if view.reason in HELD_BACK_FROM_REPLAY and not selection.names(view):
+                    held_back += 1
+                    return False
+                headers = replay_headers(view.headers, keep_attempts=keep_attempts)
+                copy = copy_of(message, message.body, headers, user_id=self.user)
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
+                return True
 
-            return await self.take(selection, republish, progress, expected)
+            replayed = await self.take(selection, republish, progress, expected)
+            return Replayed(replayed, held_back)
         finally:
             await channel.close()
 
@@ -316,8 +343,8 @@ class DeadLetterQueue:
             finally:
                 await channel.close()
 
-        async def drop(message: AbstractIncomingMessage, view: DeadLetterView) -> None:
-            return None
+        async def drop(message: AbstractIncomingMessage, view: DeadLetterView) -> bool:
+            return True
 
         return await self.take(selection, drop, progress, expected)
 
