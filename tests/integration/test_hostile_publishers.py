@@ -17,8 +17,7 @@ from tests.broker import AmqpUser, BrokerClient, broker_client, collect, drain_n
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
-from tests.integration.test_tool_schemas import LAG_INTERVAL_S, MAX_LOOP_LAG_S, lag_samples
-from tests.ops.scrape import Samples, free_port, scrape
+from tests.ops.scrape import Samples
 from tests.scene import Scene, open_scene
 from worker.broker.amqp_url import login_user
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
@@ -602,30 +601,3 @@ async def test_dlq_output_escapes_control_characters_and_cannot_be_made_to_print
         assert "\x07" not in output
         assert not any(line.startswith("FORGED") for line in output.splitlines())
     assert "\\n" in listed.stdout  # the newline is shown, escaped
-
-
-# --- 4: what a body costs the event loop ---------------------------------------------------------------------
-
-
-async def test_a_request_of_thousands_of_tiny_series_is_rendered_without_stalling_the_loop(
-    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
-) -> None:
-    write_tenant(tenants_dir, "acme", fake_openai.base_url)
-    request = samples.request("acme", "summary")
-    # ~100 KB: decoded in tens of milliseconds, but rendering 8,000 series takes a few hundred on the loop.
-    request["incident"]["metrics"] = [{"name": f"m{n}"} for n in range(8000)]
-    port = free_port()
-    settings = worker_settings(amqp_url, topology, tenants_dir, metrics_port=port, loop_lag_interval_s=LAG_INTERVAL_S)
-    running = await start_worker(settings)
-    try:
-        replies = await client.reply_queue()
-        await client.publish_request(request, reply_to=replies.name, correlation_id="series")
-        [reply] = await collect(replies, 1, 60)
-        scraped = await scrape(port)
-    finally:
-        await running.stop()
-
-    assert json_body(reply)["status"] == "ok"
-    taken, under = lag_samples(scraped)
-    assert taken > 0
-    assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_S}s:\n{scraped.text}"

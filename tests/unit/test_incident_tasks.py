@@ -1,5 +1,6 @@
 """Incident tasks end to end through the handler, over real HTTP to the strict fake OpenAI server (no broker)."""
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from worker.errors import ErrorClass, ProviderError
 from worker.handling.handler import Handler
 from worker.handling.ladder import RetryLadder
 from worker.handling.outcome import DeliveryContext, Reply
+from worker.prompting.prompts import build_call
 from worker.prompting.results import explain_provider_error
 from worker.providers.egress import EgressPolicy, egress_session
 from worker.providers.pool import ProviderPool
@@ -426,3 +428,34 @@ def test_providers_refusing_tools_are_recognised(message: str) -> None:
 
     assert explained.code == "tools_unsupported"
     assert explained.error_class is ErrorClass.BAD_REQUEST
+
+
+async def test_a_large_request_is_rendered_off_the_event_loop(fake_openai: FakeOpenAI) -> None:
+    incident = fixtures.incident("db-pool-exhaustion")
+    incident["metrics"] = [{"name": f"series-{n}"} for n in range(8000)]  # ~150 KB of tiny series
+    request = InferenceRequest.model_validate(
+        {"request_id": "r-1", "tenant_id": "acme", "task": "summary", "incident": incident}
+    )
+    config = tenant(fake_openai.base_url)
+    started = time.perf_counter()
+    build_call(request, config)
+    rendering_s = time.perf_counter() - started  # what it would hold the loop for, measured in this run
+    worst_lag_s = 0.0
+
+    async def watch_the_loop() -> None:
+        nonlocal worst_lag_s
+        while True:
+            before = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst_lag_s = max(worst_lag_s, time.perf_counter() - before - 0.001)
+
+    watcher = asyncio.create_task(watch_the_loop())
+    await asyncio.sleep(0.01)
+    async with egress_session(EgressPolicy()) as session:
+        ctx = DeliveryContext(0, datetime.now(UTC), time.monotonic(), body_bytes=len(request.model_dump_json()))
+        outcome = await Handler(ProviderPool(session), RetryLadder()).handle(config, request, ctx)
+    watcher.cancel()
+
+    assert isinstance(outcome, Reply)
+    assert reply_of(outcome).status is Status.OK
+    assert worst_lag_s < rendering_s / 3, (worst_lag_s, rendering_s)
