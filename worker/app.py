@@ -146,7 +146,9 @@ class WorkerApp:
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
-        worker_user = login_user(settings.amqp_url)
+        # Only with publisher rules do the worker's copies carry its user: a user_id the broker disagrees with
+        # (an external login it cannot be told from the URL) would make it refuse every retry and dead letter.
+        worker_user = login_user(settings.amqp_url) if settings.publishers.active else None
         if settings.publishers.users and worker_user is None:
             # Its own retries and replays could not be told from a stranger's: every one would be refused.
             raise StartupError(
