@@ -397,18 +397,7 @@ class TenantRegistry:
         errors = [str(p) for p in exc.problems]
         for tenant_id in claimed:
             if tenant_id in self._configs:
-                log.error(
-                    "tenant_config_rejected",
-                    tenant_id=tenant_id,
-                    file=str(path),
-                    errors=errors,
-                    action="keeping the last good config",
-                )
+                event, action = "tenant_config_rejected", "keeping the last good config"
             else:
-                log.error(
-                    "tenant_config_invalid",
-                    tenant_id=tenant_id,
-                    file=str(path),
-                    errors=errors,
-                    action="requests fail with tenant_config_invalid until the file is fixed",
-                )
+                event, action = "tenant_config_invalid", "requests fail with tenant_config_invalid until it is fixed"
+            log.error(event, tenant_id=tenant_id, file=str(path), errors=errors, action=action)

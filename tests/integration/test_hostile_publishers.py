@@ -4,6 +4,8 @@ headers, probe floods, label floods, and publishers restricted by AMQP user, ten
 import asyncio
 import json
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +309,32 @@ async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believe
 # --- 8: who may publish what ---------------------------------------------------------------------------------
 
 
+Send = Callable[..., Awaitable[None]]
+
+
+@asynccontextmanager
+async def publishing_as(
+    user: AmqpUser,
+    rules: PublisherRules,
+    amqp_url: str,
+    topology: Topology,
+    tenants_dir: Path,
+    client: BrokerClient,
+    fake_openai: FakeOpenAI,
+) -> AsyncIterator[tuple[Scene, Send]]:
+    """A scene whose worker applies `rules`, and `send`, which publishes a request as `user` (its `user_id`
+    set, answers to the scene's reply queue, unless the call says otherwise)."""
+    async with (
+        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
+        broker_client(user.url, topology) as publisher,
+    ):
+
+        async def send(body: dict[str, Any], **properties: Any) -> None:
+            await publish(publisher, body, **({"user_id": user.name, "reply_to": scene.replies.name} | properties))
+
+        yield scene, send
+
+
 async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     amqp_url: str,
     client: BrokerClient,
@@ -318,25 +346,12 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     write_tenant(tenants_dir, "globex", fake_openai.base_url)
     rules = PublisherRules.parse([f"{other_user.name}=acme"], ["replies-*"])
-    me = other_user.name
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
-        replies = scene.replies
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
         victim = await client.channel.declare_queue(f"victim-{uuid.uuid4().hex[:8]}", exclusive=True)
-        await publish(publisher, samples.request("acme", request_id="allowed"), user_id=me, reply_to=replies.name)
-        await publish(publisher, samples.request("acme", request_id="anonymous"), reply_to=replies.name)
-        await publish(
-            publisher, samples.request("globex", request_id="other-tenant"), user_id=me, reply_to=replies.name
-        )
-        await publish(
-            publisher,
-            samples.request("acme", request_id="injected"),
-            user_id=me,
-            reply_to=victim.name,
-            correlation_id="their-rpc",
-        )
+        await send(samples.request("acme", request_id="allowed"))
+        await send(samples.request("acme", request_id="anonymous"), user_id=None)
+        await send(samples.request("globex", request_id="other-tenant"))
+        await send(samples.request("acme", request_id="injected"), reply_to=victim.name, correlation_id="their-rpc")
         for request_id in ("allowed", "anonymous", "other-tenant", "injected"):
             await scene.settled(request_id)
         left = await scene.leftovers()
@@ -397,17 +412,8 @@ async def test_a_refused_publisher_is_refused_whatever_worker_headers_it_forges(
         ],
         "x-first-death-reason": "expired",
     }
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
-        await publish(
-            publisher,
-            samples.request("globex", request_id="forged"),
-            user_id=other_user.name,
-            reply_to=scene.replies.name,
-            headers=forged,
-        )
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
+        await send(samples.request("globex", request_id="forged"), headers=forged)
         await scene.settled("forged")
         left = await scene.leftovers()
 
@@ -431,17 +437,8 @@ async def test_with_publisher_rules_a_request_retried_on_the_ladder_comes_back_a
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3)
     fake_openai.faults.append(Fault("server_error"))
     rules = PublisherRules.parse([f"{other_user.name}=acme"], ["replies-*"])
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
-        await publish(
-            publisher,
-            samples.request("acme", request_id="retried"),
-            user_id=other_user.name,
-            reply_to=scene.replies.name,
-            correlation_id="their-rpc",
-        )
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
+        await send(samples.request("acme", request_id="retried"), correlation_id="their-rpc")
         await scene.settled("retried")
         left = await scene.leftovers()
 
@@ -467,13 +464,9 @@ async def test_with_publisher_rules_a_deferred_request_comes_back_and_is_answere
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="fail_closed", max_concurrency=1)
     fake_openai.latency_s = 1.0
     rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
         for request_id in ("first", "second"):
-            body = samples.request("acme", request_id=request_id)
-            await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+            await send(samples.request("acme", request_id=request_id))
         for request_id in ("first", "second"):
             await scene.settled(request_id)
         left = await scene.leftovers()
@@ -500,12 +493,8 @@ async def test_with_publisher_rules_a_replayed_dead_letter_is_answered(
     write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=1)
     fake_openai.always = Fault("server_error")  # the provider outage
     rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
-        body = samples.request("acme", request_id="outage")
-        await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
+        await send(samples.request("acme", request_id="outage"))
         await scene.settled("outage")
         [failed] = await drain_now(scene.replies)
         fake_openai.always = None  # the provider is back
@@ -533,12 +522,8 @@ async def test_replay_leaves_a_refused_publishers_dead_letters_until_an_operator
     write_tenant(tenants_dir, "acme", fake_openai.base_url)
     write_tenant(tenants_dir, "globex", fake_openai.base_url)
     rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
-    async with (
-        open_scene(amqp_url, topology, tenants_dir, client, fake_openai, publishers=rules) as scene,
-        broker_client(other_user.url, topology) as publisher,
-    ):
-        body = samples.request("globex", request_id="not-theirs")
-        await publish(publisher, body, user_id=other_user.name, reply_to=scene.replies.name)
+    async with publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send):
+        await send(samples.request("globex", request_id="not-theirs"))
         await scene.settled("not-theirs")
         [refused] = await drain_now(scene.replies)
 
