@@ -47,7 +47,9 @@ PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
 # Tried only where a run of scheme characters starts: tried at every letter, a long run of them with no "://"
 # would be scanned again from each one (quadratic: 30 s for 64 KiB of a provider's error text).
 _URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s?#\"']+@", re.IGNORECASE)
-_URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&#\s\"']+)=([^&#\s\"']*)")
+# A parameter's name runs to the next separator, possessively: a name that may contain the separators would be
+# scanned again from each one of a run of them (`key;;;;…`: minutes for 64 KiB).
+_URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&;?#\s\"']++)=([^&#\s\"']*+)")
 _SHAPES: tuple[tuple[re.Pattern[str], str], ...] = (
     (PEM_BLOCK, PEM_MASKED),
     # A credential after its scheme word; a digit or 16+ characters tell it from prose ("the token endpoint").
@@ -134,12 +136,18 @@ def _literal_matcher(values: list[str]) -> Callable[[str], str]:
     automaton.make_automaton()
 
     def masked(text: str) -> str:
+        # Every match, then the leftmost and, of those starting there, the longest, as the expression picks them.
+        # (pyahocorasick's own `iter_long` misses a shorter match when the text ends inside a longer value.)
+        found = sorted((end + 1 - length, -length) for end, length in automaton.iter(text))
+        if not found:
+            return text
         parts: list[str] = []
         last = 0
-        for end, length in automaton.iter_long(text):  # leftmost-longest, not overlapping
-            parts += (text[last : end + 1 - length], MASK)
-            last = end + 1
-        return "".join((*parts, text[last:])) if parts else text
+        for start, negative_length in found:
+            if start >= last:
+                parts += (text[last:start], MASK)
+                last = start - negative_length
+        return "".join((*parts, text[last:]))
 
     return masked
 
@@ -295,10 +303,18 @@ def redact_body(body: bytes) -> bytes | None:
 
 
 _TOO_DEEP_TO_WRITE = b""
-# In JSON text: a string under a secret-looking key (`"api_key": "…"`), for text that cannot be parsed.
-_JSON_SECRET_FIELD = re.compile(
-    rf'(?P<key>"[^"\\]*(?:{SECRET_FIELD.pattern})[^"\\]*"\s*:\s*")(?:[^"\\]|\\.)*(?P<end>"|\Z)', re.IGNORECASE
+# In JSON text: a `"key": "value` pair, the value masked when the key looks secret. Each string is read
+# possessively to its closing quote, and only an unescaped quote opens one, so no character is read twice over
+# (a run of `\"` would otherwise be read again from each of its quotes).
+_JSON_PAIR = re.compile(
+    r'(?P<key>(?<!\\)"(?P<name>(?:[^"\\]|\\.)*+)"\s*+:\s*+")(?P<value>(?:[^"\\]|\\.)*+)(?P<end>"|\Z)'
 )
+
+
+def _mask_secret_pair(match: re.Match[str]) -> str:
+    if not _is_secret_field(match["name"]):
+        return match[0]
+    return f"{match['key']}{MASK}{match['end']}"
 
 
 def redact_cut_body(prefix: bytes) -> bytes | None:
@@ -306,7 +322,7 @@ def redact_cut_body(prefix: bytes) -> bytes | None:
     mask. Cut, it is no longer JSON, so a draft's keys cannot be found by field, and it can no longer be
     replayed, so nothing is lost by masking as much as provider error text is; undecodable bytes are kept."""
     text = prefix.decode("utf-8", "surrogateescape")
-    masked = _JSON_SECRET_FIELD.sub(rf"\g<key>{MASK}\g<end>", redact_provider_text(text))
+    masked = _JSON_PAIR.sub(_mask_secret_pair, redact_provider_text(text))
     return masked.encode("utf-8", "surrogateescape") if masked != text else None
 
 

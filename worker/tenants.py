@@ -156,16 +156,17 @@ def load_tenant_file(path: Path) -> TenantConfig:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TenantConfigError([ConfigProblem(path, "", f"is not valid UTF-8 (byte {exc.start})")]) from None
+        problem = ConfigProblem(path, "", f"is not valid UTF-8 (byte {exc.start})")
+        raise TenantConfigError([problem], _declared_in(raw)) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise TenantConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")]) from None
+        raise TenantConfigError([ConfigProblem(path, "", f"not valid TOML: {exc}")], _declared_in(raw)) from None
     declared = data.get("tenant_id")
     declared = declared if isinstance(declared, str) and TENANT_ID.fullmatch(declared) else None
     if path.suffix != TENANT_FILE_SUFFIX:
-        problem = f"tenant files end in {TENANT_FILE_SUFFIX!r}, in lower case: rename it to {path.stem}.toml"
-        raise TenantConfigError([ConfigProblem(path, "", problem)], declared)
+        fix = f"tenant files end in {TENANT_FILE_SUFFIX!r}, in lower case: rename it to {path.stem}.toml"
+        raise TenantConfigError([ConfigProblem(path, "", fix)], declared)
     try:
         config = parse_tenant_config(data, path)
     except TenantConfigError as exc:
@@ -204,6 +205,15 @@ def list_directory(directory: Path) -> Listing:
             f"{directory} holds no tenant files; if no tenant uses BYOC, create {directory / NO_TENANTS_MARKER}"
         )
     return Listing(sorted(directory / name for name in tenant_files), sorted(set(visible) - tenant_files))
+
+
+# A `tenant_id = "…"` line, read from a file that does not parse, so that its tenant is quarantined all the same.
+_DECLARED_LINE = re.compile(rb"""^[ \t]*tenant_id[ \t]*=[ \t]*["']([A-Za-z0-9][A-Za-z0-9_-]{0,63})["']""", re.MULTILINE)
+
+
+def _declared_in(raw: bytes) -> str | None:
+    found = _DECLARED_LINE.search(raw)
+    return found.group(1).decode() if found else None
 
 
 def scan_directory(directory: Path) -> list[Path]:

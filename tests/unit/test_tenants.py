@@ -170,6 +170,21 @@ def test_a_misnamed_file_quarantines_the_tenant_it_declares(tmp_path: Path) -> N
     assert {e["tenant_id"] for e in logs if e["event"] == "tenant_config_invalid"} == {"acme", "acmee"}
 
 
+@pytest.mark.parametrize("breakage", ["not TOML", "not UTF-8"])
+def test_a_misnamed_file_that_does_not_parse_still_quarantines_the_tenant_it_declares(
+    tmp_path: Path, breakage: str
+) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    broken = GOOD.replace("[fallback]", "[fallback") if breakage == "not TOML" else GOOD.replace("model", "mod\xe9l")
+    (tmp_path / "acmee.toml").write_bytes(broken.encode("latin-1"))
+
+    registry.refresh()
+
+    assert registry.problems("acme") is not None
+    assert registry.problems("acmee") is not None
+
+
 def test_a_stray_file_declaring_a_tenant_keeps_it_quarantined_once_its_own_file_is_deleted(tmp_path: Path) -> None:
     registry = TenantRegistry(tmp_path)
     own = write(tmp_path, "acme", GOOD)
