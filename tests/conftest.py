@@ -7,7 +7,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import structlog
@@ -55,14 +55,18 @@ def restore_logging() -> Iterator[None]:
     root.handlers[:] = handlers
 
 
+def unavailable(message: str) -> NoReturn:
+    """A part the broker tests need is missing: skipped on a developer's machine, a failure in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
     url, container = find_broker()
     if url is None:
-        message = "no RabbitMQ: set AMQP_URL, start one on 127.0.0.1:5672, or run a Docker engine"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("no RabbitMQ: set AMQP_URL, start one on 127.0.0.1:5672, or run a Docker engine")
     yield url
     if container is not None:
         container.stop()
@@ -73,10 +77,7 @@ def other_user(amqp_url: str) -> Iterator[AmqpUser]:
     """A publisher's own AMQP user, not the worker's (skips locally where it cannot be made, fails in CI)."""
     user = add_user(amqp_url)
     if user is None:
-        message = "cannot add an AMQP user: the broker is not local or rabbitmqctl is missing"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("cannot add an AMQP user: the broker is not local or rabbitmqctl is missing")
     yield user
     delete_user(user)
 
