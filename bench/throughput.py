@@ -22,13 +22,13 @@ from bench.common import (
     Namespace,
     Process,
     amqp_url,
-    cpu_seconds,
     namespace,
     padded_body,
     preload,
     python,
     rss_kib,
     start_fake_provider,
+    thread_cpu_ns,
     worker_argv,
     write_tenant,
 )
@@ -141,7 +141,7 @@ async def drain(
     spy = None
     try:
         await target.ready(ready)
-        cpu_before = cpu_seconds(target.pid)
+        cpu_before = thread_cpu_ns(target.pid)
         if profile_to is not None and (py_spy := _py_spy()):
             spy = await asyncio.create_subprocess_exec(
                 *(py_spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", "250", "--nonblocking"),
@@ -150,7 +150,7 @@ async def drain(
                 stderr=asyncio.subprocess.DEVNULL,
             )
         await asyncio.wait_for(finished.wait(), timeout=timeout_s)
-        cpu = cpu_seconds(target.pid) - cpu_before
+        cpu = (thread_cpu_ns(target.pid) - cpu_before) / 1e9
         peak = rss_kib(target.pid)[1] / 1024
     finally:
         await target.stop()

@@ -25,12 +25,12 @@ from bench.common import (
     Namespace,
     Process,
     amqp_url,
-    cpu_seconds,
     incident_body,
     namespace,
     preload,
     python,
     start_fake_provider,
+    thread_cpu_ns,
     worker_argv,
 )
 from bench.common import write_tenant as write_bench_tenant
@@ -156,19 +156,6 @@ async def fake_provider(logs: Path, provider: str) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         await fake.stop()
-
-
-def thread_cpu_ns(pid: int) -> int:
-    """CPU time of all a process's threads in nanoseconds (schedstat), finer than /proc/<pid>/stat's ticks; falls
-    back to those ticks where the kernel keeps no schedstat."""
-    total = 0
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-                total += int((task / "schedstat").read_text().split()[0])
-    except (FileNotFoundError, ProcessLookupError, ValueError):
-        return int(cpu_seconds(pid) * 1e9)
-    return total or int(cpu_seconds(pid) * 1e9)
 
 
 async def drain_alone(ns: Namespace, target: Process, ready: bytes, count: int, run: int) -> float:
