@@ -260,6 +260,7 @@ class WorkerApp:
             on_settled=self._settled,
             publishers=settings.publishers,
             max_body_bytes=settings.max_body_bytes,
+            max_body_entries=settings.max_body_entries,
             tracing=tracing,
         )
 

@@ -41,9 +41,16 @@ def _add_broker_flags(parser: argparse.ArgumentParser) -> None:
 def _add_security_flags(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--max-body-bytes",
-        type=int,
+        type=_positive_int,
         default=WorkerSettings.max_body_bytes,
         help="largest request body handled; a bigger one is dead-lettered as a prefix (default: %(default)s)",
+    )
+    run.add_argument(
+        "--max-body-entries",
+        type=_positive_int,
+        default=WorkerSettings.max_body_entries,
+        help="most object members and array elements a request body may hold; each costs validation time on the "
+        "event loop (default: %(default)s)",
     )
     run.add_argument(
         "--header-key",
@@ -73,7 +80,12 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
         publishers = PublisherRules.parse(args.publisher, args.reply_to)
     except ValueError as exc:
         raise StartupError(ExitCode.USAGE, f"--publisher: {exc}") from None
-    return {"max_body_bytes": args.max_body_bytes, "header_key": args.header_key, "publishers": publishers}
+    return {
+        "max_body_bytes": args.max_body_bytes,
+        "max_body_entries": args.max_body_entries,
+        "header_key": args.header_key,
+        "publishers": publishers,
+    }
 
 
 def _add_runtime_flags(run: argparse.ArgumentParser) -> None:

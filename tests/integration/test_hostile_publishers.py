@@ -19,11 +19,11 @@ from tests.broker import AmqpUser, BrokerClient, broker_client, collect, drain_n
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
-from tests.ops.scrape import Samples
+from tests.ops.scrape import Samples, free_port, scrape
 from tests.scene import Scene, open_scene
 from worker.broker.amqp_url import login_user
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
-from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_COUNT
+from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_BODY_ENTRIES, MAX_COUNT
 from worker.broker.publishers import PublisherRules
 
 pytestmark = pytest.mark.broker
@@ -114,6 +114,47 @@ async def test_130kb_of_publisher_headers_neither_drop_the_connection_nor_delay_
     assert dropped >= 1
     assert "x-death" not in dead.headers  # the worker settled it, not the broker's delivery limit
     assert reconnects == []
+
+
+# Without the entry bound, validating the 4 MiB body below takes 0.6-1.5 s on the loop; with it the loop's worst wait
+# is counting up to the bound on a thread (GIL switches) and masking the dead letter's copy: well under this.
+MAX_LOOP_LAG_S = 0.1
+
+
+async def test_4_mib_of_tiny_entries_is_refused_unread_and_never_stalls_other_tenants(
+    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
+) -> None:
+    request = samples.request("acme", request_id="tiny-alerts")
+    request["incident"]["alerts"] = [{"name": ""}] * 340_000  # 680,000 entries in 4 MiB: a second or more to validate
+    body = orjson.dumps(request)
+    assert len(body) <= MAX_BODY_BYTES
+    port = free_port()
+    lag = {"metrics_port": port, "loop_lag_interval_s": 0.01}
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, **lag) as scene:
+        await scene.tenant("acme")
+        await scene.tenant("beta")
+        await client.publish_request(body, reply_to=scene.replies.name, correlation_id="tiny-alerts")
+        for n in range(5):
+            await scene.send(samples.request("beta", request_id=f"beta-{n}"))
+        await scene.settled(None)  # refused before it is read: its request_id is not known
+        left = await scene.leftovers()
+        scraped = await scrape(port)
+
+    replies = {m.correlation_id: json_body(m) for m in left.replies}
+    refused = replies.pop("tiny-alerts")
+    assert (refused["status"], refused["error"]["code"]) == ("rejected", "body_too_large")
+    assert f"more than {MAX_BODY_ENTRIES:,} entries" in refused["error"]["message"]
+    assert [r["status"] for r in replies.values()] == ["ok"] * 5
+    [dead] = left.dead
+    assert dead.headers[Header.REASON] == "malformed"
+    assert len(dead.body) == DEAD_LETTER_BODY_PREFIX_BYTES  # kept as a prefix, as a body over the byte limit is
+    assert body.startswith(dead.body)
+    assert dead.headers[Header.BODY_TRUNCATED] is True
+    assert dead.headers[Header.ORIGINAL_BODY_BYTES] == len(body)
+    assert len(fake_openai.requests) == 5  # beta's five: the refused body never reached the provider
+    taken, under = scraped.loop_lags(MAX_LOOP_LAG_S)
+    assert taken > 0
+    assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_S}s:\n{scraped.text}"
 
 
 async def test_oversized_worker_headers_beside_a_forged_x_death_do_not_drop_the_connection(scene: Scene) -> None:

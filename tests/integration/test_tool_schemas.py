@@ -13,7 +13,7 @@ from tests.broker import BrokerClient, collect, json_body
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, chat_completion
 from tests.fakes.schema_host import SchemaHost
-from tests.ops.scrape import Samples, free_port, scrape
+from tests.ops.scrape import free_port, scrape
 
 pytestmark = pytest.mark.broker
 
@@ -77,12 +77,6 @@ def benign_parameters(schema_url: str) -> dict[str, Any]:
     }
 
 
-def lag_samples(scraped: Samples, bound_s: float = MAX_LOOP_LAG_S) -> tuple[float, float]:
-    """(samples taken, samples at or under `bound_s`, a bucket bound) of the event-loop lag histogram."""
-    name = "atlas_worker_event_loop_lag_seconds"
-    return scraped.value(f"{name}_count"), scraped.value(f"{name}_bucket", le=str(bound_s))
-
-
 async def test_hostile_tool_schemas_are_rejected_by_rule_reach_nothing_and_never_stall_the_loop(
     amqp_url: str,
     topology: Topology,
@@ -138,7 +132,7 @@ async def test_hostile_tool_schemas_are_rejected_by_rule_reach_nothing_and_never
     assert "does not match" in got["backtrack"]["error"]["message"]
     assert got["ok"]["status"] == "ok", got["ok"]
     assert got["ok"]["result"]["tool_calls"][0]["arguments"] == {"service": "checkout-api", "replicas": 3}
-    taken, under = lag_samples(scraped)
+    taken, under = scraped.loop_lags(MAX_LOOP_LAG_S)
     assert taken > 0
     assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_S}s:\n{scraped.text}"
 
@@ -191,5 +185,5 @@ async def test_validation_that_outruns_its_budget_is_rejected_and_the_loop_keeps
     assert (reply["status"], reply["error"]["code"]) == ("rejected", "invalid_tools")
     assert "time_budget" in reply["error"]["message"]
     assert dead.headers[Header.REASON] == "malformed"
-    taken, under = lag_samples(scraped, MAX_LOOP_LAG_LARGE_ANSWER_S)
+    taken, under = scraped.loop_lags(MAX_LOOP_LAG_LARGE_ANSWER_S)
     assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_LARGE_ANSWER_S}s:\n{scraped.text}"

@@ -34,6 +34,11 @@ class Samples:
     def label_values(self, label: str) -> set[str]:
         return {lab[label] for _, lab, _ in self.rows if label in lab}
 
+    def loop_lags(self, bound_s: float) -> tuple[float, float]:
+        """(samples taken, samples at or under `bound_s`, a bucket bound) of the event-loop lag histogram."""
+        name = "atlas_worker_event_loop_lag_seconds"
+        return self.value(f"{name}_count"), self.value(f"{name}_bucket", le=str(bound_s))
+
 
 async def scrape(port: int) -> Samples:
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as response:

@@ -153,6 +153,13 @@ async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str],
     assert "the-key-itself" not in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--max-body-bytes", "--max-body-entries"])
+async def test_a_body_bound_of_zero_is_refused_at_start(flag: str, tmp_path: Path) -> None:
+    result = await atlas_worker("run", "--tenants", str(tmp_path), flag, "0")
+    assert result.code == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: 0 is not a positive number")
+
+
 @pytest.mark.parametrize("redelivered", [False, True])
 def test_a_first_delivery_reads_as_no_attempts_and_a_vouched_one_reads_every_header(redelivered: bool) -> None:
     received = Received(12.5, datetime(2026, 12, 2, tzinfo=UTC))

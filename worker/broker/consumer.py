@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceRequest, Status
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
-from worker.broker.limits import MAX_BODY_BYTES
+from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, count_entries, entries_may_exceed
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
 from worker.handling import replies
@@ -49,13 +49,29 @@ class Settled:
     duration_ms: float
 
 
-def decode(body: bytes, max_body_bytes: int = MAX_BODY_BYTES) -> InferenceRequest | Malformed:
+async def decode(
+    body: bytes, max_body_bytes: int = MAX_BODY_BYTES, max_entries: int = MAX_BODY_ENTRIES
+) -> InferenceRequest | Malformed:
+    """The request in `body`, or why there is none. A body over either bound is refused before it is read."""
     if len(body) > max_body_bytes:
         return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
+    if (
+        entries_may_exceed(body, max_entries)
+        and await asyncio.to_thread(count_entries, body, max_entries) > max_entries
+    ):
+        return Malformed(
+            MalformedCode.BODY_TOO_LARGE,
+            f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
+            f"{max_entries:,}",
+        )
+    return validate(body)
+
+
+def validate(body: bytes) -> InferenceRequest | Malformed:
     try:
         return InferenceRequest.model_validate_json(body)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
             return Malformed(MalformedCode.INVALID_JSON, "body is not valid JSON")
         partial = _readable_ids(body)
@@ -131,6 +147,7 @@ class Consumer:
         on_settled: Callable[[Settled], None] | None = None,
         publishers: PublisherRules | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_body_entries: int = MAX_BODY_ENTRIES,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
@@ -140,6 +157,7 @@ class Consumer:
         self._on_settled = on_settled
         self._publishers = publishers or PublisherRules()
         self._max_body_bytes = max_body_bytes
+        self._max_body_entries = max_body_entries
         self._tag: str | None = None
         # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
         self._working: dict[asyncio.Task[None], str | None] = {}
@@ -175,25 +193,14 @@ class Consumer:
             await self._process_in_span(message, received)
 
     async def _process_in_span(self, message: AbstractIncomingMessage, received: Received) -> None:
-        decoded = self._admitted(decode(message.body, self._max_body_bytes), message)
-        request = decoded if isinstance(decoded, InferenceRequest) else None
-        believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
-        ctx = delivery_context(message, believed, received)
-        ids = _ids(decoded)
         this = asyncio.current_task()
-        if this is not None and this in self._working:
-            self._working[this] = ids.request_id
-        structlog.contextvars.bind_contextvars(
-            request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
-        )
-        self._tracing.annotate_delivery(ids, ctx.attempts + 1)
         try:
-            if request is not None:
-                outcome = await self._handle(request, ctx)
+            decoded, ids, ctx = await self._decoded(message, received)
+            if isinstance(decoded, InferenceRequest):
+                outcome = await self._handle(decoded, ctx)
             else:
-                assert isinstance(decoded, Malformed)
                 outcome = _rejected(decoded, ctx, reply=self._may_reply(message))
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # shutdown: counting a large body's entries or the handling was cut short
             await self._settler.return_to_queue(message)
             raise
         if this is not None:
@@ -212,6 +219,25 @@ class Consumer:
             await self._settler.return_to_queue(message)
             return
         self._report(Settled(ids, outcome, done, (time.monotonic() - received.monotonic) * 1000))
+
+    async def _decoded(
+        self, message: AbstractIncomingMessage, received: Received
+    ) -> tuple[InferenceRequest | Malformed, RequestIds, DeliveryContext]:
+        """The delivery's request (or why there is none), its ids and what its headers say; logs and spans learn
+        the ids here."""
+        decoded = self._admitted(await decode(message.body, self._max_body_bytes, self._max_body_entries), message)
+        request = decoded if isinstance(decoded, InferenceRequest) else None
+        believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
+        ctx = delivery_context(message, believed, received)
+        ids = _ids(decoded)
+        this = asyncio.current_task()
+        if this is not None and this in self._working:
+            self._working[this] = ids.request_id
+        structlog.contextvars.bind_contextvars(
+            request_id=ids.request_id, tenant_id=ids.tenant_id, task=ids.task, attempt=ctx.attempts + 1
+        )
+        self._tracing.annotate_delivery(ids, ctx.attempts + 1)
+        return decoded, ids, ctx
 
     def _admitted(
         self, decoded: InferenceRequest | Malformed, message: AbstractIncomingMessage

@@ -15,13 +15,14 @@ from worker.broker.acks import ACK_TIMEOUT_S, Acknowledger
 from worker.broker.copies import copy_body, copy_properties, lineage_headers, publisher_headers
 from worker.broker.header_trust import HeaderTrust
 from worker.broker.headers import read_count
-from worker.broker.limits import ERROR_MESSAGE_LIMIT, MAX_BODY_BYTES, bounded_headers
+from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, ERROR_MESSAGE_LIMIT, MAX_BODY_BYTES, bounded_headers
 from worker.broker.publish import PERSISTENT, Properties, publish
 from worker.handling import history
 from worker.handling.outcome import (
     DeadLetter,
     DeadLetterReason,
     Defer,
+    MalformedCode,
     Outcome,
     Reply,
     RequestIds,
@@ -239,7 +240,9 @@ class Settler:
             headers[Header.LAST_PROVIDER_ERROR_MESSAGE] = redact_text(last.message)[:ERROR_MESSAGE_LIMIT]
         if dead.history:  # else the history it arrived with (vouched for) travels on
             headers[Header.HISTORY] = history.encode(dead.history)
-        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, dead_letter=True)
+        # A body refused as too large (in bytes or entries) is not read in full again: the copy keeps a prefix.
+        too_large = dead.error.code == MalformedCode.BODY_TOO_LARGE
+        await self._publish_copy(delivery, ids, self._topology.dead, "", headers, dead_letter=True, prefix=too_large)
 
     async def _reroute(self, delivery: AbstractIncomingMessage, outcome: Reroute, ids: RequestIds) -> SettleResult:
         headers: dict[str, Any] = {
@@ -312,11 +315,13 @@ class Settler:
         extra: dict[str, Any],
         *,
         dead_letter: bool = False,
+        prefix: bool = False,
     ) -> None:
         """Republish the original body and properties with extra headers. The body is otherwise never changed,
-        only cut to a prefix when it is over the size limit (and masked in a dead letter); publisher headers
-        are left off when they would not fit."""
-        body, about_body = await copy_body(delivery.body, self._max_body_bytes, dead_letter=dead_letter)
+        only cut to a prefix when it is over the size limit or `prefix` asks (and masked in a dead letter);
+        publisher headers are left off when they would not fit."""
+        limit = min(self._max_body_bytes, DEAD_LETTER_BODY_PREFIX_BYTES) if prefix else self._max_body_bytes
+        body, about_body = await copy_body(delivery.body, limit, dead_letter=dead_letter)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         ours = {
             **self.trust.believed(delivery.headers, ids.request_id),
