@@ -105,7 +105,8 @@ def target_argv(mode: str, ns: Namespace, prefetch: int, provider_url: str) -> l
 
 @dataclass
 class Drain:
-    """What one process did with a preloaded queue: reply arrival times, its CPU seconds and peak RSS."""
+    """What one process did with a preloaded queue: reply arrival times, its CPU seconds from the first tenth of
+    the replies to the last (start-up and warm-up excluded, as from the rate), and its peak RSS."""
 
     arrivals: list[float]
     cpu_s: float
@@ -129,9 +130,13 @@ async def drain(
     await preload(ns, bodies, replies.name)
     arrivals: list[float] = []
     finished = asyncio.Event()
+    warm = max(1, count // 10)
+    cpu_ns: list[int] = []  # at the first tenth of the replies, and at the last
 
     async def on_reply(message: AbstractIncomingMessage) -> None:
         arrivals.append(time.perf_counter())
+        if len(arrivals) in (warm, count):
+            cpu_ns.append(thread_cpu_ns(target.pid))
         if len(arrivals) >= count:
             finished.set()
 
@@ -141,7 +146,6 @@ async def drain(
     spy = None
     try:
         await target.ready(ready)
-        cpu_before = thread_cpu_ns(target.pid)
         if profile_to is not None and (py_spy := _py_spy()):
             spy = await asyncio.create_subprocess_exec(
                 *(py_spy, "record", "--pid", str(target.pid), "--format", "raw", "--rate", "250", "--nonblocking"),
@@ -150,7 +154,7 @@ async def drain(
                 stderr=asyncio.subprocess.DEVNULL,
             )
         await asyncio.wait_for(finished.wait(), timeout=timeout_s)
-        cpu = (thread_cpu_ns(target.pid) - cpu_before) / 1e9
+        cpu = (cpu_ns[-1] - cpu_ns[0]) / 1e9
         peak = rss_kib(target.pid)[1] / 1024
     finally:
         await target.stop()
@@ -173,9 +177,9 @@ async def _one_run(
     """(msg/s after the first tenth, CPU ms per message, peak RSS MiB, GC CPU ms per message) of one drain."""
     bodies = [(f"{run}-{i}", padded_body("acme", f"tp-{run}-{i}")) for i in range(count)]
     d = await drain(ns, argv, ready, bodies, log, profile_to, timeout_s=max(120.0, count / 50))
-    warm = count // 10  # the first tenth includes process start-up and connection set-up
+    warm = max(1, count // 10)  # the first tenth includes process start-up and connection set-up
     gc_ms = d.gc_cpu_ms / count if d.gc_cpu_ms is not None else None
-    return (count - warm) / (d.arrivals[-1] - d.arrivals[warm - 1]), d.cpu_s * 1000 / count, d.peak_mib, gc_ms
+    return (count - warm) / (d.arrivals[-1] - d.arrivals[warm - 1]), d.cpu_s * 1000 / (count - warm), d.peak_mib, gc_ms
 
 
 def parse_variants(specs: Sequence[str]) -> dict[str, list[str]]:
