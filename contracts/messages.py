@@ -71,10 +71,10 @@ class InferenceRequest(Contract):
     deadline: datetime | None = Field(
         default=None, description="Absolute time (ISO 8601 with offset) after which no answer is useful."
     )
-    tools: list[ToolDeclaration] | None = Field(default=None, max_length=128)
+    tools: list[ToolDeclaration] | None = Field(default=None, max_length=128, fail_fast=True)
     max_output_tokens: int | None = Field(default=None, ge=1, le=65_536)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    messages: list[ChatMessage] | None = Field(default=None, max_length=500)
+    messages: list[ChatMessage] | None = Field(default=None, max_length=500, fail_fast=True)
     provider: ProviderSettings | None = Field(
         default=None,
         description=(

@@ -3,6 +3,7 @@
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -14,8 +15,15 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceRequest, Status
+from worker.broker.entries_in_flight import EntriesInFlight
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
-from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, count_entries, entries_may_exceed
+from worker.broker.limits import (
+    MAX_BODY_BYTES,
+    MAX_BODY_ENTRIES,
+    MAX_ENTRIES_IN_FLIGHT,
+    count_entries,
+    structural_characters,
+)
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
 from worker.handling import replies
@@ -49,22 +57,35 @@ class Settled:
     duration_ms: float
 
 
+async def measure(
+    body: bytes,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_entries: int = MAX_BODY_ENTRIES,
+    counter: Executor | None = None,
+) -> int | Malformed:
+    """How many entries `body` holds (at most; exactly for one whose quick bound is over `max_entries`), or why
+    it is refused unread. Exact counts run on `counter` (the loop's default executor if None)."""
+    if len(body) > max_body_bytes:
+        return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
+    entries = structural_characters(body)
+    if entries <= max_entries:
+        return entries
+    entries = await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, max_entries)
+    if entries <= max_entries:
+        return entries
+    return Malformed(
+        MalformedCode.BODY_TOO_LARGE,
+        f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
+        f"{max_entries:,}",
+    )
+
+
 async def decode(
     body: bytes, max_body_bytes: int = MAX_BODY_BYTES, max_entries: int = MAX_BODY_ENTRIES
 ) -> InferenceRequest | Malformed:
-    """The request in `body`, or why there is none. A body over either bound is refused before it is read."""
-    if len(body) > max_body_bytes:
-        return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
-    if (
-        entries_may_exceed(body, max_entries)
-        and await asyncio.to_thread(count_entries, body, max_entries) > max_entries
-    ):
-        return Malformed(
-            MalformedCode.BODY_TOO_LARGE,
-            f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
-            f"{max_entries:,}",
-        )
-    return validate(body)
+    """The request in `body`, or why there is none."""
+    measured = await measure(body, max_body_bytes, max_entries)
+    return measured if isinstance(measured, Malformed) else validate(body)
 
 
 def validate(body: bytes) -> InferenceRequest | Malformed:
@@ -148,6 +169,7 @@ class Consumer:
         publishers: PublisherRules | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_body_entries: int = MAX_BODY_ENTRIES,
+        max_entries_in_flight: int = MAX_ENTRIES_IN_FLIGHT,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
@@ -158,6 +180,10 @@ class Consumer:
         self._publishers = publishers or PublisherRules()
         self._max_body_bytes = max_body_bytes
         self._max_body_entries = max_body_entries
+        # One thread counts large bodies' entries, one body at a time: however many arrive, the event loop
+        # competes with one counting thread for the GIL, and no other work queues behind them on a shared pool.
+        self._entry_counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-body-entries")
+        self.entries_in_flight = EntriesInFlight(max_entries_in_flight)
         self._tag: str | None = None
         # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
         self._working: dict[asyncio.Task[None], str | None] = {}
@@ -193,14 +219,29 @@ class Consumer:
             await self._process_in_span(message, received)
 
     async def _process_in_span(self, message: AbstractIncomingMessage, received: Received) -> None:
+        try:
+            measured = await measure(message.body, self._max_body_bytes, self._max_body_entries, self._entry_counter)
+            entries = 0 if isinstance(measured, Malformed) else measured
+            await self.entries_in_flight.acquire(entries)
+        except asyncio.CancelledError:  # shutdown, while a large body was counted or waited for its turn
+            await self._settler.return_to_queue(message)
+            raise
+        try:
+            await self._handle_and_settle(message, received, measured)
+        finally:
+            self.entries_in_flight.release(entries)
+
+    async def _handle_and_settle(
+        self, message: AbstractIncomingMessage, received: Received, measured: int | Malformed
+    ) -> None:
         this = asyncio.current_task()
         try:
-            decoded, ids, ctx = await self._decoded(message, received)
+            decoded, ids, ctx = self._decoded(message, received, measured)
             if isinstance(decoded, InferenceRequest):
                 outcome = await self._handle(decoded, ctx)
             else:
                 outcome = _rejected(decoded, ctx, reply=self._may_reply(message))
-        except asyncio.CancelledError:  # shutdown: counting a large body's entries or the handling was cut short
+        except asyncio.CancelledError:  # shutdown cut the handling short
             await self._settler.return_to_queue(message)
             raise
         if this is not None:
@@ -220,12 +261,12 @@ class Consumer:
             return
         self._report(Settled(ids, outcome, done, (time.monotonic() - received.monotonic) * 1000))
 
-    async def _decoded(
-        self, message: AbstractIncomingMessage, received: Received
+    def _decoded(
+        self, message: AbstractIncomingMessage, received: Received, measured: int | Malformed
     ) -> tuple[InferenceRequest | Malformed, RequestIds, DeliveryContext]:
         """The delivery's request (or why there is none), its ids and what its headers say; logs and spans learn
         the ids here."""
-        decoded = self._admitted(await decode(message.body, self._max_body_bytes, self._max_body_entries), message)
+        decoded = self._admitted(measured if isinstance(measured, Malformed) else validate(message.body), message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
         ctx = delivery_context(message, believed, received)
@@ -318,6 +359,7 @@ class Consumer:
         if self._settling:
             await asyncio.wait(set(self._settling))
         await self._settler.flush_acks()
+        self._entry_counter.shutdown(wait=False, cancel_futures=True)
         return list(unfinished.values())
 
 
