@@ -127,8 +127,6 @@ class WorkerApp:
         """Gauges read at scrape time, so the hot path never updates them."""
         metrics = self.metrics
         metrics.in_flight.set_function(lambda: self.consumer.in_flight if self.consumer else 0)
-        metrics.entries_in_flight.set_function(lambda: self.consumer.entries_in_flight.held if self.consumer else 0)
-        metrics.entries_waiting.set_function(lambda: self.consumer.entries_in_flight.waiting if self.consumer else 0)
         metrics.consuming.set_function(lambda: 1 if self.consumer is not None and self.consumer.consuming else 0)
         metrics.ready.set_function(lambda: 1 if all(self.checks().values()) else 0)
         metrics.tenants.set_function(lambda: len(self.registry.tenants()))
@@ -263,7 +261,6 @@ class WorkerApp:
             publishers=settings.publishers,
             max_body_bytes=settings.max_body_bytes,
             max_body_entries=settings.max_body_entries,
-            max_entries_in_flight=settings.max_entries_in_flight,
             tracing=tracing,
         )
 

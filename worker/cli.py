@@ -53,13 +53,6 @@ def _add_security_flags(run: argparse.ArgumentParser) -> None:
         "event loop (default: %(default)s)",
     )
     run.add_argument(
-        "--max-entries-in-flight",
-        type=_positive_int,
-        default=WorkerSettings.max_entries_in_flight,
-        help="most entries of all requests being handled at once (memory and collector time); a delivery past it "
-        "waits its turn before it is validated (default: %(default)s)",
-    )
-    run.add_argument(
         "--header-key",
         metavar="env:NAME|file:/path",
         help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
@@ -90,7 +83,6 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_body_bytes": args.max_body_bytes,
         "max_body_entries": args.max_body_entries,
-        "max_entries_in_flight": args.max_entries_in_flight,
         "header_key": args.header_key,
         "publishers": publishers,
     }

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts import DEFAULT_ATLAS_CLOUD_EXCHANGE, DEFAULT_NAMESPACE, Topology
-from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, MAX_ENTRIES_IN_FLIGHT
+from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES
 from worker.broker.publishers import PublisherRules
 from worker.handling.ladder import RetryLadder
 from worker.providers.breaker import BreakerPolicy
@@ -40,7 +40,6 @@ class WorkerSettings:
     connect_timeout_s: float = 15.0  # for the first broker connection; later reconnects are the library's
     max_body_bytes: int = MAX_BODY_BYTES
     max_body_entries: int = MAX_BODY_ENTRIES
-    max_entries_in_flight: int = MAX_ENTRIES_IN_FLIGHT
     header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
     publishers: PublisherRules = field(default_factory=PublisherRules)
     loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled

@@ -88,7 +88,6 @@ class FakeOpenAI:
     context_window: int | None = None  # tokens, counted as the JSON bytes of the prompt / 4
     tools: ToolSupport = "native"
     quote_refused_key: bool = False  # a 401 that quotes the key it refused, as some gateways and proxies do
-    gate: asyncio.Event | None = None  # while set to an Event, each accepted request waits for it to open
     _runner: web.AppRunner | None = None
     base_url: str = ""
 
@@ -140,8 +139,6 @@ class FakeOpenAI:
             )
         self.requests.append(body)
         self.request_times.append(time.monotonic())
-        if self.gate is not None:
-            await self.gate.wait()
         fault = self.faults.popleft() if self.faults else self.always
         if fault is None and self.fault_for is not None:
             fault = self.fault_for(body)

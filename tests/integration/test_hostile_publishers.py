@@ -19,8 +19,8 @@ from tests.broker import AmqpUser, BrokerClient, broker_client, collect, drain_n
 from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
-from tests.ops.scrape import Samples, free_port, scrape, scrape_until
-from tests.scene import Scene, open_scene, until
+from tests.ops.scrape import Samples, free_port, scrape
+from tests.scene import Scene, open_scene
 from worker.broker.amqp_url import login_user
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
 from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_BODY_ENTRIES, MAX_COUNT
@@ -155,37 +155,6 @@ async def test_4_mib_of_tiny_entries_is_refused_unread_and_never_stalls_other_te
     taken, under = scraped.loop_lags(MAX_LOOP_LAG_S)
     assert taken > 0
     assert under == taken, f"the event loop lagged more than {MAX_LOOP_LAG_S}s:\n{scraped.text}"
-
-
-async def test_large_requests_beyond_the_entries_in_flight_wait_and_small_ones_pass_them(
-    amqp_url: str, topology: Topology, tenants_dir: Path, client: BrokerClient, fake_openai: FakeOpenAI
-) -> None:
-    def large(request_id: str) -> dict[str, Any]:
-        request = samples.request("acme", request_id=request_id)
-        request["incident"]["alerts"] = [{"name": f"alert-{n}"} for n in range(20_000)]  # 40,000 entries
-        return request
-
-    port = free_port()
-    settings = {"metrics_port": port, "max_entries_in_flight": 50_000}
-    fake_openai.gate = asyncio.Event()  # the provider holds every call: the first large request keeps its entries
-    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, **settings) as scene:
-        await scene.tenant("acme")
-        await scene.tenant("beta")
-        for n in range(3):
-            await client.publish_request(large(f"large-{n}"), reply_to=scene.replies.name)
-        await scrape_until(port, lambda s: s.value("atlas_worker_entries_waiting") == 2)
-        for n in range(3):
-            await client.publish_request(samples.request("beta", request_id=f"small-{n}"), reply_to=scene.replies.name)
-        await until(lambda: len(fake_openai.requests) == 4, what="the small requests past the waiting large ones")
-        held = await scrape(port)
-        fake_openai.gate.set()
-        for request_id in [f"large-{n}" for n in range(3)] + [f"small-{n}" for n in range(3)]:
-            await scene.settled(request_id)
-        left = await scene.leftovers()
-
-    assert 40_000 < held.value("atlas_worker_entries_in_flight") <= 50_000  # one large request and the small ones
-    assert held.value("atlas_worker_entries_waiting") == 2
-    assert sorted(json_body(m)["status"] for m in left.replies) == ["ok"] * 6
 
 
 async def test_oversized_worker_headers_beside_a_forged_x_death_do_not_drop_the_connection(scene: Scene) -> None:

@@ -15,15 +15,8 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceRequest, Status
-from worker.broker.entries_in_flight import EntriesInFlight
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
-from worker.broker.limits import (
-    MAX_BODY_BYTES,
-    MAX_BODY_ENTRIES,
-    MAX_ENTRIES_IN_FLIGHT,
-    count_entries,
-    structural_characters,
-)
+from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, count_entries, entries_may_exceed
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
 from worker.handling import replies
@@ -57,35 +50,26 @@ class Settled:
     duration_ms: float
 
 
-async def measure(
+async def decode(
     body: bytes,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_entries: int = MAX_BODY_ENTRIES,
     counter: Executor | None = None,
-) -> int | Malformed:
-    """How many entries `body` holds (at most; exactly for one whose quick bound is over `max_entries`), or why
-    it is refused unread. Exact counts run on `counter` (the loop's default executor if None)."""
+) -> InferenceRequest | Malformed:
+    """The request in `body`, or why there is none. A body over either bound is refused before it is read; its
+    entries, when a quick look cannot rule out too many, are counted on `counter` (the loop's default if None)."""
     if len(body) > max_body_bytes:
         return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
-    entries = structural_characters(body)
-    if entries <= max_entries:
-        return entries
-    entries = await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, max_entries)
-    if entries <= max_entries:
-        return entries
-    return Malformed(
-        MalformedCode.BODY_TOO_LARGE,
-        f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
-        f"{max_entries:,}",
-    )
-
-
-async def decode(
-    body: bytes, max_body_bytes: int = MAX_BODY_BYTES, max_entries: int = MAX_BODY_ENTRIES
-) -> InferenceRequest | Malformed:
-    """The request in `body`, or why there is none."""
-    measured = await measure(body, max_body_bytes, max_entries)
-    return measured if isinstance(measured, Malformed) else validate(body)
+    if (
+        entries_may_exceed(body, max_entries)
+        and await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, max_entries) > max_entries
+    ):
+        return Malformed(
+            MalformedCode.BODY_TOO_LARGE,
+            f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
+            f"{max_entries:,}",
+        )
+    return validate(body)
 
 
 def validate(body: bytes) -> InferenceRequest | Malformed:
@@ -169,7 +153,6 @@ class Consumer:
         publishers: PublisherRules | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_body_entries: int = MAX_BODY_ENTRIES,
-        max_entries_in_flight: int = MAX_ENTRIES_IN_FLIGHT,
         tracing: Tracing = NO_TRACING,
     ) -> None:
         self._queue = queue
@@ -183,7 +166,6 @@ class Consumer:
         # One thread counts large bodies' entries, one body at a time: however many arrive, the event loop
         # competes with one counting thread for the GIL, and no other work queues behind them on a shared pool.
         self._entry_counter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-body-entries")
-        self.entries_in_flight = EntriesInFlight(max_entries_in_flight)
         self._tag: str | None = None
         # Handling, cancellable on shutdown; each with its request id once decoded (None if it has none).
         self._working: dict[asyncio.Task[None], str | None] = {}
@@ -219,31 +201,20 @@ class Consumer:
             await self._process_in_span(message, received)
 
     async def _process_in_span(self, message: AbstractIncomingMessage, received: Received) -> None:
-        try:
-            measured = await measure(message.body, self._max_body_bytes, self._max_body_entries, self._entry_counter)
-            entries = 0 if isinstance(measured, Malformed) else measured
-            await self.entries_in_flight.acquire(entries)
-        except asyncio.CancelledError:  # shutdown, while a large body was counted or waited for its turn
-            await self._settler.return_to_queue(message)
-            raise
-        try:
-            await self._handle_and_settle(message, received, measured)
-        finally:
-            self.entries_in_flight.release(entries)
-
-    async def _handle_and_settle(
-        self, message: AbstractIncomingMessage, received: Received, measured: int | Malformed
-    ) -> None:
         this = asyncio.current_task()
         try:
-            decoded, ids, ctx = self._decoded(message, received, measured)
+            decoded, ids, ctx = await self._decoded(message, received)
             if isinstance(decoded, InferenceRequest):
                 outcome = await self._handle(decoded, ctx)
             else:
                 outcome = _rejected(decoded, ctx, reply=self._may_reply(message))
-        except asyncio.CancelledError:  # shutdown cut the handling short
+        except asyncio.CancelledError:  # shutdown: counting a large body's entries or the handling was cut short
             await self._settler.return_to_queue(message)
             raise
+        except Exception:  # reading it failed (the handler's own errors become replies): never left unsettled
+            log.exception("delivery_failed")
+            await self._settler.return_to_queue(message)
+            return
         if this is not None:
             # Settled in this same task, not one of its own: from here on shutdown waits for it, never cancels it.
             self._working.pop(this, None)
@@ -261,12 +232,13 @@ class Consumer:
             return
         self._report(Settled(ids, outcome, done, (time.monotonic() - received.monotonic) * 1000))
 
-    def _decoded(
-        self, message: AbstractIncomingMessage, received: Received, measured: int | Malformed
+    async def _decoded(
+        self, message: AbstractIncomingMessage, received: Received
     ) -> tuple[InferenceRequest | Malformed, RequestIds, DeliveryContext]:
         """The delivery's request (or why there is none), its ids and what its headers say; logs and spans learn
         the ids here."""
-        decoded = self._admitted(measured if isinstance(measured, Malformed) else validate(message.body), message)
+        decoded = await decode(message.body, self._max_body_bytes, self._max_body_entries, self._entry_counter)
+        decoded = self._admitted(decoded, message)
         request = decoded if isinstance(decoded, InferenceRequest) else None
         believed = self._settler.trust.believed(message.headers, request.request_id if request else None)
         ctx = delivery_context(message, believed, received)

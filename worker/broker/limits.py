@@ -12,11 +12,9 @@ from contracts import Header
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 # Entries (object members and array elements) a request body may hold (`--max-body-entries`). Validation holds
 # the GIL, so no thread can take it off the event loop, and its time follows the entries, not the bytes: 4 MiB of
-# tiny alerts is 680,000 entries and takes 0.6-1.5 s. At this bound the worst valid body takes about 50 ms (an
-# invalid one less: each collection stops at its first bad item).
+# tiny alerts is 680,000 entries and takes 0.6-1.5 s. At this bound the worst body takes about 50-100 ms, valid or
+# not (each collection stops at its first bad item, but what comes before it is parsed and validated).
 MAX_BODY_ENTRIES: Final = 100_000
-# Entries of every request in flight together (`--max-entries-in-flight`): see `EntriesInFlight`.
-MAX_ENTRIES_IN_FLIGHT: Final = 500_000
 # What a dead letter keeps of a body over the limit: enough to see what it was, never the whole thing.
 DEAD_LETTER_BODY_PREFIX_BYTES: Final = 64 * 1024
 # RabbitMQ's default frame_max. All of a message's properties travel in one content-header frame, and a
@@ -85,9 +83,10 @@ _QUOTE: Final = ord('"')
 _NOT_STRUCTURAL: Final = bytes(set(range(256)) - set(b"{[,"))
 
 
-def structural_characters(body: bytes) -> int:
-    """Braces, brackets and commas anywhere in `body`: at least as many as its entries, in one pass."""
-    return len(body.translate(None, _NOT_STRUCTURAL))
+def entries_may_exceed(body: bytes, limit: int) -> bool:
+    """False when `body` cannot hold more than `limit` entries: it has no more braces, brackets and commas,
+    wherever they are. One pass, cheap enough for every delivery, and exact enough for nearly all of them."""
+    return len(body) > limit and len(body.translate(None, _NOT_STRUCTURAL)) > limit
 
 
 def count_entries(body: bytes, stop_after: int, window: int = SCAN_WINDOW_BYTES) -> int:
@@ -96,6 +95,8 @@ def count_entries(body: bytes, stop_after: int, window: int = SCAN_WINDOW_BYTES)
     entries can hold (two per member and one more), valid JSON or not. Linear in the body's length, with one
     Python step per entry, string and window, and at most `window` bytes read per regex call: on a thread, the
     event loop gets the GIL back within a switch interval."""
+    if window < 2:  # a window must hold a backslash and what it escapes
+        raise ValueError(f"window is {window} bytes; it must be at least 2")
     entries = strings = position = 0
     end = len(body)
     while position < end and entries <= stop_after:

@@ -97,16 +97,6 @@ class Metrics:
     def _declare_worker_state(self, r: CollectorRegistry) -> None:
         """Gauges of the worker's own state, read at scrape time, and the tenant source's faults."""
         self.in_flight = Gauge("atlas_worker_in_flight", "Deliveries being handled right now.", registry=r)
-        self.entries_in_flight = Gauge(
-            "atlas_worker_entries_in_flight",
-            "JSON entries of the requests being handled, bounded by --max-entries-in-flight.",
-            registry=r,
-        )
-        self.entries_waiting = Gauge(
-            "atlas_worker_entries_waiting",
-            "Deliveries waiting for the requests in flight to hold fewer entries before they are validated.",
-            registry=r,
-        )
         self.consuming = Gauge("atlas_worker_consuming", "1 while this worker consumes the requests queue.", registry=r)
         self.ready = Gauge("atlas_worker_ready", "1 while /readyz answers 200.", registry=r)
         self.tenants = Gauge("atlas_worker_tenants_loaded", "Tenant configurations loaded.", registry=r)
