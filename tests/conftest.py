@@ -6,6 +6,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -185,11 +186,20 @@ async def start_worker(settings: WorkerSettings, **options: Any) -> RunningWorke
     return RunningWorker(app, task)
 
 
+@asynccontextmanager
+async def running_worker(settings: WorkerSettings, **options: Any) -> AsyncIterator[RunningWorker]:
+    """A worker started with `settings` (and `WorkerApp`'s `options`), stopped on leaving however the block ends."""
+    running = await start_worker(settings, **options)
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
 @pytest.fixture
 async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
-    yield running
-    await running.stop()
+    async with running_worker(worker_settings(amqp_url, topology, tenants_dir)) as running:
+        yield running
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from contracts import Topology
 from tests.broker import BrokerClient, drain_now
-from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.conftest import RunningWorker, running_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI
 from worker.app import WorkerApp
 from worker.broker.consumer import Settled
@@ -174,8 +174,8 @@ async def open_scene(
 ) -> AsyncIterator[Scene]:
     """A scene on a worker started with `worker_settings(..., **overrides)`; the worker stops on leaving."""
     settlements = Settlements()
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, **overrides), on_settled=settlements)
-    try:
+    settings = worker_settings(amqp_url, topology, tenants_dir, **overrides)
+    async with running_worker(settings, on_settled=settlements) as running:
         retry = await client.channel.declare_queue("", exclusive=True)
         retry_exchange = await client.channel.get_exchange(topology.retry)
         for level in range(running.app.settings.ladder.levels):
@@ -184,5 +184,3 @@ async def open_scene(
         dead = await client.channel.get_queue(topology.dead)
         replies = await client.reply_queue()
         yield Scene(client, running, fake, tenants_dir, replies, retry, cloud, dead, settlements)
-    finally:
-        await running.stop()

@@ -8,7 +8,7 @@ import pytest
 from contracts import InferenceReply, Status, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect
-from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.conftest import RunningWorker, running_worker, worker_settings, write_tenant
 from tests.fakes.hostile_server import HostileServer, gzip_bomb, gzip_response, redirect
 from tests.scene import tenants_reloaded
 
@@ -19,9 +19,8 @@ CAP = 64 * 1024
 @pytest.fixture
 async def capped_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
     """The worker as `atlas-worker run --max-response-bytes 65536` starts it."""
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, max_response_bytes=CAP))
-    yield running
-    await running.stop()
+    async with running_worker(worker_settings(amqp_url, topology, tenants_dir, max_response_bytes=CAP)) as running:
+        yield running
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from contracts import Header, InferenceReply, Status, Topology
 from tests import samples
 from tests.broker import BrokerClient, collect
-from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.conftest import RunningWorker, running_worker, worker_settings, write_tenant
 from tests.fakes.fixtures import VertexFake, fake_vertex  # noqa: F401
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
@@ -82,11 +82,9 @@ async def test_a_401_body_quoting_the_key_reaches_no_reply_header_or_dlq_output(
 
 @pytest.fixture
 async def breaking_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
-    running = await start_worker(
-        worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
-    )
-    yield running
-    await running.stop()
+    settings = worker_settings(amqp_url, topology, tenants_dir, breaker=BreakerPolicy(min_calls=1, cooldown_s=60))
+    async with running_worker(settings) as running:
+        yield running
 
 
 async def test_credentials_in_endpoint_urls_reach_no_reply_log_line_or_report(
@@ -214,9 +212,9 @@ async def test_stored_tenant_with_an_unset_variable_is_not_reported_reachable(
 @pytest.fixture
 async def draft_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
     """A worker whose drafts may reach the loopback fakes (a range the operator allows, as a private one)."""
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=("127.0.0.0/8",)))
-    yield running
-    await running.stop()
+    settings = worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=("127.0.0.0/8",))
+    async with running_worker(settings) as running:
+        yield running
 
 
 async def test_a_drafts_literal_key_is_masked_in_its_own_report_and_nowhere_else(

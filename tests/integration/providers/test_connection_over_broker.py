@@ -8,7 +8,7 @@ import pytest
 
 from contracts import InferenceReply, Status, Topology
 from tests.broker import BrokerClient, collect
-from tests.conftest import RunningWorker, start_worker, worker_settings
+from tests.conftest import RunningWorker, running_worker, worker_settings
 from tests.fakes.azure_openai_server import FakeAzureOpenAI
 from tests.fakes.fixtures import AWS_KEY_ID, AWS_SECRET, AZURE_KEY, AwsFakes, VertexFake, write_provider_tenant
 from tests.fakes.hostile_server import HostileServer, redirect
@@ -23,9 +23,8 @@ LOOPBACK = ("127.0.0.0/8", "::1/128")
 
 @pytest.fixture
 async def worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=LOOPBACK))
-    yield running
-    await running.stop()
+    async with running_worker(worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=LOOPBACK)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -40,9 +39,8 @@ async def scene(
 @pytest.fixture
 async def default_worker(amqp_url: str, topology: Topology, tenants_dir: Path) -> AsyncIterator[RunningWorker]:
     """The worker as it starts without --allow-draft-cidr."""
-    running = await start_worker(worker_settings(amqp_url, topology, tenants_dir))
-    yield running
-    await running.stop()
+    async with running_worker(worker_settings(amqp_url, topology, tenants_dir)) as running:
+        yield running
 
 
 def connection_request(tenant_id: str, provider: dict[str, Any] | None = None) -> dict[str, Any]:
