@@ -76,6 +76,16 @@ def amqp_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def other_user(amqp_url: str) -> Iterator[AmqpUser]:
     """A publisher's own AMQP user, not the worker's (skips locally where it cannot be made, fails in CI)."""
+    yield from _made_user(amqp_url)
+
+
+@pytest.fixture
+def third_user(amqp_url: str) -> Iterator[AmqpUser]:
+    """Another publisher's user, neither the worker's nor `other_user`."""
+    yield from _made_user(amqp_url)
+
+
+def _made_user(amqp_url: str) -> Iterator[AmqpUser]:
     user = add_user(amqp_url)
     if user is None:
         unavailable("cannot add an AMQP user: the broker is not local or rabbitmqctl is missing")

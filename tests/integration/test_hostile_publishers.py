@@ -410,6 +410,37 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     assert {json_body(m)["request_id"] for m in refused} == {"anonymous", "other-tenant", "injected"}
 
 
+async def test_a_user_the_rules_do_not_list_is_refused_as_a_publisher_whatever_its_body(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    other_user: AmqpUser,
+    third_user: AmqpUser,
+) -> None:
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    rules = PublisherRules.parse([f"{other_user.name}=acme"], [])
+    async with (
+        publishing_as(other_user, rules, amqp_url, topology, tenants_dir, client, fake_openai) as (scene, send),
+        broker_client(third_user.url, topology) as unlisted,
+    ):
+        # Not JSON, and over the byte limit: from a user the rules do not list, neither is read as a request.
+        as_unlisted = {"user_id": third_user.name, "reply_to": scene.replies.name}
+        await publish(unlisted, b"{not json", correlation_id="bad", **as_unlisted)
+        huge = b'{"request_id": "huge", "padding": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+        await publish(unlisted, huge, correlation_id="huge", **as_unlisted)
+        await send(b"{listed but not json", correlation_id="listed")
+        for _ in range(3):
+            await scene.settled(None)
+        left = await scene.leftovers()
+
+    answered = {m.correlation_id: json_body(m)["error"]["code"] for m in left.replies}
+    assert answered == {"bad": "publisher_refused", "huge": "publisher_refused", "listed": "invalid_json"}
+    reasons = sorted(str(m.headers[Header.REASON]) for m in left.dead)
+    assert reasons == ["malformed", "publisher_refused", "publisher_refused"]
+
+
 async def test_the_broker_refuses_a_user_id_that_is_not_the_connections_user(
     amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
 ) -> None:

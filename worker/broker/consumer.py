@@ -258,8 +258,16 @@ class Consumer:
         """The request, unless the operator's publisher rules refuse who sent it, for whom, or where to reply.
         What the worker published itself (a retry, a deferral, a replay) carries the user the settler publishes
         as, so the copies it makes come back in as their originals did."""
-        if not isinstance(decoded, InferenceRequest) or not self._publishers.active:
+        if not self._publishers.active:
             return decoded
+        if isinstance(decoded, Malformed):  # not a request: only who sent it can be checked
+            refused = self._publishers.user_refusal(message.user_id, worker_user=self._settler.worker_user)
+            if refused is None:
+                return decoded
+            log.warning("publisher_refused", user_id=message.user_id, reason=refused)
+            return Malformed(
+                MalformedCode.PUBLISHER_REFUSED, refused, decoded.request_id, decoded.tenant_id, decoded.task
+            )
         refusal = self._publishers.refusal(
             message.user_id, decoded.tenant_id, message.reply_to, worker_user=self._settler.worker_user
         )
