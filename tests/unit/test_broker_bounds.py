@@ -61,6 +61,8 @@ def test_counts_read_from_headers_are_clamped(value: Any, expected: int) -> None
 
 def test_a_body_over_the_limit_is_cut_to_a_prefix_with_headers_saying_so() -> None:
     assert bounded_body(b"small", 10) == (b"small", {})
+    # Over a limit set below the prefix's size: the prefix is the whole body, so nothing says it was cut.
+    assert bounded_body(b"x" * 5_000, 1_000) == (b"x" * 5_000, {})
     body, cut = bounded_body(b"x" * 200_000, 100_000)
     assert len(body) < 100_000
     assert cut == {Header.BODY_TRUNCATED: True, Header.ORIGINAL_BODY_BYTES: 200_000}

@@ -69,7 +69,7 @@ def bounded_headers(publisher: Mapping[str, Any], ours: Mapping[str, Any]) -> di
 def bounded_body(body: bytes, limit: int) -> tuple[bytes, dict[str, Any]]:
     """The body to republish and the headers that say it was cut: a body over `limit` keeps a prefix."""
 
-    if len(body) <= limit:
+    if len(body) <= max(limit, DEAD_LETTER_BODY_PREFIX_BYTES):  # within the limit, or as short as a prefix
         return body, {}
     return body[:DEAD_LETTER_BODY_PREFIX_BYTES], {Header.BODY_TRUNCATED: True, Header.ORIGINAL_BODY_BYTES: len(body)}
 
