@@ -224,7 +224,10 @@ def _add_run(commands: _Commands) -> None:
         help=TENANTS_HELP,
     )
     run.add_argument(
-        "--prefetch", type=int, default=WorkerSettings.prefetch, help="deliveries in flight (default: %(default)s)"
+        "--prefetch",
+        type=_positive_int,  # 0 would be AMQP's "no limit": the whole queue delivered to one worker
+        default=WorkerSettings.prefetch,
+        help="deliveries in flight (default: %(default)s)",
     )
     run.add_argument(
         "--atlas-cloud-exchange",
@@ -360,15 +363,22 @@ def _add_topology(commands: _Commands) -> None:
         sub.set_defaults(func=_topology)
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _whole_number(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text} is negative")
     return value

@@ -123,12 +123,16 @@ async def test_metrics_port_in_use_is_one_line_with_its_own_exit_code(
     assert_one_line_error(result, ExitCode.METRICS_PORT_IN_USE, f"127.0.0.1:{held_port}", "in use")
 
 
-async def test_invalid_flags_exit_2_without_a_traceback() -> None:
-    result = await atlas_worker("run", "--prefetch", "many")
+@pytest.mark.parametrize(
+    ("value", "why"), [("many", "'many' is not a whole number"), ("0", "0 is not a positive number")]
+)
+async def test_invalid_flags_exit_2_without_a_traceback(value: str, why: str) -> None:
+    # --prefetch 0 would be AMQP's "no limit": every message in the queue delivered to this one worker.
+    result = await atlas_worker("run", "--prefetch", value)
 
     assert result.code == 2  # argparse's own code, which ExitCode.USAGE names
     assert "Traceback" not in result.output
-    assert "argument --prefetch: invalid int value: 'many'" in result.stderr
+    assert f"argument --prefetch: {why}" in result.stderr
 
 
 def test_the_exit_codes_are_distinct() -> None:

@@ -156,10 +156,15 @@ async def test_bad_security_flags_fail_the_start_with_one_line(flags: list[str],
 
 
 @pytest.mark.parametrize("flag", ["--max-body-bytes", "--max-body-entries"])
-async def test_a_body_bound_of_zero_is_refused_at_start(flag: str, tmp_path: Path) -> None:
-    result = await atlas_worker("run", "--tenants", str(tmp_path), flag, "0")
+@pytest.mark.parametrize(
+    ("value", "why"), [("0", "0 is not a positive number"), ("4MB", "'4MB' is not a whole number")]
+)
+async def test_a_body_bound_that_is_not_a_positive_number_is_refused_at_start(
+    flag: str, value: str, why: str, tmp_path: Path
+) -> None:
+    result = await atlas_worker("run", "--tenants", str(tmp_path), flag, value)
     assert result.code == 2
-    assert result.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: 0 is not a positive number")
+    assert result.stderr.strip().splitlines()[-1].endswith(f"argument {flag}: {why}")
 
 
 @pytest.mark.parametrize("redelivered", [False, True])
