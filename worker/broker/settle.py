@@ -320,7 +320,7 @@ class Settler:
         """Republish the original body and properties with extra headers. The body is otherwise never changed,
         only cut to a prefix when it is over the size limit or `prefix` asks (and masked in a dead letter);
         publisher headers are left off when they would not fit."""
-        limit = min(self._max_body_bytes, DEAD_LETTER_BODY_PREFIX_BYTES) if prefix else self._max_body_bytes
+        limit = DEAD_LETTER_BODY_PREFIX_BYTES if prefix else self._max_body_bytes  # a shorter body stays whole
         body, about_body = await copy_body(delivery.body, limit, dead_letter=dead_letter)
         identity = {Header.REQUEST_ID: ids.request_id, Header.TENANT_ID: ids.tenant_id, Header.TASK: ids.task}
         ours = {
