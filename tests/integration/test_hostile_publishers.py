@@ -52,22 +52,35 @@ async def publish(client: BrokerClient, body: bytes | dict[str, Any], **properti
 # --- 4: bounded bodies, headers and integers -----------------------------------------------------------------
 
 
-async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_headers_saying_why(scene: Scene) -> None:
-    body = b'{"request_id": "huge", "padding": "' + b"x" * (MAX_BODY_BYTES + 1000) + b'"}'
+async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_headers_saying_why(
+    scene: Scene, amqp_url: str, topology: Topology
+) -> None:
+    body = (
+        b'{"request_id": "huge", "tenant_id": "acme", "task": "summary", "padding": "'
+        + b"x" * (MAX_BODY_BYTES + 1000)
+        + b'"}'
+    )
 
     await scene.client.publish_request(body, reply_to=scene.replies.name, correlation_id="huge")
-    await scene.settled(None)  # a body this size is not read, so not even its request_id is known
+    # Not read: the ids it claims are taken from the members that lead it, so the publisher can match the reply.
+    await scene.settled("huge")
+    listed = await dlq(amqp_url, topology, "list", "--tenant", "acme", "--json")
 
     left = await scene.leftovers()
     [reply] = left.replies
     [dead] = left.dead
 
-    assert json_body(reply)["error"]["code"] == "body_too_large"
+    answered = json_body(reply)
+    assert (answered["request_id"], answered["tenant_id"]) == ("huge", "acme")
+    assert answered["error"]["code"] == "body_too_large"
     assert len(dead.body) == DEAD_LETTER_BODY_PREFIX_BYTES
     assert body.startswith(dead.body)
     assert dead.headers[Header.BODY_TRUNCATED] is True
     assert dead.headers[Header.ORIGINAL_BODY_BYTES] == len(body)
     assert dead.headers[Header.ERROR_CODE] == "body_too_large"
+    assert (dead.headers[Header.REQUEST_ID], dead.headers[Header.TENANT_ID]) == ("huge", "acme")
+    assert listed.code == 0, listed.stderr
+    assert [(row["request_id"], row["tenant"]) for row in json.loads(listed.stdout)] == [("huge", "acme")]
 
 
 async def test_an_oversized_draft_is_dead_lettered_as_a_prefix_with_its_keys_masked(scene: Scene) -> None:
@@ -76,7 +89,7 @@ async def test_an_oversized_draft_is_dead_lettered_as_a_prefix_with_its_keys_mas
     body = orjson.dumps(request)[:-1] + b', "padding": "' + b"x" * MAX_BODY_BYTES  # cut short: not JSON either
 
     await scene.client.publish_request(body, reply_to=scene.replies.name, correlation_id="huge-draft")
-    await scene.settled(None)
+    await scene.settled("huge-draft")
 
     [dead] = (await scene.leftovers()).dead
     assert len(dead.body) <= DEAD_LETTER_BODY_PREFIX_BYTES
@@ -136,13 +149,14 @@ async def test_4_mib_of_tiny_entries_is_refused_unread_and_never_stalls_other_te
         await client.publish_request(body, reply_to=scene.replies.name, correlation_id="tiny-alerts")
         for n in range(5):
             await scene.send(samples.request("beta", request_id=f"beta-{n}"))
-        await scene.settled(None)  # refused before it is read: its request_id is not known
+        await scene.settled("tiny-alerts")  # refused before it is read, by the ids its leading members claim
         left = await scene.leftovers()
         scraped = await scrape(port)
 
     replies = {m.correlation_id: json_body(m) for m in left.replies}
     refused = replies.pop("tiny-alerts")
     assert (refused["status"], refused["error"]["code"]) == ("rejected", "body_too_large")
+    assert (refused["request_id"], refused["tenant_id"]) == ("tiny-alerts", "acme")
     assert f"more than {MAX_BODY_ENTRIES:,} entries" in refused["error"]["message"]
     assert [r["status"] for r in replies.values()] == ["ok"] * 5
     [dead] = left.dead
@@ -410,7 +424,7 @@ async def test_restricted_publishers_are_checked_by_user_tenant_and_reply_to(
     assert {json_body(m)["request_id"] for m in refused} == {"anonymous", "other-tenant", "injected"}
 
 
-async def test_a_user_the_rules_do_not_list_is_refused_as_a_publisher_whatever_its_body(
+async def test_a_body_that_is_not_a_request_is_refused_as_a_publishers_for_a_user_or_tenant_the_rules_refuse(
     amqp_url: str,
     client: BrokerClient,
     topology: Topology,
@@ -431,14 +445,27 @@ async def test_a_user_the_rules_do_not_list_is_refused_as_a_publisher_whatever_i
         huge = b'{"request_id": "huge", "padding": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
         await publish(unlisted, huge, correlation_id="huge", **as_unlisted)
         await send(b"{listed but not json", correlation_id="listed")
-        for _ in range(3):
+        # From the listed user, but not valid requests: the tenant each claims is checked as a valid one's would be.
+        await send(b'{"request_id": "own", "tenant_id": "acme", "task": "summary"}', correlation_id="own")
+        await send(b'{"request_id": "other", "tenant_id": "globex", "task": "summary"}', correlation_id="other")
+        huge_for_other = huge.replace(b'"padding"', b'"tenant_id": "globex", "padding"')
+        await send(huge_for_other, correlation_id="huge-other")
+        for _ in range(6):
             await scene.settled(None)
         left = await scene.leftovers()
 
     answered = {m.correlation_id: json_body(m)["error"]["code"] for m in left.replies}
-    assert answered == {"bad": "publisher_refused", "huge": "publisher_refused", "listed": "invalid_json"}
+    assert answered == {
+        "bad": "publisher_refused",
+        "huge": "publisher_refused",
+        "listed": "invalid_json",
+        "own": "invalid_request",
+        "other": "publisher_refused",
+        "huge-other": "publisher_refused",
+    }
     reasons = sorted(str(m.headers[Header.REASON]) for m in left.dead)
-    assert reasons == ["malformed", "publisher_refused", "publisher_refused"]
+    assert reasons == ["malformed"] * 2 + ["publisher_refused"] * 4
+    assert len(fake_openai.requests) == 0
 
 
 async def test_the_broker_refuses_a_user_id_that_is_not_the_connections_user(

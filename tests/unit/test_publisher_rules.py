@@ -59,3 +59,15 @@ def test_with_no_known_worker_user_nothing_passes_for_the_worker() -> None:
     rules = PublisherRules.parse(["svc-a=acme"], [])
     assert rules.refusal(None, "acme", None, worker_user=None) is not None
     assert rules.refusal("", "acme", None, worker_user="") is not None
+
+
+def test_a_message_naming_no_tenant_is_judged_by_its_user_alone_and_one_naming_a_tenant_by_both() -> None:
+    rules = PublisherRules.parse(["svc-a=acme", "svc-b=*"], ["replies-*"])
+
+    assert rules.sender_refusal("svc-a", None) is None
+    assert rules.sender_refusal("svc-a", "acme") is None
+    assert rules.sender_refusal("svc-b", "initech") is None
+    assert rules.sender_refusal("svc-a", "initech") == "this publisher may not send requests for this tenant"
+    assert rules.sender_refusal("svc-c", None) is not None
+    assert rules.sender_refusal(None, None) is not None
+    assert rules.sender_refusal("svc-c", "acme", worker_user="svc-c") is None

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from contracts import ErrorInfo, Header, InferenceRequest, Status
+from worker.broker.claimed_ids import leading_ids, parsed_ids
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
 from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, count_entries, entries_may_exceed
 from worker.broker.publishers import PublisherRules
@@ -59,7 +59,11 @@ async def decode(
     """The request in `body`, or why there is none. A body over either bound is refused before it is read; its
     entries, when a quick look cannot rule out too many, are counted on `counter` (the loop's default if None)."""
     if len(body) > max_body_bytes:
-        return Malformed(MalformedCode.BODY_TOO_LARGE, f"body is {len(body)} bytes; the limit is {max_body_bytes}")
+        return Malformed(
+            MalformedCode.BODY_TOO_LARGE,
+            f"body is {len(body)} bytes; the limit is {max_body_bytes}",
+            *leading_ids(body),
+        )
     if (
         entries_may_exceed(body, max_entries)
         and await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, max_entries) > max_entries
@@ -68,6 +72,7 @@ async def decode(
             MalformedCode.BODY_TOO_LARGE,
             f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "
             f"{max_entries:,}",
+            *leading_ids(body),
         )
     return validate(body)
 
@@ -78,28 +83,13 @@ def validate(body: bytes) -> InferenceRequest | Malformed:
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
-            return Malformed(MalformedCode.INVALID_JSON, "body is not valid JSON")
-        partial = _readable_ids(body)
+            return Malformed(MalformedCode.INVALID_JSON, "body is not valid JSON", *leading_ids(body))
+        partial = parsed_ids(body)
         first = errors[0]
         where = ".".join(map(str, first["loc"])) or "(body)"
         code = MalformedCode.UNKNOWN_TASK if first["loc"] == ("task",) else MalformedCode.INVALID_REQUEST
         detail = f"{where}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
         return Malformed(code, detail[:500], *partial)
-
-
-def _readable_ids(body: bytes) -> tuple[str | None, str | None, str | None]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None, None, None
-    if not isinstance(data, dict):
-        return None, None, None
-
-    def text(key: str) -> str | None:
-        value = data.get(key)
-        return value[:200] if isinstance(value, str) else None
-
-    return text("request_id"), text("tenant_id"), text("task")
 
 
 def _ids(decoded: InferenceRequest | Malformed) -> RequestIds:
@@ -260,8 +250,10 @@ class Consumer:
         as, so the copies it makes come back in as their originals did."""
         if not self._publishers.active:
             return decoded
-        if isinstance(decoded, Malformed):  # not a request: only who sent it can be checked
-            refused = self._publishers.user_refusal(message.user_id, worker_user=self._settler.worker_user)
+        if isinstance(decoded, Malformed):  # not a request: who sent it, and for the tenant the body claims
+            refused = self._publishers.sender_refusal(
+                message.user_id, decoded.tenant_id, worker_user=self._settler.worker_user
+            )
             if refused is None:
                 return decoded
             log.warning("publisher_refused", user_id=message.user_id, reason=refused)

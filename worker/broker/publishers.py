@@ -41,22 +41,24 @@ class PublisherRules:
     ) -> str | None:
         """Why this publish is not allowed, or None when it is. `worker_user` is the AMQP user the worker
         publishes its copies as (None: unknown, so nothing passes for the worker's)."""
-        if (refused := self.user_refusal(user_id, worker_user=worker_user)) is not None:
+        if (refused := self.sender_refusal(user_id, tenant_id, worker_user=worker_user)) is not None:
             return refused
-        if self.users and not (worker_user and user_id == worker_user):
-            allowed = self.users[user_id or ""]
-            if ANY_TENANT not in allowed and tenant_id not in allowed:
-                return "this publisher may not send requests for this tenant"
         if reply_to is not None and not self.reply_to_allowed(reply_to):
             return "reply_to is not one of the names the worker's --reply-to rules allow"
         return None
 
-    def user_refusal(self, user_id: str | None, *, worker_user: str | None = None) -> str | None:
-        """Why this user may not publish at all, or None: asked of every message, a request or not."""
+    def sender_refusal(
+        self, user_id: str | None, tenant_id: str | None, *, worker_user: str | None = None
+    ) -> str | None:
+        """Why this user may not publish, or not for `tenant_id`, or None. Asked of every message, a request or
+        not; `tenant_id` None (a body that names none) checks the user alone."""
         if not self.users or (worker_user and user_id == worker_user):
             return None
-        if not user_id or user_id not in self.users:
+        allowed = self.users.get(user_id or "")
+        if allowed is None:
             return "the message's user_id is not a publisher allowed by the worker's --publisher rules"
+        if tenant_id is not None and ANY_TENANT not in allowed and tenant_id not in allowed:
+            return "this publisher may not send requests for this tenant"
         return None
 
     def reply_to_allowed(self, reply_to: str) -> bool:
