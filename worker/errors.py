@@ -8,7 +8,9 @@
      ├─ bad_request               400/422: the call is wrong, or asks what the model cannot do
      ├─ context_overflow          the prompt does not fit the model's context window
      ├─ content_filtered          the provider's safety system blocked the prompt or answer
-     ├─ auth                      401/403: credentials, roles, network ACLs, unresolvable secrets
+     ├─ auth                      401/403: credentials, roles, network ACLs
+     ├─ config                    the worker's own settings for the tenant are unusable (a secret that does not
+     │                            resolve, a key file that is no key): the provider was not called
      └─ not_found                 404: model, deployment or endpoint does not exist
 
 Messages are written for the tenant admin ("401 from Azure: check the API key") and never contain secrets:
@@ -29,6 +31,7 @@ class ErrorClass(StrEnum):
     CONTEXT_OVERFLOW = "context_overflow"
     CONTENT_FILTERED = "content_filtered"
     AUTH = "auth"
+    CONFIG = "config"
     NOT_FOUND = "not_found"
 
 

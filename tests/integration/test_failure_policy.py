@@ -220,3 +220,46 @@ async def test_misconfigured_provider_rows(
         assert [json_body(m)["status"] for m in left.replies] == [expected]
         assert left.cloud == []
     assert left.retry == []
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "queue_and_retry", "atlas_cloud"])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [(None, "is not set"), ("", "is empty"), ("  \n", "is empty"), ("sk-\x1bkey", "control character")],
+    ids=["unset", "empty", "blank", "control-character"],
+)
+async def test_a_secret_that_does_not_resolve_is_a_config_fault_under_every_policy_never_a_reroute(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch, policy: str, value: str | None, why: str
+) -> None:
+    # The operator's fault, not the provider's: nothing was called, so nothing is known about the endpoint.
+    if value is None:
+        monkeypatch.delenv("ACME_UNRESOLVED_KEY", raising=False)
+    else:
+        monkeypatch.setenv("ACME_UNRESOLVED_KEY", value)
+    await scene.tenant("acme", policy=policy, api_key="env:ACME_UNRESOLVED_KEY")
+
+    await scene.send(samples.request("acme"))
+
+    left = await scene.leftovers()
+    [reply] = [json_body(m) for m in left.replies]
+    assert (reply["status"], reply["error"]["code"]) == ("failed", "secret_unresolved")
+    assert "environment variable ACME_UNRESOLVED_KEY" in reply["error"]["message"]
+    assert why in reply["error"]["message"]
+    [dead] = left.dead
+    assert dead.headers[Header.REASON] == "tenant_config_invalid"
+    assert left.cloud == []
+    assert left.retry == []
+    assert scene.fake.requests == []
+
+
+async def test_an_env_secret_with_a_trailing_newline_is_sent_without_it(
+    scene: Scene, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACME_NEWLINE_KEY", "sk-from-a-file-secret\n")  # a Kubernetes Secret built from a file
+    scene.fake.api_key = "sk-from-a-file-secret"  # the fake answers only `Bearer sk-from-a-file-secret`
+    await scene.tenant("acme", api_key="env:ACME_NEWLINE_KEY")
+
+    await scene.send(samples.request("acme"))
+
+    left = await scene.leftovers()
+    assert [json_body(m)["status"] for m in left.replies] == ["ok"]

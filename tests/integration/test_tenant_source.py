@@ -149,8 +149,10 @@ async def test_a_tenant_id_differing_only_in_case_is_rejected_not_rerouted(scene
 def test_tenants_validate_reports_references_without_values_and_speaks_json(tmp_path: Path) -> None:
     path = write_tenant(tmp_path, "acme", "http://127.0.0.1:9/v1", api_key="env:ACME_SET_KEY")
     write_tenant(tmp_path, "globex", "http://127.0.0.1:9/v1", api_key="env:GLOBEX_UNSET_KEY")
+    write_tenant(tmp_path, "initech", "http://127.0.0.1:9/v1", api_key="env:INITECH_BLANK_KEY")
+    env = {"ACME_SET_KEY": "sk-secret-value-123", "INITECH_BLANK_KEY": " \n"}
 
-    done = run_cli("tenants", "validate", str(tmp_path), "--json", env={"ACME_SET_KEY": "sk-secret-value-123"})
+    done = run_cli("tenants", "validate", str(tmp_path), "--json", env=env)
 
     assert done.returncode == 0
     assert "sk-secret-value-123" not in done.stdout
@@ -158,7 +160,8 @@ def test_tenants_validate_reports_references_without_values_and_speaks_json(tmp_
     by_tenant = {f["tenant_id"]: f for f in report["files"]}
     assert by_tenant["acme"]["references"]["provider.api_key"] == "env:ACME_SET_KEY: set"
     assert "NOT SET" in by_tenant["globex"]["references"]["provider.api_key"]
-    assert report["valid"] == 2
+    assert "EMPTY" in by_tenant["initech"]["references"]["provider.api_key"]
+    assert report["valid"] == 3
     assert str(path) in {f["file"] for f in report["files"]}
 
 

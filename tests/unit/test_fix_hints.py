@@ -34,7 +34,7 @@ CASES: list[tuple[str, ProviderError, str, str]] = [
         "--api-key",
     ),
     ("vertex", unresolved("file:/nonexistent/sa.json"), "file /nonexistent/sa.json", "Vertex AI User"),
-    ("bedrock", error("secret_unresolved", ErrorClass.AUTH), "set access_key_id and secret_access_key", "check"),
+    ("bedrock", error("secret_unresolved", ErrorClass.CONFIG), "set access_key_id and secret_access_key", "check"),
     ("ollama", error("unreachable", ErrorClass.TRANSIENT), "check the endpoint URL", "timeout"),
     ("ollama", error("timeout", ErrorClass.TRANSIENT), "longer timeout_s", "URL"),
     ("vertex", error("service_account_invalid", ErrorClass.AUTH), "whole service-account JSON key", "role"),

@@ -11,9 +11,12 @@ Pure and broker-free. The table, as promised to tenants (README "Failure policy"
 |                              |                   | cannot fix it; replay after the fix)|                   |
 | bad_request, content_filtered| failed reply +    | failed reply + dead letter          | failed reply +    |
 | context_overflow             | dead letter       |                                     | dead letter       |
+| config                       | failed reply + dead letter (`tenant_config_invalid`) under every policy   |
 
-The last row never leaves the tenant's network: a request the tenant's model rejected as wrong or
-unsafe would be just as wrong for Atlas Cloud, so it is not rerouted.
+The bad-request rows never leave the tenant's network: a request the tenant's model rejected as wrong or
+unsafe would be just as wrong for Atlas Cloud, so it is not rerouted. Nor is a config fault (a secret that
+does not resolve): the provider was not even called, so nothing is known about it, and an operator's mistake
+is never the tenant's consent to send its data elsewhere. Fixed, the dead letter can be replayed.
 
 A call refused by an open circuit is no provider attempt (`decide_refused`): under `queue_and_retry` the
 request waits on the ladder for the circuit's next probe and ends only when that probe would come after
@@ -71,6 +74,11 @@ def decide(
 ) -> Decision:
     """What to do after the `attempts`-th provider attempt failed with `error_class`."""
     came_back = attempts > 1  # an earlier attempt put it on the ladder
+    if error_class is ErrorClass.CONFIG:
+        why = "the tenant's provider settings cannot be used here"
+        return _dead_lettered(
+            Status.FAILED, DeadLetterReason.TENANT_CONFIG_INVALID, why, came_back, provider_called=False
+        )
     if error_class in REQUEST_IS_WRONG:
         return _dead_lettered(
             Status.FAILED, DeadLetterReason.PERMANENT_ERROR, "request rejected by provider", came_back
@@ -129,13 +137,15 @@ def decide_refused(
     delay = ladder.delays_s[level]
     if time_left_s is not None and max(delay, wait_s) >= time_left_s:  # the probe, or its return, is too late
         why = "the request's deadline"
-        return _dead_lettered(Status.EXPIRED, DeadLetterReason.EXPIRED, why, came_back, "deadline", refused=True)
+        return _dead_lettered(
+            Status.EXPIRED, DeadLetterReason.EXPIRED, why, came_back, "deadline", provider_called=False
+        )
     # Patience is the soft bound: the next probe must fall within it. Half-open (no wait) never ends a
     # request here: its probes are bounded by the tenant's timeout, and their outcome decides.
     if wait_s > 0 and wait_s >= patience_left_s:
         why = "the time its attempts could take"
         return _dead_lettered(
-            Status.FAILED, DeadLetterReason.CIRCUIT_OPEN, why, came_back, "circuit_open", refused=True
+            Status.FAILED, DeadLetterReason.CIRCUIT_OPEN, why, came_back, "circuit_open", provider_called=False
         )
     return Decision(
         Action.WAIT,
@@ -153,9 +163,10 @@ def _dead_lettered(
     came_back: bool,
     stopped_because: StoppedBecause | None = None,
     *,
-    refused: bool = False,
+    provider_called: bool = True,
 ) -> Decision:
-    """A reply that also dead-letters the request; `refused`: an open circuit refused the call (no attempt)."""
+    """A reply that also dead-letters the request; `provider_called` False: no attempt was made (an open circuit
+    refused the call, or the tenant's settings could not be used)."""
     return Decision(
         Action.REPLY,
         status,
@@ -163,6 +174,6 @@ def _dead_lettered(
         reason=why,
         stopped_because=stopped_because,
         dead_letter_reason=reason,
-        costs_attempt=not refused,
+        costs_attempt=provider_called,
         fallback_used=came_back,
     )

@@ -515,7 +515,7 @@ class BedrockProvider:
         if (refused := egress_error(exc, who)) is not None:
             return refused
         if isinstance(exc, NoCredentialsError):
-            return ProviderError(ErrorClass.AUTH, f"{who}: no AWS credentials to sign with", code="secret_unresolved")
+            return ProviderError(ErrorClass.CONFIG, f"{who}: no AWS credentials to sign with", code="secret_unresolved")
         if isinstance(exc, ResponseParserError):
             return ProviderError(ErrorClass.TRANSIENT, f"{who} returned a malformed body", code="malformed_response")
         if isinstance(exc, ReadTimeoutError | TimeoutError):

@@ -86,7 +86,9 @@ class GuardedProvider:
         try:
             result = await within(call.timeout_s, self.endpoint, self._provider.complete(call))
         except ProviderError as exc:
-            if exc.error_class in TRIPS_BREAKER and exc.code not in ANSWERED:
+            if exc.error_class is ErrorClass.CONFIG:  # never sent: says nothing about the endpoint
+                self.breaker.released(permit)
+            elif exc.error_class in TRIPS_BREAKER and exc.code not in ANSWERED:
                 self.breaker.failed(permit)
             else:
                 self.breaker.succeeded(permit)

@@ -284,7 +284,7 @@ class ServiceAccountToken:
             return credentials
         except (orjson.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             raise ProviderError(
-                ErrorClass.AUTH,
+                ErrorClass.CONFIG,
                 f"service_account is not a valid service-account JSON key ({type(exc).__name__})",
                 code="service_account_invalid",
             ) from None
@@ -361,7 +361,7 @@ class VertexProvider:
             f"/publishers/google/models/{quote(settings.model, safe='')}:generateContent"
         )
         self._who = f"Vertex AI ({settings.model} in {settings.project}/{settings.location})"
-        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account), session)
+        self._tokens = ServiceAccountToken(lambda: resolve_secret(settings.service_account, lines=True), session)
 
     @property
     def endpoint(self) -> str:
