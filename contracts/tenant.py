@@ -21,7 +21,8 @@ RETIRED_VERTEX_MODELS = re.compile(r"(text|chat|code|codechat)-(bison|unicorn|ge
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{value!r} is not an http(s) URL with a host, e.g. https://host/v1")
+        # The value is not quoted: a URL with a typo may still hold a `user:password@`.
+        raise ValueError("is not an http(s) URL with a host, e.g. https://host/v1")
     return value
 
 

@@ -131,6 +131,7 @@ class WorkerApp:
         metrics.ready.set_function(lambda: 1 if all(self.checks().values()) else 0)
         metrics.tenants.set_function(lambda: len(self.registry.tenants()))
         metrics.tenants_quarantined.set_function(lambda: len(self.registry.quarantined()))
+        metrics.tenants_stale.set_function(lambda: len(self.registry.stale()))
         metrics.tenant_source_healthy.set_function(lambda: 1 if self.registry.healthy else 0)
 
     def _settled(self, settled: Settled) -> None:

@@ -17,9 +17,17 @@ from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
 from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
+from worker.redaction import remember_url_credentials
 from worker.runtime import LOOPS, env_gc_threshold, env_loop
 from worker.secrets import REFERENCE_PREFIXES
-from worker.settings import DEFAULT_AMQP_URL, DEFAULT_TENANTS_DIR, WorkerSettings, env_amqp_url, env_tenants_dir
+from worker.settings import (
+    DEFAULT_AMQP_URL,
+    DEFAULT_TENANTS_DIR,
+    SettingsError,
+    WorkerSettings,
+    env_amqp_url,
+    env_tenants_dir,
+)
 from worker.tenants import validate_path
 
 TENANTS_HELP = f"directory of <tenant_id>.toml files (env ATLAS_TENANTS_DIR; default {DEFAULT_TENANTS_DIR})"
@@ -219,8 +227,8 @@ def _add_run(commands: _Commands) -> None:
     _add_broker_flags(run)
     run.add_argument(
         "--tenants",
-        type=Path,
-        default=env_tenants_dir(),
+        type=_given_path,
+        default=None,
         help=TENANTS_HELP,
     )
     run.add_argument(
@@ -287,8 +295,8 @@ def _add_test_connection(commands: _Commands) -> None:
     source.add_argument("--config", type=Path, help="test a tenant file that is not saved yet (a draft)")
     test.add_argument(
         "--tenants",
-        type=Path,
-        default=env_tenants_dir(),
+        type=_given_path,
+        default=None,
         help=TENANTS_HELP,
     )
     test.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -304,7 +312,11 @@ def _add_tenants(commands: _Commands) -> None:
         "validate", help="check tenant files with the worker's own rules; say which secret references resolve here"
     )
     validate.add_argument(
-        "paths", type=Path, nargs="*", metavar="PATH", help="tenant files or directories (default: the tenants dir)"
+        "paths",
+        type=_given_path,
+        nargs="*",
+        metavar="PATH",
+        help="tenant files or directories (default: the tenants dir)",
     )
     validate.add_argument("--json", action="store_true", help="print JSON (for CI)")
     validate.set_defaults(func=_validate_tenants)
@@ -384,6 +396,12 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _given_path(text: str) -> Path:
+    if not text.strip():  # `--tenants "$UNSET"`: as a path it would be the working directory
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
+
+
 def _loop_name(text: str) -> str:
     if text not in LOOPS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOOPS)}")
@@ -402,7 +420,7 @@ def _run(args: argparse.Namespace) -> int:
 
     settings = WorkerSettings(
         amqp_url=args.amqp_url,
-        tenants_dir=args.tenants,
+        tenants_dir=args.tenants or env_tenants_dir(),
         namespace=args.namespace,
         prefetch=args.prefetch,
         atlas_cloud_exchange=args.atlas_cloud_exchange,
@@ -442,7 +460,7 @@ def _test_connection(args: argparse.Namespace) -> int:
     from worker.connection_check.requirements import render
 
     try:
-        tenant = load_draft(args.config) if args.config else load_stored(args.tenants, args.tenant)
+        tenant = load_draft(args.config) if args.config else load_stored(args.tenants or env_tenants_dir(), args.tenant)
     except DraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.USAGE
@@ -515,6 +533,8 @@ def _check_amqp_url(args: argparse.Namespace) -> None:
     url = getattr(args, "amqp_url", None)
     if url is not None and (problem := amqp_url_problem(url)) is not None:
         raise StartupError(ExitCode.USAGE, f"{problem} (from --amqp-url or AMQP_URL)")
+    if url is not None:
+        remember_url_credentials(url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.code
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except KeyboardInterrupt:  # Ctrl-C in a command that has no signal handling of its own (`run` has)
         print("interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import ahocorasick
 import orjson
@@ -42,11 +43,12 @@ CREDENTIAL_QUERY_PARAMETER = re.compile(
 )
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]{1,40})-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
 PEM_MASKED = rf"-----BEGIN \1-----{MASK}-----END \1-----"
-# The userinfo runs to the authority's last '@' (the authority ends at '/', '?', '#', a space or a quote), as
-# urllib and yarl split it: a password may hold '@' unescaped, and stopping at the first would print its tail.
+# The userinfo runs to the authority's last '@' (the authority ends at '/', '?', '#' or a space), as urllib and yarl
+# split it: a password may hold '@' or a quote unescaped, and stopping at the first would print it all or its tail.
+# (Text quoting a URL and then an address, `"http://host","a@b"`, is masked too far: masking errs that way.)
 # Tried only where a run of scheme characters starts: tried at every letter, a long run of them with no "://"
 # would be scanned again from each one (quadratic: 30 s for 64 KiB of a provider's error text).
-_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s?#\"']+@", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?<![a-z0-9+.-])([a-z0-9+.-]+://)[^/\s?#]+@", re.IGNORECASE)
 # A parameter's name runs to the next separator, possessively: a name that may contain the separators would be
 # scanned again from each one of a run of them (`key;;;;…`: minutes for 64 KiB).
 _URL_QUERY_PARAMETER = re.compile(r"([?&;])([^=&;?#\s\"']++)=([^&#\s\"']*+)")
@@ -161,6 +163,19 @@ DRAFT_SECRETS_LIMIT = 64  # a draft names a handful; more would be a publisher's
 def remember_secret(value: str) -> None:
     """Make a resolved secret known: process-wide, or inside `draft_secrets` only to the draft's own check."""
     (_draft_secrets.get() or known_secrets).remember(value)
+
+
+def remember_url_credentials(url: str) -> None:
+    """Make a URL's password known (as written and percent-decoded), so that it is masked by value wherever it
+    appears, also where no URL shape is left around it: a URL cut short, a typo in its scheme, an error quoting it."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a port that is no number: nothing can be said of its parts
+        return
+    if password:
+        for form in {password, unquote(password)}:
+            remember_secret(form)
 
 
 @contextmanager

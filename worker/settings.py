@@ -19,8 +19,19 @@ def env_amqp_url() -> str:
     return os.environ.get("AMQP_URL", DEFAULT_AMQP_URL)
 
 
+class SettingsError(ValueError):
+    """A setting from the environment that cannot be what the operator meant."""
+
+
 def env_tenants_dir() -> Path:
-    return Path(os.environ.get("ATLAS_TENANTS_DIR", DEFAULT_TENANTS_DIR))
+    """`ATLAS_TENANTS_DIR`, or `./tenants` when it is not set. Set but blank (a compose or Helm value left unfilled)
+    is refused: as a path it would mean the working directory, whose stray `.toml` files are no tenants."""
+    value = os.environ.get("ATLAS_TENANTS_DIR")
+    if value is None:
+        return Path(DEFAULT_TENANTS_DIR)
+    if not value.strip():
+        raise SettingsError("ATLAS_TENANTS_DIR is set but empty: set it to the tenants directory, or unset it")
+    return Path(value)
 
 
 @dataclass(frozen=True)

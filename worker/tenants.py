@@ -21,6 +21,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from contracts import TenantConfig
 from contracts._base import TENANT_ID_PATTERN
 from worker.files import FileRefused, read_regular_file
+from worker.redaction import remember_url_credentials
 from worker.secrets import REFERENCE_PREFIXES
 
 log = structlog.get_logger("worker.tenants")
@@ -32,7 +33,20 @@ TENANT_FILE_SUFFIX = ".toml"
 TENANT_ID = re.compile(TENANT_ID_PATTERN)
 MAX_TENANT_FILE_BYTES = 1024 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-UNREADABLE = (-1, -1, -1)
+Stamp = tuple[int, ...]
+UNREADABLE: Stamp = (-1,)
+
+
+def _stamp(path: Path) -> Stamp:
+    """What changes whenever a file's content or readability may have: the change time, which no tool can set,
+    catches a rewrite of the same size with its modification time kept (`cp -p`, `rsync -t`) and a `chmod`
+    that makes an unreadable file readable. UNREADABLE: listed but not there (a dangling symlink, a race with a
+    ConfigMap swap); loading it records the problem once while it stays that way."""
+    try:
+        info = path.stat()
+    except OSError:
+        return UNREADABLE
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_mode, info.st_uid)
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,16 @@ def _problem(path: Path, error: Any) -> ConfigProblem:
     return ConfigProblem(path, ".".join(where), error["msg"])
 
 
+def url_fields(model: BaseModel) -> Iterator[str]:
+    """Every URL of a configuration (endpoints, which may carry a `user:password@`)."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, str) and "://" in value:
+            yield value
+        elif isinstance(value, BaseModel):
+            yield from url_fields(value)
+
+
 def secret_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, SecretStr]]:
     """Every secret of a configuration, with its dotted field name."""
     for name in type(model).model_fields:
@@ -140,6 +164,8 @@ def parse_tenant_config(data: dict[str, Any], path: Path) -> TenantConfig:
     ]
     if bad:
         raise TenantConfigError(bad)
+    for url in url_fields(config):
+        remember_url_credentials(url)
     return config
 
 
@@ -180,10 +206,22 @@ def load_tenant_file(path: Path) -> TenantConfig:
 
 
 class Listing(NamedTuple):
-    """A tenants directory as listed: its tenant files, and the other names in it, which are not read."""
+    """A tenants directory as listed: its tenant files, the other names in it, which are not read, and whether it
+    holds the marker that says no tenant uses BYOC."""
 
     paths: list[Path]
     ignored: list[str]
+    marked: bool
+
+
+def no_valid_tenant(directory: Path, files: int) -> str:
+    """Why a directory none of whose files is a valid tenant is no tenant source: it is more likely the wrong one
+    (the working directory's `pyproject.toml`, another service's config) than every tenant broken at once."""
+    return (
+        f"none of the {files} .toml files in {directory} is a valid tenant configuration, so it is not taken for "
+        f"the tenants directory; if it is, fix them (`atlas-worker tenants validate`), or, if no tenant uses BYOC, "
+        f"create {directory / NO_TENANTS_MARKER}"
+    )
 
 
 def list_directory(directory: Path) -> Listing:
@@ -204,7 +242,8 @@ def list_directory(directory: Path) -> Listing:
         raise TenantSourceFault(
             f"{directory} holds no tenant files; if no tenant uses BYOC, create {directory / NO_TENANTS_MARKER}"
         )
-    return Listing(sorted(directory / name for name in tenant_files), sorted(set(visible) - tenant_files))
+    paths = sorted(directory / name for name in tenant_files)
+    return Listing(paths, sorted(set(visible) - tenant_files), NO_TENANTS_MARKER in names)
 
 
 # A `tenant_id = "…"` line, read from a file that does not parse, so that its tenant is quarantined all the same.
@@ -216,6 +255,20 @@ def _declared_in(raw: bytes) -> str | None:
     return found.group(1).decode() if found else None
 
 
+def misnamed(path: Path) -> tuple[str, ConfigProblem] | None:
+    """A file of the tenants directory that is not read as a tenant file (`acme.toml.txt`, `acme.yml`, `acme.toml~`)
+    but declares a `tenant_id`: that tenant and the problem that quarantines it, unless a valid file of its own
+    configures it. A file that declares none (a README) is only ignored; one that cannot be read says nothing."""
+    try:
+        declared = _declared_in(read_regular_file(path, MAX_TENANT_FILE_BYTES))
+    except (FileRefused, OSError):
+        return None
+    if declared is None:
+        return None
+    fix = f"is not read, since only <tenant_id>{TENANT_FILE_SUFFIX} files are: rename it to {declared}.toml"
+    return declared, ConfigProblem(path, "", fix)
+
+
 def scan_directory(directory: Path) -> list[Path]:
     """The tenant files of a directory; raises TenantSourceFault when the directory cannot be trusted as a whole."""
     return list_directory(directory).paths
@@ -224,19 +277,24 @@ def scan_directory(directory: Path) -> list[Path]:
 def validate_path(path: Path) -> tuple[list[TenantConfig], list[ConfigProblem]]:
     """A tenant file, or every tenant file of a directory: the good configs and the problems of the rest."""
     if not path.is_dir() and path.suffix.lower() == TENANT_FILE_SUFFIX:
-        paths = [path]
+        listing = Listing([path], [], marked=True)
     else:
         try:
-            paths = scan_directory(path)
+            listing = list_directory(path)
         except TenantSourceFault as fault:
             return [], [ConfigProblem(path, "", str(fault).removeprefix(f"{path} "))]
     configs: list[TenantConfig] = []
     problems: list[ConfigProblem] = []
-    for file in paths:
+    for file in listing.paths:
         try:
             configs.append(load_tenant_file(file))
         except TenantConfigError as exc:
             problems.extend(exc.problems)
+    for name in listing.ignored:
+        if (found := misnamed(path / name)) is not None:
+            problems.append(found[1])
+    if not configs and not listing.marked:
+        problems.append(ConfigProblem(path, "", no_valid_tenant(path, len(listing.paths)).removeprefix(f"{path} ")))
     return configs, problems
 
 
@@ -264,7 +322,8 @@ class TenantRegistry:
         self._sources: dict[str, Path] = {}  # the file each config came from
         self._claims: dict[Path, tuple[list[str], list[ConfigProblem]]] = {}  # unusable files: ids they quarantine
         self._broken: dict[str, list[ConfigProblem]] = {}  # quarantined tenants (claimed, without a config)
-        self._seen: dict[Path, tuple[int, int, int]] = {}
+        self._seen: dict[Path, Stamp] = {}
+        self._misnamed_seen: dict[Path, Stamp] = {}  # files read only for the tenant_id they declare
         self._missing: set[Path] = set()  # gone at the last look: removed if still gone at this one
         self._ignored: set[str] = set()
         self._folded: dict[str, list[str]] = {}
@@ -294,6 +353,11 @@ class TenantRegistry:
     def quarantined(self) -> list[str]:
         return sorted(self._broken)
 
+    def stale(self) -> list[str]:
+        """Tenants served from a last-good config because their file on disk no longer validates: what the
+        operator last wrote (a policy change, say) is not in force, and a worker started now would quarantine them."""
+        return sorted(t for t in self._configs if self._sources[t] in self._claims)
+
     def refresh(self) -> bool:
         """Re-read files that changed since the last look. Returns whether anything changed. Never raises: a
         fault of the source, or an unexpected error, is recorded in `fault` with every last-good config kept."""
@@ -320,29 +384,18 @@ class TenantRegistry:
 
     def _refresh(self) -> bool:
         listing = list_directory(self.directory)
-        current: dict[Path, tuple[int, int, int]] = {}
-        for path in listing.paths:
-            try:
-                info = path.stat()
-            except OSError:
-                # Listed but not there: a dangling symlink, or a race with a ConfigMap swap. Loading it records
-                # the problem (last-good kept, or quarantined), once while it stays this way.
-                current[path] = UNREADABLE
-                continue
-            current[path] = (info.st_ino, info.st_mtime_ns, info.st_size)
+        current = {path: _stamp(path) for path in listing.paths}
         if current and all(stamp == UNREADABLE for stamp in current.values()):
             raise TenantSourceFault(f"none of the {len(current)} tenant files in {self.directory} can be read")
         self._note_ignored(listing.ignored)
         changed = self._forget_removed(set(current))
+        changed |= self._read_misnamed([self.directory / name for name in listing.ignored])
         for path, stamp in current.items():
             if self._seen.get(path) != stamp:
                 self._load(path)
                 changed = True
         # A file gone for the first time is still counted as seen, so the next look can confirm it is gone.
         self._seen = current | {path: self._seen[path] for path in self._missing}
-        if self.fault is not None:
-            log.info("tenant_source_healthy", directory=str(self.directory), previous_fault=self.fault)
-            self.fault = None
         if changed:
             self.version += 1
             self._broken = {}
@@ -353,6 +406,33 @@ class TenantRegistry:
             self._folded = {}
             for tenant_id in [*self._configs, *self._broken]:
                 self._folded.setdefault(tenant_id.casefold(), []).append(tenant_id)
+        if not self._configs and not listing.marked:
+            raise TenantSourceFault(no_valid_tenant(self.directory, len(current)))
+        if self.fault is not None:
+            log.info("tenant_source_healthy", directory=str(self.directory), previous_fault=self.fault)
+            self.fault = None
+        return changed
+
+    def _read_misnamed(self, paths: list[Path]) -> bool:
+        """Claims of files that are not read as tenant files but declare a tenant, kept current; whether any
+        changed. Such a claim is not a config: it only quarantines a tenant that nothing else configures."""
+        changed = False
+        for path in set(self._misnamed_seen) - set(paths):
+            del self._misnamed_seen[path]
+            changed |= self._claims.pop(path, None) is not None
+        for path in paths:
+            stamp = _stamp(path)
+            if self._misnamed_seen.get(path) == stamp:
+                continue
+            self._misnamed_seen[path] = stamp
+            found = misnamed(path)
+            if found is None:
+                changed |= self._claims.pop(path, None) is not None
+                continue
+            tenant_id, problem = found
+            self._claims[path] = ([tenant_id], [problem])
+            log.error("tenant_file_misnamed", tenant_id=tenant_id, file=str(path), error=str(problem))
+            changed = True
         return changed
 
     def _note_ignored(self, names: list[str]) -> None:

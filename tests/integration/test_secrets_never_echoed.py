@@ -22,7 +22,8 @@ from worker.providers.breaker import BreakerPolicy
 pytestmark = pytest.mark.broker
 
 WRONG_KEY = "zq8-opaque-wrong-value"  # a tenant's key with no shape any pattern knows: only its value gives it away
-URL_PASSWORD = "pa55-in-the-url"
+# A quote in it, as passwords may hold: text quoting the URL must not end the userinfo there.
+URL_PASSWORD = "pa55'in-the-url"
 URL_KEY = "qk-in-the-query-77"
 
 

@@ -176,3 +176,37 @@ def test_test_connection_config_refuses_the_literal_key_that_validate_refuses(tm
     for done in (validated, tested):
         assert "secrets must be references" in done.stdout + done.stderr
         assert "sk-live-literal-key" not in done.stdout + done.stderr
+
+
+def test_an_empty_atlas_tenants_dir_is_refused_rather_than_read_as_the_working_directory(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n')
+
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "tenants", "validate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "ATLAS_TENANTS_DIR": ""},
+    )
+
+    assert done.returncode == 2, done.stderr
+    assert "ATLAS_TENANTS_DIR is set but empty" in done.stderr
+
+
+def test_tenants_validate_names_a_misnamed_tenant_file_and_a_directory_with_no_tenant(tmp_path: Path) -> None:
+    misnamed, stray = tmp_path / "misnamed", tmp_path / "stray"
+    misnamed.mkdir()
+    stray.mkdir()
+    write_tenant(misnamed, "globex", "http://127.0.0.1:9/v1")
+    write_tenant(misnamed, "acme", "http://127.0.0.1:9/v1").rename(misnamed / "acme.toml.txt")
+    (stray / "pyproject.toml").write_text('[project]\nname = "x"\n')
+
+    first = run_cli("tenants", "validate", str(misnamed))
+    second = run_cli("tenants", "validate", str(stray))
+
+    assert first.returncode == 1
+    assert "acme.toml.txt" in first.stdout + first.stderr
+    assert "rename it to acme.toml" in first.stdout + first.stderr
+    assert second.returncode == 1
+    assert "is a valid tenant configuration" in second.stdout + second.stderr

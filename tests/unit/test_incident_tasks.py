@@ -432,7 +432,7 @@ def test_providers_refusing_tools_are_recognised(message: str) -> None:
 
 async def test_a_large_request_is_rendered_off_the_event_loop(fake_openai: FakeOpenAI) -> None:
     incident = fixtures.incident("db-pool-exhaustion")
-    incident["metrics"] = [{"name": f"series-{n}"} for n in range(8000)]  # ~150 KB of tiny series
+    incident["metrics"] = [{"name": f"series-{n}"} for n in range(16000)]  # ~300 KB of tiny series
     request = InferenceRequest.model_validate(
         {"request_id": "r-1", "tenant_id": "acme", "task": "summary", "incident": incident}
     )
@@ -458,4 +458,5 @@ async def test_a_large_request_is_rendered_off_the_event_loop(fake_openai: FakeO
 
     assert isinstance(outcome, Reply)
     assert reply_of(outcome).status is Status.OK
-    assert worst_lag_s < rendering_s / 3, (worst_lag_s, rendering_s)
+    # On the loop, the worst lag would be the whole rendering; half of it leaves room for preemption by a busy host.
+    assert worst_lag_s < rendering_s / 2, (worst_lag_s, rendering_s)

@@ -27,6 +27,7 @@ from worker.redaction import (
     redact_provider_text,
     redact_text,
     redact_url,
+    remember_url_credentials,
 )
 from worker.secrets import resolve_secret
 
@@ -123,13 +124,27 @@ def test_urls_lose_userinfo_and_credential_query_parameters(url: str, shown: str
 
 
 # What a password may hold inside a URL's authority without percent-encoding ('@' and ':' included).
-PASSWORD_CHARS = st.characters(codec="ascii", exclude_characters="/?#\"' \t\n\r\x0b\x0c", exclude_categories=["Cc"])
+PASSWORD_CHARS = st.characters(codec="ascii", exclude_characters="/?# \t\n\r\x0b\x0c", exclude_categories=["Cc"])
 
 
 @settings(max_examples=500, deadline=None)
 @given(st.text(PASSWORD_CHARS, min_size=1, max_size=40))
 def test_no_part_of_a_password_is_left_in_a_printed_url(password: str) -> None:
     assert redact_url(f"amqp://atlas:{password}@broker:5672/prod") == "amqp://***@broker:5672/prod"
+
+
+def test_a_password_with_quotes_is_masked_whole_in_a_url_quoted_inside_an_error() -> None:
+    text = "error: cannot reach the broker at amqp://guest:S3cr'etPa\"55@127.0.0.1:5673/ ('timed out')"
+
+    assert redact_text(text) == "error: cannot reach the broker at amqp://***@127.0.0.1:5673/ ('timed out')"
+
+
+def test_a_url_password_made_known_is_masked_where_no_url_is_left_around_it() -> None:
+    remember_url_credentials("http://svc-llm:Zq8v%2Fpw-71c@llm.internal/v1")
+
+    # A scheme typo, a URL cut short, an error quoting the password alone: masked by value, decoded or not.
+    text = "base_url http//svc-llm:Zq8v/pw-71c@llm.internal/v1, tried Zq8v%2Fpw-71c"
+    assert redact_text(text) == f"base_url http//svc-llm:{MASK}@llm.internal/v1, tried {MASK}"
 
 
 def test_each_url_in_a_text_loses_its_own_userinfo_and_nothing_between_them() -> None:

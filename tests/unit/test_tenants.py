@@ -86,6 +86,12 @@ def test_broken_edit_keeps_the_last_good_config_and_logs_why(tmp_path: Path) -> 
     assert config.fallback.policy is FallbackPolicy.QUEUE_AND_RETRY
     assert [e["event"] for e in logs] == ["tenant_config_rejected"]
     assert "not valid TOML" in logs[0]["errors"][0]
+    assert registry.stale() == ["acme"]  # what the operator wrote is not in force: the gauge and alert say so
+    assert registry.quarantined() == []
+
+    write(tmp_path, "acme", GOOD)
+    registry.refresh()
+    assert registry.stale() == []
 
 
 def test_changes_are_picked_up_without_restart(tmp_path: Path) -> None:
@@ -277,15 +283,13 @@ def test_a_faulty_source_keeps_every_last_good_config_and_says_why(tmp_path: Pat
 def test_a_file_that_is_not_utf8_quarantines_its_tenant_and_others_still_load(tmp_path: Path) -> None:
     registry = TenantRegistry(tmp_path)
     (tmp_path / "acme.toml").write_bytes(GOOD.encode().replace(b"acme", b"acm\xe9"))
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
     registry.refresh()
 
     problems = registry.problems("acme")
     assert problems is not None
     assert "not valid UTF-8" in problems[0].message
     assert registry.healthy
-
-    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
-    registry.refresh()
     assert registry.get("globex") is not None
 
 
@@ -368,3 +372,80 @@ def test_example_tenants_in_the_repository_validate() -> None:
     configs, problems = validate_path(Path(__file__).parents[2] / "tenants")
     assert problems == []
     assert {c.tenant_id for c in configs} >= {"acme", "globex"}
+
+
+@pytest.mark.parametrize("name", ["acme.toml.txt", "acme.yml", "acme.toml~", "acme"])
+def test_a_file_not_named_as_a_tenant_file_still_quarantines_the_tenant_it_declares(tmp_path: Path, name: str) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    stray = tmp_path / name
+    stray.write_text(GOOD.replace("queue_and_retry", "fail_closed"))
+
+    with capture_logs() as logs:
+        registry.refresh()
+
+    assert registry.get("acme") is None
+    problems = registry.problems("acme")  # quarantined: never "no BYOC config", which Atlas Cloud serves
+    assert problems is not None
+    assert "rename it to acme.toml" in problems[0].message
+    assert [e["file"] for e in logs if e["event"] == "tenant_file_misnamed"] == [str(stray)]
+
+    stray.rename(tmp_path / "acme.toml")
+    registry.refresh()
+    assert registry.problems("acme") is None
+    config = registry.get("acme")
+    assert config is not None
+    assert config.fallback.policy is FallbackPolicy.FAIL_CLOSED
+
+
+def test_a_backup_beside_a_valid_tenant_file_quarantines_nothing_and_a_readme_is_only_ignored(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "acme", GOOD)
+    (tmp_path / "acme.toml.bak").write_text(GOOD.replace("queue_and_retry", "atlas_cloud"))
+    (tmp_path / "README.md").write_text("Tenant files for the worker; see the runbook.\n")
+
+    registry.refresh()
+
+    config = registry.get("acme")
+    assert config is not None
+    assert config.fallback.policy is FallbackPolicy.QUEUE_AND_RETRY
+    assert registry.quarantined() == []
+    assert registry.healthy
+
+
+def test_a_directory_none_of_whose_files_is_a_tenant_is_a_fault_not_an_empty_registry(tmp_path: Path) -> None:
+    # The working directory taken for the tenants directory: its pyproject.toml is no tenant.
+    registry = TenantRegistry(tmp_path)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "something-else"\n')
+
+    registry.refresh()
+
+    assert registry.fault is not None
+    assert "none of the 1 .toml files" in registry.fault
+    assert NO_TENANTS_MARKER in registry.fault
+
+    write(tmp_path, "acme", GOOD)
+    registry.refresh()
+    assert registry.healthy
+    assert registry.get("acme") is not None
+
+
+def test_a_rewrite_of_the_same_size_with_its_modification_time_kept_is_still_picked_up(tmp_path: Path) -> None:
+    registry = TenantRegistry(tmp_path)
+    path = tmp_path / "acme.toml"
+    path.write_text(GOOD.replace("queue_and_retry", "atlas_cloud"))
+    registry.refresh()
+    before = path.stat()
+
+    # `cp -p` or `rsync --inplace -t`: the same inode, the same size (both policies are 11 characters), the same
+    # modification time. Only the change time, which no tool can set, moves.
+    with path.open("r+") as rewritten:
+        rewritten.write(GOOD.replace("queue_and_retry", "fail_closed"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+    assert registry.refresh()
+    config = registry.get("acme")
+    assert config is not None
+    assert config.fallback.policy is FallbackPolicy.FAIL_CLOSED

@@ -12,7 +12,7 @@ from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnectio
 from worker.broker.topology import TopologySpec, declare, declare_atlas_cloud
 from worker.broker.transport import CoalescingRobustConnection
 from worker.exit_codes import ExitCode, StartupError
-from worker.redaction import redact_text
+from worker.redaction import redact_text, remember_url_credentials
 
 
 def broker_error(exc: BaseException, amqp_url: str) -> StartupError:
@@ -40,6 +40,7 @@ def first_connection() -> Iterator[None]:
 async def connect_worker(amqp_url: str, namespace: str, timeout_s: float) -> AbstractRobustConnection:
     """The worker's robust connection, its frames of one loop turn sent together (`worker.broker.transport`).
     Only the first attempt is bounded in time: once connected, the robust connection reconnects by itself."""
+    remember_url_credentials(amqp_url)  # the library's own errors and log lines may quote the URL
     try:
         with first_connection():
             return await asyncio.wait_for(

@@ -13,7 +13,8 @@ from worker.handling.outcome import DeliveryContext, Outcome, Reply
 from worker.handling.route import TenantLookup
 from worker.providers.egress import EgressPolicy
 from worker.providers.pool import ProviderPool
-from worker.redaction import draft_secrets
+from worker.redaction import draft_secrets, remember_url_credentials
+from worker.tenants import url_fields
 
 log = structlog.get_logger("worker.connection_check")
 
@@ -66,6 +67,8 @@ async def _check_draft(settings: ProviderSettings, draft_egress: EgressPolicy) -
     then: `draft_secrets`). An unexpected error is logged here, where its text is still masked, and passed on
     without that text."""
     with draft_secrets():
+        for url in url_fields(settings):
+            remember_url_credentials(url)
         try:
             return await check_draft_from_message(settings, draft_egress)
         except ConfigRefused:

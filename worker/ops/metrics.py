@@ -105,6 +105,12 @@ class Metrics:
             "Tenants whose file exists but never validated: their requests fail with tenant_config_invalid.",
             registry=r,
         )
+        self.tenants_stale = Gauge(
+            "atlas_worker_tenants_stale",
+            "Tenants served from their last good config because their file no longer validates: the file's "
+            "edit is not in force.",
+            registry=r,
+        )
         self.tenant_source_healthy = Gauge(
             "atlas_worker_tenant_source_healthy",
             "1 while the tenants directory can be trusted; 0 while it is faulty and the worker does not consume.",
