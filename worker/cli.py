@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import math
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -120,31 +121,31 @@ def _add_breaker_flags(parser: argparse.ArgumentParser) -> None:
     defaults = BreakerPolicy()
     parser.add_argument(
         "--breaker-failure-rate",
-        type=float,
+        type=_share,
         default=defaults.failure_rate,
         help="share of an endpoint's recent requests, last call failed, that opens its circuit (default: %(default)s)",
     )
     parser.add_argument(
         "--breaker-min-calls",
-        type=int,
+        type=_positive_int,
         default=defaults.min_calls,
         help="requests in the window before the rate is judged (default: %(default)s)",
     )
     parser.add_argument(
         "--breaker-window",
-        type=float,
+        type=_positive_number,
         default=defaults.window_s,
         help="seconds of recent requests the rate is judged over (default: %(default)s)",
     )
     parser.add_argument(
         "--breaker-cooldown",
-        type=float,
+        type=_non_negative_number,
         default=defaults.cooldown_s,
         help="seconds an open circuit refuses calls before probing (default: %(default)s)",
     )
     parser.add_argument(
         "--breaker-probes",
-        type=int,
+        type=_positive_int,
         default=defaults.probes,
         help="calls let through after the cooldown to decide whether it closes (default: %(default)s)",
     )
@@ -154,9 +155,9 @@ def _add_ladder_flags(parser: argparse.ArgumentParser, *, helped: bool) -> None:
     """The retry ladder's flags, defaults from `RetryLadder` (shown as `1`, not `1.0`)."""
     ladder = RetryLadder
     flags = (
-        ("--retry-base", float, ladder.base_s, "first retry delay in seconds"),
-        ("--retry-factor", float, ladder.factor, "growth per retry level"),
-        ("--retry-levels", int, ladder.levels, "number of retry levels"),
+        ("--retry-base", _positive_number, ladder.base_s, "first retry delay in seconds"),
+        ("--retry-factor", _growth, ladder.factor, "growth per retry level, at least 1"),
+        ("--retry-levels", _positive_int, ladder.levels, "number of retry levels"),
     )
     for flag, kind, default, text in flags:
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default:g})" if helped else None)
@@ -244,13 +245,13 @@ def _add_run(commands: _Commands) -> None:
     )
     run.add_argument(
         "--grace",
-        type=float,
+        type=_non_negative_number,
         default=WorkerSettings.grace_s,
         help="seconds in-flight calls may finish after SIGTERM (default: %(default)s)",
     )
     run.add_argument(
         "--delivery-limit",
-        type=int,
+        type=_positive_int,
         default=WorkerSettings.delivery_limit,
         help="deliveries of one message before the broker dead-letters it (default: %(default)s)",
     )
@@ -258,7 +259,7 @@ def _add_run(commands: _Commands) -> None:
     _add_breaker_flags(run)
     _add_runtime_flags(run)
     run.add_argument(
-        "--metrics-port", type=int, default=WorkerSettings.metrics_port, help="serve /healthz, /readyz, /metrics here"
+        "--metrics-port", type=_port, default=WorkerSettings.metrics_port, help="serve /healthz, /readyz, /metrics here"
     )
     run.add_argument(
         "--metrics-host",
@@ -300,7 +301,9 @@ def _add_test_connection(commands: _Commands) -> None:
         help=TENANTS_HELP,
     )
     test.add_argument("--json", action="store_true", help="print the report as JSON")
-    test.add_argument("--timeout", type=float, default=None, help="seconds per probe (default: limits.timeout_s)")
+    test.add_argument(
+        "--timeout", type=_positive_number, default=None, help="seconds per probe (default: limits.timeout_s)"
+    )
     test.set_defaults(func=_test_connection)
 
 
@@ -329,7 +332,9 @@ def _add_dlq(commands: _Commands) -> None:
     dlq_list = dlq_commands.add_parser(
         "list", help="a table of dead letters: id, request id, tenant, task, reason, attempts, age"
     )
-    dlq_list.add_argument("--limit", type=int, default=1000, help="look at most at this many (default: %(default)s)")
+    dlq_list.add_argument(
+        "--limit", type=_positive_int, default=1000, help="look at most at this many (default: %(default)s)"
+    )
     dlq_list.add_argument("--json", action="store_true", help="print JSON instead of a table")
     dlq_show = dlq_commands.add_parser("show", help="one dead letter's properties, headers and body (secrets masked)")
     dlq_show.add_argument("id", metavar="NAME", help="a dead letter's ID, request id, or unique ID prefix")
@@ -370,7 +375,7 @@ def _add_topology(commands: _Commands) -> None:
         _add_broker_flags(sub)
         # The same flags and defaults as `run`, which shape the same topology.
         sub.add_argument("--atlas-cloud-exchange", default=WorkerSettings.atlas_cloud_exchange)
-        sub.add_argument("--delivery-limit", type=int, default=WorkerSettings.delivery_limit)
+        sub.add_argument("--delivery-limit", type=_positive_int, default=WorkerSettings.delivery_limit)
         _add_ladder_flags(sub, helped=False)
         sub.set_defaults(func=_topology)
 
@@ -402,6 +407,51 @@ def _given_path(text: str) -> Path:
     return Path(text)
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):  # nan compares false to every bound, and inf makes no delay or timeout
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _share(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share above 0 and at most 1 (0.5 is half)")
+    return value
+
+
+def _growth(text: str) -> float:
+    value = _number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1: each retry level must wait at least as long as the last")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _whole_number(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
+    return value
+
+
 def _loop_name(text: str) -> str:
     if text not in LOOPS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOOPS)}")
@@ -418,29 +468,32 @@ def _cidr(text: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     from worker.app import WorkerApp
 
-    settings = WorkerSettings(
-        amqp_url=args.amqp_url,
-        tenants_dir=args.tenants or env_tenants_dir(),
-        namespace=args.namespace,
-        prefetch=args.prefetch,
-        atlas_cloud_exchange=args.atlas_cloud_exchange,
-        grace_s=args.grace,
-        delivery_limit=args.delivery_limit,
-        ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        breaker=BreakerPolicy(
-            failure_rate=args.breaker_failure_rate,
-            min_calls=args.breaker_min_calls,
-            window_s=args.breaker_window,
-            cooldown_s=args.breaker_cooldown,
-            probes=args.breaker_probes,
-        ),
-        **_security_settings(args),
-        max_response_bytes=args.max_response_bytes,
-        allow_draft_cidrs=tuple(args.allow_draft_cidrs),
-        freeze_heap=True,
-    )
+    try:
+        settings = WorkerSettings(
+            amqp_url=args.amqp_url,
+            tenants_dir=args.tenants or env_tenants_dir(),
+            namespace=args.namespace,
+            prefetch=args.prefetch,
+            atlas_cloud_exchange=args.atlas_cloud_exchange,
+            grace_s=args.grace,
+            delivery_limit=args.delivery_limit,
+            ladder=RetryLadder(args.retry_base, args.retry_factor, args.retry_levels),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            breaker=BreakerPolicy(
+                failure_rate=args.breaker_failure_rate,
+                min_calls=args.breaker_min_calls,
+                window_s=args.breaker_window,
+                cooldown_s=args.breaker_cooldown,
+                probes=args.breaker_probes,
+            ),
+            **_security_settings(args),
+            max_response_bytes=args.max_response_bytes,
+            allow_draft_cidrs=tuple(args.allow_draft_cidrs),
+            freeze_heap=True,
+        )
+    except ValueError as exc:  # a combination of flags that no single flag's check could refuse
+        raise StartupError(ExitCode.USAGE, str(exc)) from None
 
     async def main() -> None:
         app = WorkerApp(settings)

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     BROKER_AUTH = 4  # the broker refused the user name or password
     METRICS_PORT_IN_USE = 5  # --metrics-host/--metrics-port cannot be bound
     TENANT_SOURCE = 6  # the tenants directory cannot be read at start-up
+    TOPOLOGY_MISMATCH = 7  # the namespace exists on the broker with other arguments (retry ladder, delivery limit)
     INTERRUPTED = 130  # Ctrl-C in a command other than `run` (128 + SIGINT, as shells report it)
 
 

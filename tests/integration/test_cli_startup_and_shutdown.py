@@ -124,15 +124,54 @@ async def test_metrics_port_in_use_is_one_line_with_its_own_exit_code(
 
 
 @pytest.mark.parametrize(
-    ("value", "why"), [("many", "'many' is not a whole number"), ("0", "0 is not a positive number")]
+    ("flag", "value", "why"),
+    [
+        ("--prefetch", "many", "'many' is not a whole number"),
+        # 0 would be AMQP's "no limit": every message in the queue delivered to this one worker.
+        ("--prefetch", "0", "0 is not a positive number"),
+        ("--retry-levels", "0", "0 is not a positive number"),
+        ("--retry-base", "nan", "nan is not a finite number"),
+        ("--retry-factor", "0.5", "0.5 is below 1"),
+        ("--breaker-failure-rate", "2", "2 is not a share above 0 and at most 1"),
+        ("--delivery-limit", "0", "0 is not a positive number"),
+        ("--grace", "-5", "-5 is negative"),
+        ("--metrics-port", "70000", "70000 is not a TCP port"),
+    ],
 )
-async def test_invalid_flags_exit_2_without_a_traceback(value: str, why: str) -> None:
-    # --prefetch 0 would be AMQP's "no limit": every message in the queue delivered to this one worker.
-    result = await atlas_worker("run", "--prefetch", value)
+async def test_invalid_flags_exit_2_without_a_traceback(flag: str, value: str, why: str) -> None:
+    result = await atlas_worker("run", flag, value)
 
     assert result.code == 2  # argparse's own code, which ExitCode.USAGE names
     assert "Traceback" not in result.output
-    assert f"argument --prefetch: {why}" in result.stderr
+    assert f"argument {flag}: {why}" in result.stderr
+
+
+async def test_flags_each_valid_but_not_together_exit_2_in_one_line(tenants_dir: Path, closed_port: int) -> None:
+    result = await run_worker(
+        tenants_dir, "--retry-levels", "31", amqp_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/"
+    )
+
+    assert_one_line_error(result, ExitCode.USAGE, "1..30 levels")
+
+
+async def test_a_namespace_declared_with_another_ladder_is_one_line_naming_the_flags(
+    amqp_url: str, tenants_dir: Path, topology: Topology
+) -> None:
+    first = await atlas_worker("topology", "declare", "--namespace", topology.namespace, amqp_url=amqp_url)
+    assert first.code == 0, first.output
+    flags = ("--namespace", topology.namespace, "--retry-base", "2")  # queue arguments cannot change in place
+
+    ran = await run_worker(tenants_dir, *flags, amqp_url=amqp_url)
+    declared = await atlas_worker("topology", "declare", *flags, amqp_url=amqp_url)
+
+    for result in (ran, declared):
+        assert_one_line_error(result, ExitCode.TOPOLOGY_MISMATCH, "x-message-ttl", "--retry-base", "--namespace")
+
+
+async def test_an_unknown_virtual_host_is_named_as_such_not_as_an_unreachable_broker(amqp_url: str) -> None:
+    result = await atlas_worker("dlq", "list", amqp_url=amqp_url.rstrip("/") + "/no-such-vhost")
+
+    assert_one_line_error(result, ExitCode.BROKER_AUTH, "refused the virtual host")
 
 
 def test_the_exit_codes_are_distinct() -> None:

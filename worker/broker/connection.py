@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractQueue, AbstractRobustConnection
 
 from worker.broker.topology import TopologySpec, declare, declare_atlas_cloud
@@ -16,11 +17,25 @@ from worker.redaction import redact_text, remember_url_credentials
 
 
 def broker_error(exc: BaseException, amqp_url: str) -> StartupError:
-    """Classify a failed connection attempt; the URL is shown without its password."""
+    """Classify a failed connection attempt or declaration; the URL is shown without its password."""
     where = redact_text(amqp_url)
     detail = redact_text(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        return StartupError(
+            ExitCode.TOPOLOGY_MISMATCH,
+            f"the broker at {where} already holds this namespace declared with other arguments ({detail}): "
+            "start with the flags it was declared with (--retry-base, --retry-factor, --retry-levels, "
+            "--delivery-limit), or use another --namespace; queue arguments cannot change in place",
+        )
     if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in detail:
         return StartupError(ExitCode.BROKER_AUTH, f"the broker at {where} refused the credentials: {detail}")
+    if "Connection.OpenOk" in detail and "Connection.Close" in detail:
+        # Logged in, then refused Connection.Open: the URL's virtual host (the path) is unknown or not permitted.
+        return StartupError(
+            ExitCode.BROKER_AUTH,
+            f"the broker at {where} accepted the credentials but refused the virtual host (the URL's path): it "
+            "does not exist, or this user has no permission on it",
+        )
     return StartupError(ExitCode.BROKER_UNREACHABLE, f"cannot reach the broker at {where}: {detail}")
 
 

@@ -14,6 +14,7 @@ from worker.broker.amqp_url import login_user
 from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
 from worker.broker.topology import TopologySpec, topology_spec
+from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
 from worker.ops.dlq import (
     HELD_BACK_FROM_REPLAY,
@@ -180,7 +181,10 @@ def dlq_command(args: argparse.Namespace) -> int:
 
 def topology_command(args: argparse.Namespace) -> int:
     topology = Topology(args.namespace)
-    ladder = RetryLadder(args.retry_base, args.retry_factor, args.retry_levels)
+    try:
+        ladder = RetryLadder(args.retry_base, args.retry_factor, args.retry_levels)
+    except ValueError as exc:
+        raise StartupError(ExitCode.USAGE, str(exc)) from None
     spec = topology_spec(topology, ladder, delivery_limit=args.delivery_limit)
     if args.topology_command == "definitions":
         document = definitions(spec, vhost=args.vhost, atlas_cloud_exchange=args.atlas_cloud_exchange)
