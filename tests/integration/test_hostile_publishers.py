@@ -65,6 +65,8 @@ async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_heade
     # Not read: the ids it claims are taken from the members that lead it, so the publisher can match the reply.
     await scene.settled("huge")
     listed = await dlq(amqp_url, topology, "list", "--tenant", "acme", "--json")
+    [row] = json.loads(listed.stdout)
+    replayed = await dlq(amqp_url, topology, "replay", row["id"])  # named, but its body's tail is gone
 
     left = await scene.leftovers()
     [reply] = left.replies
@@ -80,7 +82,10 @@ async def test_an_oversized_body_is_dead_lettered_as_a_bounded_prefix_with_heade
     assert dead.headers[Header.ERROR_CODE] == "body_too_large"
     assert (dead.headers[Header.REQUEST_ID], dead.headers[Header.TENANT_ID]) == ("huge", "acme")
     assert listed.code == 0, listed.stderr
-    assert [(row["request_id"], row["tenant"]) for row in json.loads(listed.stdout)] == [("huge", "acme")]
+    assert (row["request_id"], row["tenant"]) == ("huge", "acme")
+    assert replayed.code == 0, replayed.stderr
+    assert "replayed 0 dead letter(s)" in replayed.stdout
+    assert "hold only the first part of their body" in replayed.stderr
 
 
 async def test_an_oversized_draft_is_dead_lettered_as_a_prefix_with_its_keys_masked(scene: Scene) -> None:

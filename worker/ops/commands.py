@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import aio_pika
 
-from contracts import Topology
+from contracts import Header, Topology
 from worker.broker.amqp_url import login_user
 from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
@@ -65,7 +65,12 @@ async def _dlq(args: argparse.Namespace) -> int:
         try:
             return await _DLQ_COMMANDS[args.dlq_command](dlq, args)
         except aio_pika.exceptions.ChannelNotFoundEntity as exc:
-            print(f"{exc}: declare the topology first (`atlas-worker topology declare`)", file=sys.stderr)
+            print(
+                f"{exc}: namespace {topology.namespace!r} is not declared on this broker. Check --namespace for a "
+                "typo (`rabbitmqctl list_queues name` lists what is there); a worker declares its namespace when "
+                "it starts",
+                file=sys.stderr,
+            )
             return 2
     finally:
         await connection.close()
@@ -139,6 +144,13 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         )
         return 1
     print(f"replayed {replayed.count} dead letter(s) to {dlq.topology.requests}")
+    if replayed.truncated:
+        print(
+            f"left {replayed.truncated} dead letter(s) in {dlq.topology.dead} that hold only the first part of their "
+            f"body ({Header.BODY_TRUNCATED}): no replay can restore the rest; `dlq show ID` shows what was kept, "
+            "and the publisher must send the request again",
+            file=sys.stderr,
+        )
     if replayed.held_back:
         reasons = ", ".join(sorted(HELD_BACK_FROM_REPLAY))
         print(

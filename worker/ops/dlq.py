@@ -216,10 +216,12 @@ class Progress:
 
 @dataclass(frozen=True)
 class Replayed:
-    """What a replay did: how many dead letters it published back, how many it left (`HELD_BACK_FROM_REPLAY`)."""
+    """What a replay did: how many dead letters it published back, how many it left (`HELD_BACK_FROM_REPLAY`),
+    and how many it could not replay because only a prefix of their body was kept."""
 
     count: int
     held_back: int
+    truncated: int = 0
 
 
 @dataclass
@@ -313,12 +315,17 @@ class DeadLetterQueue:
         self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None, expected: int = 0
     ) -> "Replayed":
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        held_back = 0
+        held_back = truncated = 0
         try:
             exchange = await channel.get_exchange(self.topology.requests, ensure=False)
 
             async def republish(message: AbstractIncomingMessage, view: DeadLetterView) -> bool:
-                nonlocal held_back
+                nonlocal held_back, truncated
+                if view.headers.get(Header.BODY_TRUNCATED) is True:
+                    # What was cut is gone: a copy of the prefix can only be refused again, and would lose the
+                    # headers that say it was cut. Named or not, it stays where `dlq show` can read it.
+                    truncated += 1
+                    return False
                 if view.reason in HELD_BACK_FROM_REPLAY and not selection.names(view):
                     held_back += 1
                     return False
@@ -329,7 +336,7 @@ class DeadLetterQueue:
                 return True
 
             replayed = await self.take(selection, republish, progress, expected)
-            return Replayed(replayed, held_back)
+            return Replayed(replayed, held_back, truncated)
         finally:
             await channel.close()
 
