@@ -6,13 +6,12 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
-import aiormq
 import structlog
 from opentelemetry.trace import TracerProvider
 
 from contracts import FallbackPolicy, InferenceRequest
 from worker.broker.amqp_url import login_user
-from worker.broker.connection import WorkerChannels, broker_error, connect_worker, open_channels
+from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
 from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.settle import Settler
@@ -185,10 +184,7 @@ class WorkerApp:
                 stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # flushes buffered spans
 
             spec = topology_spec(settings.topology, settings.ladder, delivery_limit=settings.delivery_limit)
-            try:
-                channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                raise broker_error(exc, settings.amqp_url) from None
+            channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
             stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
             self.consumer = self._consumer(channels, providers, tracing, header_key, worker_user)

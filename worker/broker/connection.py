@@ -21,12 +21,7 @@ def broker_error(exc: BaseException, amqp_url: str) -> StartupError:
     where = redact_text(amqp_url)
     detail = redact_text(str(exc) or type(exc).__name__)
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
-        return StartupError(
-            ExitCode.TOPOLOGY_MISMATCH,
-            f"the broker at {where} already holds this namespace declared with other arguments ({detail}): "
-            "start with the flags it was declared with (--retry-base, --retry-factor, --retry-levels, "
-            "--delivery-limit), or use another --namespace; queue arguments cannot change in place",
-        )
+        return topology_mismatch(f"the broker at {where}", detail)
     if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError) or "ACCESS_REFUSED" in detail:
         return StartupError(ExitCode.BROKER_AUTH, f"the broker at {where} refused the credentials: {detail}")
     if "Connection.OpenOk" in detail and "Connection.Close" in detail:
@@ -37,6 +32,15 @@ def broker_error(exc: BaseException, amqp_url: str) -> StartupError:
             "does not exist, or this user has no permission on it",
         )
     return StartupError(ExitCode.BROKER_UNREACHABLE, f"cannot reach the broker at {where}: {detail}")
+
+
+def topology_mismatch(broker: str, detail: str) -> StartupError:
+    return StartupError(
+        ExitCode.TOPOLOGY_MISMATCH,
+        f"{broker} already holds this namespace declared with other arguments ({detail}): start with the flags "
+        "it was declared with (--retry-base, --retry-factor, --retry-levels, --delivery-limit), or use another "
+        "--namespace; queue arguments cannot change in place",
+    )
 
 
 @contextmanager
@@ -84,7 +88,10 @@ async def open_channels(
 ) -> WorkerChannels:
     """Declare the topology, then open the channel the requests are consumed on with `prefetch` in flight."""
     publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
-    await declare(publish, spec)
+    try:
+        await declare(publish, spec)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise topology_mismatch("the broker", redact_text(str(exc))) from None
     await declare_atlas_cloud(connection, atlas_cloud_exchange)
     consume = await connection.channel(publisher_confirms=False)
     await consume.set_qos(prefetch_count=prefetch)
