@@ -690,3 +690,21 @@ async def test_dlq_output_escapes_control_characters_and_cannot_be_made_to_print
         assert "\x07" not in output
         assert not any(line.startswith("FORGED") for line in output.splitlines())
     assert "\\n" in listed.stdout  # the newline is shown, escaped
+
+
+async def test_cc_and_bcc_headers_do_not_fan_the_workers_copies_out_to_other_routing_keys(scene: Scene) -> None:
+    # RabbitMQ routes a message to its CC and BCC headers' keys too. A copy the worker publishes (here a reroute
+    # of a tenant with no BYOC config) must go where the worker sends it, not where the publisher says.
+    cloud = scene.running.app.settings.atlas_cloud_exchange
+    others = await scene.client.bind_observer(cloud, "acme.summary")  # another tenant's Atlas Cloud traffic
+    retries = {"CC": ["acme.summary", "0", "1"], "BCC": ["acme.rca"], "cc": ["acme.summary"]}
+    request = samples.request("nobyoc", request_id="fanned-out")
+
+    await scene.client.publish_request(orjson.dumps(request), headers=retries)
+    await scene.settled("fanned-out")
+
+    left = await scene.leftovers()
+    [rerouted] = left.cloud
+    assert rerouted.headers[Header.REROUTED_FROM_TENANT] == "nobyoc"
+    assert not {"CC", "BCC", "cc"} & set(rerouted.headers or {})
+    assert await drain_now(others) == []  # routed at the same confirmed publish as the copy above

@@ -53,6 +53,8 @@ def test_replayed_request_keeps_publisher_headers_and_drops_failure_history() ->
         "atlas-replays": 1,
         Header.SETTLE_SEQ: 3,
         Header.LAST_PROVIDER_ERROR_CODE: "timeout",
+        "CC": ["acme.summary"],  # the broker would route the replay to these keys too
+        "Bcc": ["acme.rca"],
     }
     fresh = replay_headers(headers, keep_attempts=False)
     assert set(fresh) == {"traceparent", "atlas-replays", "atlas-replayed-at", Header.SETTLE_SEQ}

@@ -97,10 +97,21 @@ async def copy_body(body: bytes, limit: int, *, dead_letter: bool) -> tuple[byte
     return (body, cut) if masked is None else (masked, cut | {Header.REDACTED: True})
 
 
+# Headers the broker reads as more routing keys ("sender-selected distribution"): on a copy the worker publishes,
+# they would send it to queues the worker never chose (another tenant's Atlas Cloud queue, every retry level).
+# RabbitMQ matches `CC` and `BCC` exactly; every spelling is dropped, so no broker's reading is left to chance.
+ROUTING_HEADERS = frozenset({"cc", "bcc"})
+
+
 def publisher_headers(headers: Headers) -> dict[str, Any]:
     """The publisher's own headers. `atlas-` names are the worker's: those it vouches for come back through
-    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on."""
-    return {k: v for k, v in (headers or {}).items() if not k.startswith(ATLAS_PREFIX) or k in PASSED_ON}
+    `HeaderTrust.believed`, and the rest a publisher may have forged, so they are not passed on; nor are the
+    headers the broker would route the copy by."""
+    return {
+        k: v
+        for k, v in (headers or {}).items()
+        if (not k.startswith(ATLAS_PREFIX) or k in PASSED_ON) and k.lower() not in ROUTING_HEADERS
+    }
 
 
 def lineage_headers(delivery: AbstractIncomingMessage, believed: Headers, *, put_back: bool) -> dict[str, int]:
@@ -114,9 +125,13 @@ def lineage_headers(delivery: AbstractIncomingMessage, believed: Headers, *, put
 
 
 def replay_headers(headers: Mapping[str, Any], *, keep_attempts: bool) -> dict[str, Any]:
-    """The headers a replayed request carries: the publisher's own, none of the failure history (the
-    broker's `x-` headers included), attempts only if asked, and when it was replayed."""
-    kept = {k: v for k, v in headers.items() if not k.startswith("x-") and k not in FAILURE_HEADERS}
+    """The headers a replayed request carries: the publisher's own but those the broker routes by, none of the
+    failure history (the broker's `x-` headers included), attempts only if asked, and when it was replayed."""
+    kept = {
+        k: v
+        for k, v in headers.items()
+        if not k.startswith("x-") and k not in FAILURE_HEADERS and k.lower() not in ROUTING_HEADERS
+    }
     if not keep_attempts:
         kept.pop(Header.ATTEMPTS, None)
     kept[Header.REPLAYS] = read_count(headers, Header.REPLAYS) + 1
