@@ -261,6 +261,24 @@ def _short(detail: object) -> str:
     return str(detail).replace("\n", " ")[:200]
 
 
+# Google's service-account keys are 2048-bit RSA: 1,704 characters as the PKCS#8 PEM of a key file. Loading a key
+# validates it, for a time that grows steeply with its size (30 ms at 2048 bits on the machine of
+# docs/PERFORMANCE.md, 217 ms at 4096, 34 s at 16,384), and cryptography holds the GIL meanwhile, so no thread
+# would spare the loop: a larger key, which a draft from a message could carry, is refused unread.
+MAX_PRIVATE_KEY_CHARS = 2_000
+
+
+def _check_key_size(info: object) -> None:
+    private_key = info.get("private_key") if isinstance(info, dict) else None
+    if isinstance(private_key, str) and len(private_key) > MAX_PRIVATE_KEY_CHARS:
+        raise ProviderError(
+            ErrorClass.CONFIG,
+            f"service_account's private_key is {len(private_key):,} characters; a service-account key is a 2048-bit "
+            f"RSA key of about 1,700",
+            code="service_account_invalid",
+        )
+
+
 class ServiceAccountToken:
     """An OAuth access token for a service account, cached until google-auth considers it stale.
 
@@ -278,6 +296,7 @@ class ServiceAccountToken:
     def _load(self, key: str) -> service_account.Credentials:
         try:
             info = orjson.loads(key)
+            _check_key_size(info)
             credentials: service_account.Credentials = service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
                 info, scopes=[SCOPE]
             )

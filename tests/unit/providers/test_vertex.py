@@ -6,6 +6,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
 from contracts import RcaResult, VertexSettings
@@ -110,6 +111,23 @@ async def test_key_not_matching_the_accounts_public_key_is_auth(
     assert caught.value.error_class is ErrorClass.AUTH
     assert "Invalid JWT Signature" in caught.value.message
     assert fake_vertex.fake.tokens_issued == []
+
+
+async def test_a_key_larger_than_a_service_account_key_is_refused_before_it_is_loaded(
+    fake_vertex: VertexFake, key_file: Path, session: aiohttp.ClientSession
+) -> None:
+    # Validating an RSA key holds the GIL for a time that grows with its size (34 s for 16,384 bits here): a
+    # draft from a message could stall every tenant with one. Service-account keys are 2048-bit.
+    big = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    oversized = dataclasses.replace(fake_vertex, service_account=service_account_json(big, fake_vertex.fake.token_uri))
+
+    with pytest.raises(ProviderError) as caught:
+        await provider(oversized, key_file, session).complete(call_for("summary", settings(oversized, key_file)))
+
+    assert caught.value.code == "service_account_invalid"
+    assert "2048-bit" in caught.value.message
+    assert fake_vertex.fake.tokens_issued == []
+    assert fake_vertex.fake.requests == []
 
 
 def test_palm_model_is_refused_as_retired(fake_vertex: VertexFake, key_file: Path) -> None:
