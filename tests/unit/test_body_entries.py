@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from tests import samples
 from worker.broker.consumer import decode
-from worker.broker.limits import count_entries, entries_may_exceed
 from worker.handling.outcome import Malformed, MalformedCode
+from worker.json_entries import count_entries, entries_may_exceed
 
 UNLIMITED = 10**9
 # Strings full of what the scan must not mistake for structure: quotes, escapes, brackets and commas.

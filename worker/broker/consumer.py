@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from contracts import ErrorInfo, Header, InferenceRequest, Status
 from worker.broker.claimed_ids import leading_ids, parsed_ids
 from worker.broker.headers import first_failure_at, last_error, read_count, read_history
-from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES, count_entries, entries_may_exceed
+from worker.broker.limits import MAX_BODY_BYTES, MAX_BODY_ENTRIES
 from worker.broker.publishers import PublisherRules
 from worker.broker.settle import Settler
 from worker.handling import replies
@@ -33,6 +33,7 @@ from worker.handling.outcome import (
     SettleResult,
 )
 from worker.handling.route import Router
+from worker.json_entries import count_entries, entries_may_exceed
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.broker.consumer")

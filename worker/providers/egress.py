@@ -18,6 +18,8 @@ from worker.errors import ErrorClass, ProviderError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+# A draft's endpoint is the publisher's choice: what a probe reads (a model list, a short completion) is far smaller.
+DRAFT_MAX_RESPONSE_BYTES = 1024 * 1024
 READ_CHUNK_BYTES = 64 * 1024
 # Cloud metadata and host-agent services: reaching them would hand out the worker's own cloud credentials.
 METADATA_ADDRESSES = frozenset(
@@ -117,7 +119,8 @@ class EgressPolicy:
     @classmethod
     def for_drafts(cls, cidrs: Iterable[str], max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> "EgressPolicy":
         networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
-        return cls(drafts=True, allowed_networks=networks, max_response_bytes=max_response_bytes)
+        capped = min(max_response_bytes, DRAFT_MAX_RESPONSE_BYTES)
+        return cls(drafts=True, allowed_networks=networks, max_response_bytes=capped)
 
     def refusal(self, address: str) -> str | None:
         """Why a connection to this IP address is refused, or None when it may be made."""

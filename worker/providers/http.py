@@ -12,6 +12,7 @@ import aiohttp
 import orjson
 
 from worker.errors import ErrorClass, ProviderError
+from worker.json_entries import count_entries, entries_may_exceed
 from worker.providers.egress import egress_error
 
 CONTEXT_OVERFLOW_PATTERNS = re.compile(
@@ -23,6 +24,10 @@ CONTEXT_OVERFLOW_PATTERNS = re.compile(
 CONNECT_TIMEOUT_S = 5.0
 # Only connecting is bounded here: the whole call's timeout is the caller's (`worker.providers.bounded`).
 CONNECT_ONLY = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
+# Entries (object members and array elements) an answer may hold before it is parsed. A chat completion holds a
+# few hundred, a list of a thousand models about ten thousand; parsing holds the loop for a time that follows the
+# entries, not the bytes (8 MiB of tiny ones took 1.6 s), and an endpoint, a draft's above all, may be hostile.
+MAX_RESPONSE_ENTRIES = 50_000
 QUOTA_PATTERNS = re.compile(r"insufficient_quota|quota exceeded|billing", re.IGNORECASE)
 
 
@@ -50,15 +55,28 @@ def error_text(body: bytes) -> str:
     try:
         data: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
+        return _prefix(body)
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, dict):
-            parts = [str(error.get(k)) for k in ("code", "type", "message") if error.get(k)]
-            return " ".join(parts)[:500] or str(error)[:300]
+            parts = [str(value)[:500] for k in ("code", "type", "message") if (value := error.get(k))]
+            return " ".join(parts)[:500] or _prefix(body)
         if isinstance(error, str):
             return error[:500]
-    return str(data)[:300]
+    return _prefix(body)  # the text as sent, never a rendering of everything it parsed into
+
+
+def _prefix(body: bytes) -> str:
+    return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
+
+
+async def too_many_entries(payload: bytes) -> bool:
+    """Whether an answer holds more than MAX_RESPONSE_ENTRIES entries; counted off the loop when a quick look
+    cannot rule it out."""
+    if not entries_may_exceed(payload, MAX_RESPONSE_ENTRIES):
+        return False
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, count_entries, payload, MAX_RESPONSE_ENTRIES) > MAX_RESPONSE_ENTRIES
 
 
 def classify_status(status: int, text: str, headers: Mapping[str, str], who: str) -> ProviderError:
@@ -194,8 +212,14 @@ async def send_json(
             method, url, data=data, headers=send_headers, timeout=CONNECT_ONLY, allow_redirects=False
         ) as response:
             payload = await response.read()  # read and capped by the session's egress policy
+            flooded = await too_many_entries(payload)
             if response.status >= 400:
+                if flooded:  # judged by its status alone
+                    unread = f"(error body not read: more than {MAX_RESPONSE_ENTRIES:,} JSON entries)".encode()
+                    raise classify(response.status, unread, response.headers, who)
                 raise classify(response.status, payload, response.headers, who)
+            if flooded:
+                raise malformed(who, f"more than {MAX_RESPONSE_ENTRIES:,} JSON entries")
     except ProviderError:
         raise
     except (aiohttp.ClientError, TimeoutError) as exc:
