@@ -16,9 +16,10 @@ import pytest
 from contracts import Header, Topology
 from tests import samples
 from tests.broker import AmqpUser, BrokerClient, broker_client, collect, drain_now, json_body
-from tests.conftest import RunningWorker, start_worker, worker_settings, write_tenant
+from tests.conftest import RunningWorker, running_worker, start_worker, worker_settings, write_tenant
 from tests.fakes.openai_server import FakeOpenAI, Fault
 from tests.integration.test_operations_dlq import dlq, wait_for_dead_letters
+from tests.integration.test_process_lifecycle import wait_until
 from tests.ops.scrape import Samples, free_port, scrape
 from tests.scene import Scene, open_scene
 from worker.broker.amqp_url import login_user
@@ -264,6 +265,36 @@ async def test_a_flood_of_hanging_probes_does_not_delay_another_tenants_request(
     assert json_body(first)["request_id"] == "other"
     replied = [s.ids.request_id for s in order if s.done == "replied"]
     assert replied[0] == "other"
+
+
+async def test_drafts_naming_a_tenant_do_not_take_the_slots_its_own_requests_need(
+    amqp_url: str, client: BrokerClient, topology: Topology, tenants_dir: Path
+) -> None:
+    # A draft tests the publisher's endpoint, not the tenant's: were it counted against the tenant's
+    # max_concurrency, two drafts at a tarpit would defer every request of that tenant until they time out.
+    hanging, healthy = FakeOpenAI(), FakeOpenAI()
+    await hanging.start()
+    await healthy.start()
+    hanging.always, hanging.api_key = Fault("hang"), None
+    write_tenant(tenants_dir, "small", healthy.base_url, max_concurrency=2)
+    draft = {"kind": "openai_compatible", "base_url": hanging.base_url, "model": hanging.model, "api_key": "lit-123"}
+    settings = worker_settings(amqp_url, topology, tenants_dir, allow_draft_cidrs=("127.0.0.0/8",))
+    try:
+        async with running_worker(settings):
+            replies = await client.reply_queue()
+            for n in range(4):
+                probe = {"request_id": f"draft-{n}", "tenant_id": "small", "task": "test_connection", "provider": draft}
+                await client.publish_request(probe, reply_to=replies.name)
+            await wait_until(lambda: len(hanging.requests) >= 2)  # both draft slots held at the tarpit
+            await client.publish_request(samples.request("small", request_id="own"), reply_to=replies.name)
+
+            [first] = await collect(replies, 1, timeout_s=30)
+    finally:
+        await hanging.close()
+        await healthy.close()
+
+    assert json_body(first)["request_id"] == "own"  # answered while the drafts still hang
+    assert json_body(first)["status"] == "ok"
 
 
 # --- 6: closed label sets -------------------------------------------------------------------------------------

@@ -27,8 +27,10 @@ class TenantLookup(Protocol):
 # The queue's `test_connection` task, given to the router by the composition root (`worker.app`).
 AnswerTestConnection = Callable[[InferenceRequest, DeliveryContext], Awaitable[Outcome]]
 
-# Test Connection probes of a tenant without a stored configuration (a draft in the message) share this cap.
+# Test Connection probes of drafts (a configuration in the message) naming one tenant share this cap.
 PROBES_PER_UNCONFIGURED_TENANT = 2
+# Their slots' key: a tenant id never holds a ':', so no tenant's own slots are counted under it.
+DRAFTS_OF = "drafts:"
 # Probes in flight across all tenants: tenant ids in messages are the publisher's to choose, so without a
 # worker-wide cap a flood of distinct ids could still fill every prefetched delivery with hanging probes.
 PROBES_IN_FLIGHT = 8
@@ -109,16 +111,21 @@ class Router:
             self._slots.release(tenant)
 
     async def _probe(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
-        """Test Connection, counted against the tenant's concurrency like any request: a flood of probes at a
-        hanging endpoint is deferred instead of holding every delivery the worker has prefetched."""
+        """Test Connection of the stored config, counted against the tenant's concurrency like any request: a flood
+        of probes at a hanging endpoint is deferred instead of holding every delivery the worker has prefetched.
+        A draft's probe tests the publisher's endpoint, not the tenant's: it counts against a small share of its
+        own, never against the slots the tenant's requests need."""
         tenant = self._tenants.get(request.tenant_id)
-        limit = tenant.limits.max_concurrency if tenant else PROBES_PER_UNCONFIGURED_TENANT
-        if not self._slots.try_acquire_probe(request.tenant_id, limit):
+        if request.provider is not None or tenant is None:
+            key, limit = f"{DRAFTS_OF}{request.tenant_id}", PROBES_PER_UNCONFIGURED_TENANT
+        else:
+            key, limit = request.tenant_id, tenant.limits.max_concurrency
+        if not self._slots.try_acquire_probe(key, limit):
             return Defer()
         try:
             return await self._test_connection(request, ctx)
         finally:
-            self._slots.release_probe(request.tenant_id)
+            self._slots.release_probe(key)
 
     def _without_config(self, request: InferenceRequest, ctx: DeliveryContext) -> Outcome:
         """No loaded config: Atlas Cloud serves the tenant only when the healthy source truly holds none for it."""
