@@ -1,6 +1,7 @@
 """Google Vertex AI Gemini `generateContent`, authorised by a service-account key through google-auth."""
 
 import asyncio
+import concurrent.futures
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -224,6 +225,12 @@ class LoopTransport(google.auth.transport.Request):
     def __init__(self, session: aiohttp.ClientSession, loop: asyncio.AbstractEventLoop) -> None:
         self._session = session
         self._loop = loop
+        self._sending: set[concurrent.futures.Future[_TokenResponse]] = set()
+
+    def cancel(self) -> None:
+        """Cut short the requests in flight, so the refresh thread waiting on them ends now, not at their timeout."""
+        for sending in list(self._sending):
+            sending.cancel()
 
     def __call__(
         self,
@@ -235,7 +242,12 @@ class LoopTransport(google.auth.transport.Request):
         **kwargs: Any,
     ) -> _TokenResponse:
         sent = self._send(url, method, body, headers, timeout or TOKEN_TIMEOUT_S)
-        return asyncio.run_coroutine_threadsafe(sent, self._loop).result()
+        sending = asyncio.run_coroutine_threadsafe(sent, self._loop)
+        self._sending.add(sending)
+        try:
+            return sending.result()  # a cancelled request raises here, and so ends the refresh
+        finally:
+            self._sending.discard(sending)
 
     async def _send(
         self, url: str, method: str, body: bytes | None, headers: Mapping[str, str] | None, timeout_s: float
@@ -292,6 +304,12 @@ class ServiceAccountToken:
         self._key: str | None = None
         self._credentials: service_account.Credentials | None = None
         self._lock = asyncio.Lock()
+        # Its own thread, not the loop's shared pool: refreshes waiting on a slow token endpoint (a draft's may be
+        # a tarpit) must not hold the threads that render prompts and mask dead letters for every tenant.
+        self._refresher = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="atlas-token")
+
+    def close(self) -> None:
+        self._refresher.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, key: str) -> service_account.Credentials:
         try:
@@ -320,8 +338,13 @@ class ServiceAccountToken:
                 self._credentials, self._key = self._load(key), key
             credentials = self._credentials
             try:
-                transport = LoopTransport(self._session, asyncio.get_running_loop())
-                await asyncio.to_thread(credentials.refresh, transport)
+                loop = asyncio.get_running_loop()
+                transport = LoopTransport(self._session, loop)
+                try:
+                    await loop.run_in_executor(self._refresher, credentials.refresh, transport)
+                except asyncio.CancelledError:  # the call timed out or the worker stops: free the thread too
+                    transport.cancel()
+                    raise
             except google.auth.exceptions.RefreshError as exc:
                 if getattr(exc, "retryable", False):
                     raise ProviderError(
@@ -391,7 +414,8 @@ class VertexProvider:
         return self._settings.model
 
     async def aclose(self) -> None:
-        """Nothing of its own to release: the token cache holds no connection."""
+        """The token cache's refresh thread; it holds no connection of its own."""
+        self._tokens.close()
 
     async def complete(self, call: ModelCall) -> ModelResult:
         tokens = self._tokens

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
@@ -13,6 +14,7 @@ from contracts import RcaResult, VertexSettings
 from tests.fakes.common import Fault
 from tests.fakes.fixtures import VertexFake, rsa_key
 from tests.fakes.vertex_server import service_account_json
+from tests.ops.scrape import free_port
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
 from worker.providers.base import Finish
@@ -128,6 +130,53 @@ async def test_a_key_larger_than_a_service_account_key_is_refused_before_it_is_l
     assert "2048-bit" in caught.value.message
     assert fake_vertex.fake.tokens_issued == []
     assert fake_vertex.fake.requests == []
+
+
+async def test_token_refreshes_at_a_tarpit_hold_neither_the_shared_threads_nor_the_endpoint_past_the_call(
+    fake_vertex: VertexFake, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    # Eight drafts (the probe cap) whose token endpoint never answers: each refresh waits in a thread of its
+    # own, and the call's timeout ends the token request too instead of leaving it for its own 30 s.
+    hung, released = asyncio.Event(), asyncio.Event()
+    waiting = 0
+
+    async def tarpit(request: web.Request) -> web.Response:
+        nonlocal waiting
+        waiting += 1
+        if waiting == 8:
+            hung.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            waiting -= 1
+            if waiting == 0:
+                released.set()
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/token", tarpit)
+    runner = web.AppRunner(app, handler_cancellation=True)  # a client that goes away ends its handler
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    tarpit_account = dataclasses.replace(
+        fake_vertex, service_account=service_account_json(rsa_key(0), f"http://127.0.0.1:{port}/token")
+    )
+    providers = [provider(tarpit_account, tmp_path / f"key-{n}.json", session) for n in range(8)]
+    call = call_for("summary", settings(tarpit_account, tmp_path / "key-0.json"))
+    try:
+        calls = [asyncio.create_task(within(2.0, "vertex", p.complete(call))) for p in providers]
+        await asyncio.wait_for(hung.wait(), 10)
+
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 1) == "free"  # the shared pool is not held
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        await asyncio.wait_for(released.wait(), 5)  # every token request cut short with its call
+    finally:
+        for p in providers:
+            await p.aclose()
+        await runner.cleanup()
+
+    assert all(isinstance(r, ProviderError) and r.error_class is ErrorClass.TRANSIENT for r in results)
 
 
 def test_palm_model_is_refused_as_retired(fake_vertex: VertexFake, key_file: Path) -> None:
