@@ -77,6 +77,7 @@ CHAT_ANSWER = {
         ("8.8.8.8", False, False),
         ("2606:4700:4700::1111", False, False),
         ("64:ff9b::808:808", False, False),  # NAT64 to a public address
+        ("64:ff9b:1::808:808", False, True),  # local-use NAT64: where its IPv4 host sits is the network's choice
     ],
 )
 def test_address_classifier(address: str, stored_refused: bool, draft_refused: bool) -> None:

@@ -36,7 +36,11 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 METADATA_HOSTNAMES = frozenset({"metadata.google.internal", "metadata.goog", "metadata", "instance-data"})
-NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+# Only the well-known prefix says where its IPv4 address is (the last 32 bits). In the local-use 64:ff9b:1::/48 a
+# network picks its own prefix length, so the IPv4 host cannot be read off the address: it is judged as the
+# local IPv6 address it is (refused for drafts, like any private range).
+NAT64 = (ipaddress.ip_network("64:ff9b::/96"),)
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215; Python 3.11 counts it as global
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # A DNS name never ends in an all-numeric label: such a host is an IPv4 address in a legacy notation
 # (octal 0177.0.0.1, hex 0x7f.1, decimal 2130706433) that the C resolver would quietly accept.
@@ -136,7 +140,7 @@ class EgressPolicy:
             return None
         if ip.is_loopback:
             return "a loopback address (a configuration from a message may not reach the worker's host)"
-        if not ip.is_global:
+        if not ip.is_global or ip in LOCAL_NAT64:
             return "a private address (allow its range with --allow-draft-cidr)"
         return None
 
