@@ -147,6 +147,13 @@ class WorkerApp:
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
+        if header_key is None:
+            log.warning(
+                "header_key_missing",
+                risk="the worker's own headers (atlas-attempts, atlas-history) and x-death are believed unsigned, "
+                "so a publisher can forge a request's attempts and history",
+                fix="run with --header-key env:NAME (the same key on every replica)",
+            )
         # Only with publisher rules do the worker's copies carry its user: a user_id the broker disagrees with
         # (an external login it cannot be told from the URL) would make it refuse every retry and dead letter.
         worker_user = login_user(settings.amqp_url) if settings.publishers.active else None

@@ -157,8 +157,19 @@ def test_tenants_come_from_the_configmap_and_their_secrets_from_the_secret(
         doc["metadata"]["name"]: doc for doc in yaml.safe_load_all((DEPLOY / "k8s" / "secret.example.yaml").read_text())
     }
     assert references <= set(secrets[source["secretRef"]["name"]]["stringData"])
-    [amqp] = [e for e in worker_container["env"] if e["name"] == "AMQP_URL"]
-    assert amqp["valueFrom"]["secretKeyRef"]["key"] in secrets[amqp["valueFrom"]["secretKeyRef"]["name"]]["stringData"]
+    for name in ("AMQP_URL", "ATLAS_HEADER_KEY"):
+        [variable] = [e for e in worker_container["env"] if e["name"] == name]
+        reference = variable["valueFrom"]["secretKeyRef"]
+        assert reference["key"] in secrets[reference["name"]]["stringData"]
+
+
+def test_the_deployed_workers_sign_their_headers(worker_container: dict[str, Any]) -> None:
+    # Without --header-key a publisher's forged x-death and atlas-attempts are believed.
+    args = worker_container["args"]
+    assert args[args.index("--header-key") + 1] == "env:ATLAS_HEADER_KEY"
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
+    assert compose["command"][compose["command"].index("--header-key") + 1] == "env:ATLAS_HEADER_KEY"
+    assert "ATLAS_HEADER_KEY" in compose["environment"]
 
 
 def test_keda_scales_the_deployment_on_the_requests_queue(worker_container: dict[str, Any], k8s: Any) -> None:
