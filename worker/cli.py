@@ -349,6 +349,12 @@ def _add_dlq(commands: _Commands) -> None:
     dlq_replay.add_argument(
         "--keep-attempts", action="store_true", help="keep the attempt count instead of starting from zero"
     )
+    dlq_replay.add_argument(
+        "--header-key",
+        metavar="env:NAME|file:/path",
+        help="the workers' --header-key: signs the copies' raised atlas-settle-seq, so the replay's reply "
+        "outranks the one its dead letter was answered with",
+    )
     dlq_purge = dlq_commands.add_parser("purge", help="delete dead letters (all, unless IDs or filters are given)")
     dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these (IDs, request ids, ID prefixes)")
     dlq_purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")

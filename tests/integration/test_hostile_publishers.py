@@ -397,6 +397,40 @@ async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believe
     assert len(fake_openai.requests) == 4
 
 
+@pytest.mark.parametrize("replay_key", [True, False], ids=["signed", "unsigned"])
+async def test_a_replay_signed_with_the_workers_key_outranks_the_dead_letters_reply(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    replay_key: bool,
+) -> None:
+    # Of several replies to one request id the highest settle_seq wins: the replay's answer must beat the failure
+    # its dead letter was replied with. The replay raises atlas-settle-seq; only a signed value is believed.
+    monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=2)
+    fake_openai.always = Fault("server_error")
+    key = "env:ATLAS_TEST_HEADER_KEY"
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, header_key=key) as scene:
+        await scene.send(samples.request("acme", request_id="replayed"))
+        fake_openai.always = None  # the provider is fixed, then the operator replays
+        signing = ("--header-key", key) if replay_key else ()
+        replayed = await dlq(amqp_url, topology, "replay", "replayed", *signing)
+        await scene.settled("replayed")
+        left = await scene.leftovers()
+
+    assert replayed.code == 0, replayed.stderr
+    failed, answered = (json_body(m) for m in left.replies)
+    assert (failed["status"], answered["status"]) == ("failed", "ok")
+    if replay_key:
+        assert answered["provenance"]["settle_seq"] > failed["provenance"]["settle_seq"]
+    else:  # nothing vouches for the raised value: the operator is told the replies will not rank
+        assert answered["provenance"]["settle_seq"] == 0
+        assert "--header-key" in replayed.stderr
+
+
 # --- 8: who may publish what ---------------------------------------------------------------------------------
 
 

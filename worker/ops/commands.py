@@ -13,6 +13,7 @@ from contracts import Header, Topology
 from worker.broker.amqp_url import login_user
 from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
+from worker.broker.header_trust import HeaderTrust, load_key
 from worker.broker.topology import TopologySpec, topology_spec
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
@@ -134,8 +135,12 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
         return 1
     progress = Progress("replayed", chosen)
+    key = load_key(args.header_key)
+    trust = HeaderTrust(dlq.topology, key) if key is not None else None
     try:
-        replayed = await dlq.replay(selection, keep_attempts=args.keep_attempts, progress=progress, expected=total)
+        replayed = await dlq.replay(
+            selection, keep_attempts=args.keep_attempts, trust=trust, progress=progress, expected=total
+        )
     except aio_pika.exceptions.PublishError:
         print(
             f"stopped after {progress.done}: {dlq.topology.requests} did not route a copy to any queue; "
@@ -144,6 +149,13 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         )
         return 1
     print(f"replayed {replayed.count} dead letter(s) to {dlq.topology.requests}")
+    if replayed.count and trust is None:
+        print(
+            "replayed without --header-key: nothing vouches for the copies' raised atlas-settle-seq, so their "
+            "replies rank as fresh ones (settle_seq 0) and do not outrank the replies their dead letters got; "
+            "replay with the workers' --header-key so they do",
+            file=sys.stderr,
+        )
     if replayed.truncated:
         print(
             f"left {replayed.truncated} dead letter(s) in {dlq.topology.dead} that hold only the first part of their "

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
 from worker.broker.copies import copy_of, replay_headers
+from worker.broker.header_trust import HeaderTrust
 from worker.broker.headers import latest_death, read_count, read_history, read_text, read_time
 from worker.handling.history import History
 from worker.handling.outcome import DEAD_LETTER_REASONS, DeadLetterReason
@@ -312,8 +313,16 @@ class DeadLetterQueue:
         return None
 
     async def replay(
-        self, selection: Selection, *, keep_attempts: bool, progress: Progress | None = None, expected: int = 0
+        self,
+        selection: Selection,
+        *,
+        keep_attempts: bool,
+        trust: HeaderTrust | None = None,
+        progress: Progress | None = None,
+        expected: int = 0,
     ) -> "Replayed":
+        """Publish the selected dead letters back; with `trust` (the workers' header key) each copy's headers are
+        signed again, so the workers believe what the replay raised (its settle seq) and what it kept."""
         channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         held_back = truncated = 0
         try:
@@ -330,6 +339,9 @@ class DeadLetterQueue:
                     held_back += 1
                     return False
                 headers = replay_headers(view.headers, keep_attempts=keep_attempts)
+                if trust is not None:
+                    headers.pop(Header.SIGNATURE, None)
+                    headers |= trust.signature(view.request_id, headers)
                 copy = copy_of(message, message.body, headers, user_id=self.user)
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
