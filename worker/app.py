@@ -147,13 +147,6 @@ class WorkerApp:
     async def run(self) -> None:
         settings = self.settings
         header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
-        if header_key is None:
-            log.warning(
-                "header_key_missing",
-                risk="the worker's own headers (atlas-attempts, atlas-history) and x-death are believed unsigned, "
-                "so a publisher can forge a request's attempts and history",
-                fix="run with --header-key env:NAME (the same key on every replica)",
-            )
         # Only with publisher rules do the worker's copies carry its user: a user_id the broker disagrees with
         # (an external login it cannot be told from the URL) would make it refuse every retry and dead letter.
         worker_user = login_user(settings.amqp_url) if settings.publishers.active else None
@@ -197,6 +190,13 @@ class WorkerApp:
             self.consumer = self._consumer(channels, providers, tracing, header_key, worker_user)
             if settings.freeze_heap:
                 freeze_heap()  # everything is imported and built; what follows is per request
+            if header_key is None:  # said once the start succeeds, so a failed start stays one line
+                log.warning(
+                    "header_key_missing",
+                    risk="the worker's own headers (atlas-attempts, atlas-history) and x-death are believed "
+                    "unsigned, so a publisher can forge a request's attempts and history",
+                    fix="run with --header-key env:NAME (the same key on every replica)",
+                )
             await self.consumer.start()
             watcher = asyncio.create_task(self._watch_tenants())
             watcher.add_done_callback(_report_watch_end)

@@ -12,6 +12,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from contracts import Header, Topology
 from tests import samples
@@ -429,6 +430,25 @@ async def test_a_replay_signed_with_the_workers_key_outranks_the_dead_letters_re
     else:  # nothing vouches for the raised value: the operator is told the replies will not rank
         assert answered["provenance"]["settle_seq"] == 0
         assert "--header-key" in replayed.stderr
+
+
+async def test_a_worker_without_a_header_key_says_at_start_that_its_headers_can_be_forged(
+    amqp_url: str, topology: Topology, tenants_dir: Path, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_HEADER_KEY", "a-key-only-the-worker-knows")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url)
+    with capture_logs() as unsigned:
+        async with running_worker(worker_settings(amqp_url, topology, tenants_dir)):
+            pass
+    with capture_logs() as signed:
+        async with running_worker(
+            worker_settings(amqp_url, topology, tenants_dir, header_key="env:ATLAS_TEST_HEADER_KEY")
+        ):
+            pass
+
+    [warning] = [e for e in unsigned if e["event"] == "header_key_missing"]
+    assert "--header-key" in warning["fix"]
+    assert [e for e in signed if e["event"] == "header_key_missing"] == []
 
 
 # --- 8: who may publish what ---------------------------------------------------------------------------------
