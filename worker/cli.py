@@ -7,9 +7,10 @@ import json
 import math
 import signal
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from worker import runtime
 from worker.broker.amqp_url import amqp_url_problem
@@ -393,26 +394,6 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
 
 
-def _positive_int(text: str) -> int:
-    value = _whole_number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _whole_number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _given_path(text: str) -> Path:
-    if not text.strip():  # `--tenants "$UNSET"`: as a path it would be the working directory
-        raise argparse.ArgumentTypeError("is empty")
-    return Path(text)
-
-
 def _number(text: str) -> float:
     try:
         value = float(text)
@@ -423,39 +404,34 @@ def _number(text: str) -> float:
     return value
 
 
-def _positive_number(text: str) -> float:
-    value = _number(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
+Number = TypeVar("Number", int, float)
 
 
-def _non_negative_number(text: str) -> float:
-    value = _number(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
+def _checked(parse: Callable[[str], Number], fits: Callable[[Number], bool], why: str) -> Callable[[str], Number]:
+    """An argparse type: `parse`, then refuse a value that does not fit, saying `why` after the text given."""
+
+    def check(text: str) -> Number:
+        value = parse(text)
+        if not fits(value):
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return value
+
+    return check
 
 
-def _share(text: str) -> float:
-    value = _number(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a share above 0 and at most 1 (0.5 is half)")
-    return value
+_positive_int = _checked(_whole_number, lambda v: v > 0, "is not a positive number")
+_non_negative_int = _checked(_whole_number, lambda v: v >= 0, "is negative")
+_port = _checked(_whole_number, lambda v: 0 <= v <= 65535, "is not a TCP port (0 to 65535)")
+_positive_number = _checked(_number, lambda v: v > 0, "is not a positive number")
+_non_negative_number = _checked(_number, lambda v: v >= 0, "is negative")
+_share = _checked(_number, lambda v: 0 < v <= 1, "is not a share above 0 and at most 1 (0.5 is half)")
+_growth = _checked(_number, lambda v: v >= 1, "is below 1: each retry level must wait at least as long as the last")
 
 
-def _growth(text: str) -> float:
-    value = _number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1: each retry level must wait at least as long as the last")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _whole_number(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (0 to 65535)")
-    return value
+def _given_path(text: str) -> Path:
+    if not text.strip():  # `--tenants "$UNSET"`: as a path it would be the working directory
+        raise argparse.ArgumentTypeError("is empty")
+    return Path(text)
 
 
 def _loop_name(text: str) -> str:
