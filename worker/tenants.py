@@ -246,27 +246,43 @@ def list_directory(directory: Path) -> Listing:
     return Listing(paths, sorted(set(visible) - tenant_files), NO_TENANTS_MARKER in names)
 
 
-# A `tenant_id = "…"` line, read from a file that does not parse, so that its tenant is quarantined all the same.
-_DECLARED_LINE = re.compile(rb"""^[ \t]*tenant_id[ \t]*=[ \t]*["']([A-Za-z0-9][A-Za-z0-9_-]{0,63})["']""", re.MULTILINE)
+# A `tenant_id` read from a file that does not parse, or is not a tenant file at all, so that its tenant is
+# quarantined all the same: TOML's `tenant_id = "acme"`, YAML's `tenant_id: acme`, JSON's `"tenant_id": "acme"`.
+_DECLARED = re.compile(
+    rb"""(?:^|[{,])[ \t]*["']?tenant_id["']?[ \t]*[:=][ \t]*["']?([A-Za-z0-9][A-Za-z0-9_-]{0,63})""", re.MULTILINE
+)
+# Names of files that look like a tenant's configuration saved under the wrong name: `acme.yaml`, `acme.toml.txt`,
+# `acme.json.bak`, `acme.toml~`. Such a file quarantines the tenant its name starts with, whatever it holds.
+_CONFIG_LIKE_NAME = re.compile(
+    r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?:[^.]+\.)*?(?:toml|ya?ml|json|conf|cfg|ini|txt|bak|orig|old|tmp)[^.]*~?|"
+    r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:\.[^.]+)*~",
+    re.IGNORECASE,
+)
 
 
 def _declared_in(raw: bytes) -> str | None:
-    found = _DECLARED_LINE.search(raw)
+    found = _DECLARED.search(raw)
     return found.group(1).decode() if found else None
 
 
-def misnamed(path: Path) -> tuple[str, ConfigProblem] | None:
-    """A file of the tenants directory that is not read as a tenant file (`acme.toml.txt`, `acme.yml`, `acme.toml~`)
-    but declares a `tenant_id`: that tenant and the problem that quarantines it, unless a valid file of its own
-    configures it. A file that declares none (a README) is only ignored; one that cannot be read says nothing."""
+def misnamed(path: Path) -> tuple[list[str], ConfigProblem] | None:
+    """A file of the tenants directory that is not read as a tenant file but looks like one saved under the wrong
+    name (`acme.yaml`, `acme.toml.txt`, `acme.toml~`), or declares a `tenant_id`: the tenants it claims (the one its
+    name starts with, the one it declares) and the problem that quarantines them, unless a valid file of its own
+    configures each. Any other file (a README) is only ignored."""
+    claimed: list[str] = []
+    if (named := _CONFIG_LIKE_NAME.fullmatch(path.name)) is not None:
+        claimed.append(named.group(1) or named.group(2))
     try:
         declared = _declared_in(read_regular_file(path, MAX_TENANT_FILE_BYTES))
     except (FileRefused, OSError):
+        declared = None
+    if declared is not None and declared not in claimed:
+        claimed.append(declared)
+    if not claimed:
         return None
-    if declared is None:
-        return None
-    fix = f"is not read, since only <tenant_id>{TENANT_FILE_SUFFIX} files are: rename it to {declared}.toml"
-    return declared, ConfigProblem(path, "", fix)
+    fix = f"is not read, since only <tenant_id>{TENANT_FILE_SUFFIX} files are: rename it to {claimed[-1]}.toml"
+    return claimed, ConfigProblem(path, "", fix)
 
 
 def scan_directory(directory: Path) -> list[Path]:
@@ -429,9 +445,9 @@ class TenantRegistry:
             if found is None:
                 changed |= self._claims.pop(path, None) is not None
                 continue
-            tenant_id, problem = found
-            self._claims[path] = ([tenant_id], [problem])
-            log.error("tenant_file_misnamed", tenant_id=tenant_id, file=str(path), error=str(problem))
+            claimed, problem = found
+            self._claims[path] = (claimed, [problem])
+            log.error("tenant_file_misnamed", tenant_ids=claimed, file=str(path), error=str(problem))
             changed = True
         return changed
 

@@ -374,12 +374,29 @@ def test_example_tenants_in_the_repository_validate() -> None:
     assert {c.tenant_id for c in configs} >= {"acme", "globex"}
 
 
-@pytest.mark.parametrize("name", ["acme.toml.txt", "acme.yml", "acme.toml~", "acme"])
-def test_a_file_not_named_as_a_tenant_file_still_quarantines_the_tenant_it_declares(tmp_path: Path, name: str) -> None:
+YAML_ACME = "tenant_id: acme\nprovider:\n  kind: openai_compatible\nfallback:\n  policy: fail_closed\n"
+JSON_ACME = '{"tenant_id":"acme","fallback":{"policy":"fail_closed"}}'
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("acme.toml.txt", GOOD),
+        ("acme.toml~", GOOD),
+        ("acme", GOOD),  # no extension: the tenant it declares
+        ("notes.txt", GOOD),  # another name: the tenant it declares too
+        ("acme.yaml", YAML_ACME),
+        ("acme.yml", "# nothing that parses as a tenant\n"),  # the name alone
+        ("acme.json", JSON_ACME),
+    ],
+)
+def test_a_file_not_named_as_a_tenant_file_still_quarantines_the_tenant_it_declares(
+    tmp_path: Path, name: str, text: str
+) -> None:
     registry = TenantRegistry(tmp_path)
     write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
     stray = tmp_path / name
-    stray.write_text(GOOD.replace("queue_and_retry", "fail_closed"))
+    stray.write_text(text.replace("queue_and_retry", "fail_closed"))
 
     with capture_logs() as logs:
         registry.refresh()
@@ -390,7 +407,8 @@ def test_a_file_not_named_as_a_tenant_file_still_quarantines_the_tenant_it_decla
     assert "rename it to acme.toml" in problems[0].message
     assert [e["file"] for e in logs if e["event"] == "tenant_file_misnamed"] == [str(stray)]
 
-    stray.rename(tmp_path / "acme.toml")
+    stray.unlink()  # the fix: the configuration saved as acme.toml
+    write(tmp_path, "acme", GOOD.replace("queue_and_retry", "fail_closed"))
     registry.refresh()
     assert registry.problems("acme") is None
     config = registry.get("acme")
