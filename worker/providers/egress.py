@@ -36,11 +36,13 @@ METADATA_ADDRESSES = frozenset(
     )
 )
 METADATA_HOSTNAMES = frozenset({"metadata.google.internal", "metadata.goog", "metadata", "instance-data"})
-# Only the well-known prefix says where its IPv4 address is (the last 32 bits). In the local-use 64:ff9b:1::/48 a
-# network picks its own prefix length, so the IPv4 host cannot be read off the address: it is judged as the
-# local IPv6 address it is (refused for drafts, like any private range).
+# The well-known prefix says where its IPv4 address is: the last 32 bits.
 NAT64 = (ipaddress.ip_network("64:ff9b::/96"),)
-LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215; Python 3.11 counts it as global
+# In the local-use prefix (RFC 8215) each network picks its own prefix length, so the IPv4 host may sit in any of
+# RFC 6052's layouts for /48, /56, /64 or /96 (bits 64-71 are never part of it): a reading that is a metadata or
+# link-local address refuses it, and drafts refuse the range outright as private (Python 3.11 counts it as global).
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_LOCAL_NAT64_LAYOUTS = (((48, 64), (72, 88)), ((56, 64), (72, 96)), ((72, 104),), ((96, 128),))
 IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
 # A DNS name never ends in an all-numeric label: such a host is an IPv4 address in a legacy notation
 # (octal 0177.0.0.1, hex 0x7f.1, decimal 2130706433) that the C resolver would quietly accept.
@@ -81,6 +83,18 @@ def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
     if any(ip in net for net in NAT64):
         return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
     return None
+
+
+def _local_nat64_readings(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a local-use NAT64 address may stand for, one per prefix length the network may use."""
+    bits = int(ip)
+    readings = []
+    for layout in _LOCAL_NAT64_LAYOUTS:
+        value = 0
+        for start, end in layout:
+            value = (value << (end - start)) | ((bits >> (128 - end)) & ((1 << (end - start)) - 1))
+        readings.append(ipaddress.IPv4Address(value))
+    return readings
 
 
 def _always_refused(ip: IPAddress) -> str | None:
@@ -134,6 +148,12 @@ class EgressPolicy:
         if isinstance(ip, ipaddress.IPv6Address) and (embedded := _embedded_ipv4(ip)) is not None:
             reason = self.refusal(str(embedded))
             return f"it embeds {embedded}, {reason}" if reason else None
+        if isinstance(ip, ipaddress.IPv6Address) and ip in LOCAL_NAT64:
+            # Only what no profile may reach counts: the readings of the layouts a network does not use are
+            # noise (0.0.0.0 and the like), and refusing on those would refuse every local NAT64 address.
+            for reading in _local_nat64_readings(ip):
+                if reading in METADATA_ADDRESSES or reading.is_link_local:
+                    return f"it may embed {reading}, {_always_refused(reading)}"
         if (reason := _always_refused(ip)) is not None:
             return reason
         if not self.drafts or any(ip in net for net in self.allowed_networks):
