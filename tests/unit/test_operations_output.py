@@ -2,11 +2,13 @@
 
 from datetime import UTC, datetime
 
+import orjson
 import pytest
 
-from contracts import Header
+from contracts import Header, Topology
 from worker.broker.copies import replay_headers
-from worker.ops.dlq import DeadLetterView, detail, format_age
+from worker.broker.header_trust import HeaderTrust
+from worker.ops.dlq import DeadLetterView, detail, format_age, signed_again
 from worker.redaction import MASK, redact, redact_text
 
 
@@ -71,3 +73,21 @@ def test_show_escapes_bytes_that_are_not_text_and_masks_text_bodies() -> None:
     assert detail(view_of(b"\x1b[2J\x00oops"))["body"] == "(9 bytes, not text) b'\\x1b[2J\\x00oops'"
     assert detail(view_of(b"{not json, password=hunter2"))["body"] == "{not json, password=***"
     assert detail(view_of(b'{"api_key": "k-1", "n": 1}'))["body"] == {"api_key": MASK, "n": 1}
+
+
+def test_a_signed_replay_vouches_only_for_what_the_key_already_vouched_for() -> None:
+    # A message the broker dead-lettered itself keeps its publisher's forged atlas-* headers: re-signing them
+    # would make the workers believe them.
+    trust = HeaderTrust(Topology("ns"), b"a-key-only-the-workers-know")
+    genuine = {Header.ATTEMPTS: 2, Header.SETTLE_SEQ: 3}
+    forged = {Header.REROUTED_FROM_TENANT: "victim", Header.DEFERRALS: 99}
+    headers = genuine | forged | trust.signature("r-1", genuine) | {"traceparent": "00-1-2-01"}
+    body = orjson.dumps({"request_id": "r-1", "tenant_id": "acme", "task": "summary"})
+    view = DeadLetterView("id-1", "r-1", "acme", "summary", "exhausted", None, 2, None, headers, {}, body)
+
+    copy = signed_again(trust, view, keep_attempts=True)
+
+    assert trust.believed(copy, "r-1") == {Header.ATTEMPTS: 2, Header.SETTLE_SEQ: 4}
+    assert not set(forged) & set(copy)
+    assert copy["traceparent"] == "00-1-2-01"
+    assert trust.believed(signed_again(trust, view, keep_attempts=False), "r-1") == {Header.SETTLE_SEQ: 4}

@@ -18,8 +18,9 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
 from contracts import REQUEST_ROUTING_KEY, Header, Task, Topology
+from worker.broker.claimed_ids import parsed_ids
 from worker.broker.copies import copy_of, replay_headers
-from worker.broker.header_trust import HeaderTrust
+from worker.broker.header_trust import VOUCHED, HeaderTrust
 from worker.broker.headers import latest_death, read_count, read_history, read_text, read_time
 from worker.handling.history import History
 from worker.handling.outcome import DEAD_LETTER_REASONS, DeadLetterReason
@@ -215,6 +216,19 @@ class Progress:
             self._out.write("\n")
 
 
+def signed_again(trust: HeaderTrust, view: DeadLetterView, *, keep_attempts: bool) -> dict[str, Any]:
+    """A replay's headers, signed with the workers' key. Only what the key already vouched for is carried on and
+    signed: a message the broker dead-lettered itself, or one published straight to the dead-letter queue, keeps
+    whatever `atlas-*` headers its publisher forged, and signing those would make the workers believe them. The
+    request id signed is the body's, which is what a worker checks the signatures against."""
+    request_id = parsed_ids(view.body)[0]
+    believed = trust.believed(view.headers, request_id)
+    vouched = {k: v for k, v in view.headers.items() if k not in VOUCHED or k in believed}
+    headers = replay_headers(vouched, keep_attempts=keep_attempts)
+    headers.pop(Header.SIGNATURE, None)
+    return headers | trust.signature(request_id, headers)
+
+
 @dataclass(frozen=True)
 class Replayed:
     """What a replay did: how many dead letters it published back, how many it left (`HELD_BACK_FROM_REPLAY`),
@@ -338,10 +352,10 @@ class DeadLetterQueue:
                 if view.reason in HELD_BACK_FROM_REPLAY and not selection.names(view):
                     held_back += 1
                     return False
-                headers = replay_headers(view.headers, keep_attempts=keep_attempts)
-                if trust is not None:
-                    headers.pop(Header.SIGNATURE, None)
-                    headers |= trust.signature(view.request_id, headers)
+                if trust is None:
+                    headers = replay_headers(view.headers, keep_attempts=keep_attempts)
+                else:
+                    headers = signed_again(trust, view, keep_attempts=keep_attempts)
                 copy = copy_of(message, message.body, headers, user_id=self.user)
                 # Waits for the broker's confirm; raises if the copy was not routed to a queue.
                 await exchange.publish(copy, REQUEST_ROUTING_KEY, mandatory=True, timeout=PUBLISH_TIMEOUT_S)
