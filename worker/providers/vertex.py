@@ -226,9 +226,12 @@ class LoopTransport(google.auth.transport.Request):
         self._session = session
         self._loop = loop
         self._sending: set[concurrent.futures.Future[_TokenResponse]] = set()
+        self._cancelled = False
 
     def cancel(self) -> None:
-        """Cut short the requests in flight, so the refresh thread waiting on them ends now, not at their timeout."""
+        """Cut short the requests in flight, and refuse any later one (google-auth retries a 5xx after sleeping in
+        its thread), so the refresh thread ends now, not at the requests' timeout."""
+        self._cancelled = True
         for sending in list(self._sending):
             sending.cancel()
 
@@ -241,9 +244,13 @@ class LoopTransport(google.auth.transport.Request):
         timeout: float | None = None,
         **kwargs: Any,
     ) -> _TokenResponse:
+        if self._cancelled:
+            raise concurrent.futures.CancelledError
         sent = self._send(url, method, body, headers, timeout or TOKEN_TIMEOUT_S)
         sending = asyncio.run_coroutine_threadsafe(sent, self._loop)
         self._sending.add(sending)
+        if self._cancelled:  # cancelled between the check above and the request being registered
+            sending.cancel()
         try:
             return sending.result()  # a cancelled request raises here, and so ends the refresh
         finally:

@@ -1,7 +1,9 @@
 """Vertex AI Gemini against its strict fake: service-account token flow, request shape, tools, every error class."""
 
 import asyncio
+import concurrent.futures
 import dataclasses
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +16,7 @@ from contracts import RcaResult, VertexSettings
 from tests.fakes.common import Fault
 from tests.fakes.fixtures import VertexFake, rsa_key
 from tests.fakes.vertex_server import service_account_json
+from tests.integration.test_process_lifecycle import wait_until
 from tests.ops.scrape import free_port
 from tests.unit.providers.calls import call_for
 from worker.errors import ErrorClass, ProviderError
@@ -136,7 +139,9 @@ async def test_token_refreshes_at_a_tarpit_hold_neither_the_shared_threads_nor_t
     fake_vertex: VertexFake, tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
     # Eight drafts (the probe cap) whose token endpoint never answers: each refresh waits in a thread of its
-    # own, and the call's timeout ends the token request too instead of leaving it for its own 30 s.
+    # own, and the call's timeout ends the token request too instead of leaving it for its own 30 s. The shared
+    # pool gets eight threads, as on a machine of four cores: eight refreshes in it would leave none free.
+    asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=8))
     hung, released = asyncio.Event(), asyncio.Event()
     waiting = 0
 
@@ -177,6 +182,44 @@ async def test_token_refreshes_at_a_tarpit_hold_neither_the_shared_threads_nor_t
         await runner.cleanup()
 
     assert all(isinstance(r, ProviderError) and r.error_class is ErrorClass.TRANSIENT for r in results)
+
+
+async def test_a_token_refresh_cut_short_does_not_retry_after_its_call_has_ended(
+    fake_vertex: VertexFake, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    # google-auth retries a 503 after sleeping in its thread; once the call is over, that retry must not be sent.
+    seen: list[float] = []
+
+    async def unavailable_then_tarpit(request: web.Request) -> web.Response:
+        seen.append(asyncio.get_running_loop().time())
+        if len(seen) == 1:
+            return web.json_response({"error": "unavailable"}, status=503)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    app = web.Application()
+    app.router.add_post("/token", unavailable_then_tarpit)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    account = dataclasses.replace(
+        fake_vertex, service_account=service_account_json(rsa_key(0), f"http://127.0.0.1:{port}/token")
+    )
+    cut_short = provider(account, tmp_path / "key.json", session)
+    try:
+        with pytest.raises(ProviderError):
+            await within(0.3, "vertex", cut_short.complete(call_for("summary", settings(account, tmp_path / "k.json"))))
+        await cut_short.aclose()
+
+        def refreshing() -> bool:
+            return any(t.name.startswith("atlas-token") for t in threading.enumerate())
+
+        await wait_until(lambda: not refreshing(), 10)  # the thread ended after google-auth's back-off
+    finally:
+        await runner.cleanup()
+
+    assert len(seen) == 1
 
 
 def test_palm_model_is_refused_as_retired(fake_vertex: VertexFake, key_file: Path) -> None:
