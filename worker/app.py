@@ -13,7 +13,7 @@ from contracts import FallbackPolicy, InferenceRequest
 from worker.broker.amqp_url import login_user
 from worker.broker.connection import WorkerChannels, connect_worker, open_channels
 from worker.broker.consumer import Consumer, Settled
-from worker.broker.header_trust import HeaderTrust, load_key
+from worker.broker.header_trust import HeaderTrust, load_keys
 from worker.broker.settle import Settler
 from worker.broker.topology import topology_spec
 from worker.connection_check.task import answer_test_connection
@@ -146,7 +146,8 @@ class WorkerApp:
 
     async def run(self) -> None:
         settings = self.settings
-        header_key = load_key(settings.header_key)  # before anything opens: a bad reference fails the start
+        # Before anything opens: a bad reference fails the start.
+        header_key, previous_keys = load_keys(settings.header_key, settings.header_key_previous)
         # Only with publisher rules do the worker's copies carry its user: a user_id the broker disagrees with
         # (an external login it cannot be told from the URL) would make it refuse every retry and dead letter.
         worker_user = login_user(settings.amqp_url) if settings.publishers.active else None
@@ -187,7 +188,8 @@ class WorkerApp:
             channels = await open_channels(connection, spec, settings.atlas_cloud_exchange, settings.prefetch)
             providers = ProviderPool(session, self._provider_factories, self.breakers, tracing)
             stack.push_async_callback(providers.aclose)  # after the drain, before the session closes
-            self.consumer = self._consumer(channels, providers, tracing, header_key, worker_user)
+            trust = HeaderTrust(settings.topology, header_key, previous_keys)
+            self.consumer = self._consumer(channels, providers, tracing, trust, worker_user)
             if settings.freeze_heap:
                 freeze_heap()  # everything is imported and built; what follows is per request
             if header_key is None:  # said once the start succeeds, so a failed start stays one line
@@ -246,7 +248,7 @@ class WorkerApp:
         channels: WorkerChannels,
         providers: ProviderPool,
         tracing: Tracing,
-        header_key: bytes | None,
+        trust: HeaderTrust,
         worker_user: str | None,
     ) -> Consumer:
         """The message path, wired: consumer → handler → providers, and the settler behind them."""
@@ -257,7 +259,7 @@ class WorkerApp:
             settings.topology,
             settings.atlas_cloud_exchange,
             worker_user=worker_user,
-            trust=HeaderTrust(settings.topology, header_key),
+            trust=trust,
             max_body_bytes=settings.max_body_bytes,
             tracing=tracing,
         )

@@ -62,11 +62,7 @@ def _add_security_flags(run: argparse.ArgumentParser) -> None:
         help="most object members and array elements a request body may hold; each costs validation time on the "
         "event loop (default: %(default)s)",
     )
-    run.add_argument(
-        "--header-key",
-        metavar="env:NAME|file:/path",
-        help="HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored",
-    )
+    _add_header_key_flags(run, "HMAC key that signs the worker's own headers, so forged atlas-* headers are ignored")
     run.add_argument(
         "--publisher",
         action="append",
@@ -83,9 +79,27 @@ def _add_security_flags(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_header_key_flags(parser: argparse.ArgumentParser, text: str) -> None:
+    parser.add_argument("--header-key", metavar="env:NAME|file:/path", help=text)
+    parser.add_argument(
+        "--header-key-previous",
+        action="append",
+        default=[],
+        metavar="env:NAME|file:/path",
+        help="a key being rotated out: headers it signed are still believed, nothing new is signed with it; repeatable",
+    )
+
+
+def _check_header_keys(args: argparse.Namespace) -> None:
+    for flag, reference in [("--header-key", args.header_key)] + [
+        ("--header-key-previous", r) for r in args.header_key_previous
+    ]:
+        if reference is not None and not reference.startswith(REFERENCE_PREFIXES):
+            raise StartupError(ExitCode.USAGE, f"{flag} takes a reference (env:NAME or file:/path), not the key")
+
+
 def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
-    if args.header_key is not None and not args.header_key.startswith(REFERENCE_PREFIXES):
-        raise StartupError(ExitCode.USAGE, "--header-key takes a reference (env:NAME or file:/path), not the key")
+    _check_header_keys(args)
     try:
         publishers = PublisherRules.parse(args.publisher, args.reply_to)
     except ValueError as exc:
@@ -94,6 +108,7 @@ def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
         "max_body_bytes": args.max_body_bytes,
         "max_body_entries": args.max_body_entries,
         "header_key": args.header_key,
+        "header_key_previous": tuple(args.header_key_previous),
         "publishers": publishers,
     }
 
@@ -350,11 +365,10 @@ def _add_dlq(commands: _Commands) -> None:
     dlq_replay.add_argument(
         "--keep-attempts", action="store_true", help="keep the attempt count instead of starting from zero"
     )
-    dlq_replay.add_argument(
-        "--header-key",
-        metavar="env:NAME|file:/path",
-        help="the workers' --header-key: signs the copies' raised atlas-settle-seq, so the replay's reply "
-        "outranks the one its dead letter was answered with",
+    _add_header_key_flags(
+        dlq_replay,
+        "the workers' --header-key: signs the copies' raised atlas-settle-seq, so the replay's reply outranks "
+        "the one its dead letter was answered with",
     )
     dlq_purge = dlq_commands.add_parser("purge", help="delete dead letters (all, unless IDs or filters are given)")
     dlq_purge.add_argument("ids", nargs="*", metavar="ID", help="delete only these (IDs, request ids, ID prefixes)")

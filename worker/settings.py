@@ -52,6 +52,7 @@ class WorkerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     max_body_entries: int = MAX_BODY_ENTRIES
     header_key: str | None = None  # env:NAME or file:/path; signs the worker's own headers
+    header_key_previous: tuple[str, ...] = ()  # keys being rotated out: believed, never signed with
     publishers: PublisherRules = field(default_factory=PublisherRules)
     loop_lag_interval_s: float = 0.1  # how often the event loop's lag is sampled
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES

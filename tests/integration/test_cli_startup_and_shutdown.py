@@ -154,6 +154,21 @@ async def test_flags_each_valid_but_not_together_exit_2_in_one_line(tenants_dir:
     assert_one_line_error(result, ExitCode.USAGE, "1..30 levels")
 
 
+@pytest.mark.parametrize(
+    ("flags", "why"),
+    [
+        (("--header-key-previous", "env:OLD_KEY"), "--header-key-previous needs --header-key"),
+        (("--header-key", "env:NEW_KEY", "--header-key-previous", "the-old-key"), "takes a reference"),
+    ],
+)
+async def test_a_key_being_rotated_out_needs_a_key_to_sign_with_and_is_a_reference(
+    tenants_dir: Path, closed_port: int, flags: tuple[str, ...], why: str
+) -> None:
+    result = await run_worker(tenants_dir, *flags, amqp_url=f"amqp://guest:guest@127.0.0.1:{closed_port}/")
+
+    assert_one_line_error(result, ExitCode.USAGE, why)
+
+
 async def test_a_namespace_declared_with_another_ladder_is_one_line_naming_the_flags(
     amqp_url: str, tenants_dir: Path, topology: Topology
 ) -> None:

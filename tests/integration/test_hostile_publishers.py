@@ -25,6 +25,7 @@ from tests.ops.scrape import Samples, free_port, scrape
 from tests.scene import Scene, open_scene
 from worker.broker.amqp_url import login_user
 from worker.broker.consumer import MAX_BODY_BYTES, Settled
+from worker.broker.header_trust import HeaderTrust
 from worker.broker.limits import DEAD_LETTER_BODY_PREFIX_BYTES, MAX_BODY_ENTRIES, MAX_COUNT
 from worker.broker.publishers import PublisherRules
 
@@ -396,6 +397,34 @@ async def test_a_signed_ladder_header_copied_onto_another_request_is_not_believe
     assert json_body(reply)["request_id"] == "second"
     assert json_body(reply)["provenance"]["attempts"] == 2
     assert len(fake_openai.requests) == 4
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["old-key-kept", "old-key-dropped"])
+async def test_attempts_signed_with_a_key_being_rotated_out_are_believed_while_it_is_kept(
+    amqp_url: str,
+    client: BrokerClient,
+    topology: Topology,
+    tenants_dir: Path,
+    fake_openai: FakeOpenAI,
+    monkeypatch: pytest.MonkeyPatch,
+    previous: bool,
+) -> None:
+    monkeypatch.setenv("ATLAS_TEST_OLD_KEY", "the-key-before-the-rotation")
+    monkeypatch.setenv("ATLAS_TEST_NEW_KEY", "the-key-after-the-rotation")
+    write_tenant(tenants_dir, "acme", fake_openai.base_url, policy="queue_and_retry", max_attempts=3)
+    fake_openai.always = Fault("server_error")
+    # A retry a replica with the old key put on the ladder: two attempts made, signed with that key.
+    old = HeaderTrust(topology, b"the-key-before-the-rotation")
+    made = {Header.ATTEMPTS: 2}
+    keys: dict[str, object] = {"header_key": "env:ATLAS_TEST_NEW_KEY"}
+    if previous:
+        keys["header_key_previous"] = ("env:ATLAS_TEST_OLD_KEY",)
+    async with open_scene(amqp_url, topology, tenants_dir, client, fake_openai, **keys) as scene:
+        await scene.send(samples.request("acme", request_id="rotated"), headers=made | old.signature("rotated", made))
+        [reply] = (await scene.leftovers()).replies
+
+    assert json_body(reply)["provenance"]["attempts"] == 3
+    assert len(fake_openai.requests) == (1 if previous else 3)  # the last attempt, or the ladder from the start
 
 
 @pytest.mark.parametrize("replay_key", [True, False], ids=["signed", "unsigned"])

@@ -82,6 +82,19 @@ def test_signed_headers_are_believed_only_for_their_own_request_and_values() -> 
     assert trust.believed(ours, "r-1") == {}  # unsigned
 
 
+def test_a_key_being_rotated_out_is_still_believed_but_never_signed_with() -> None:
+    old, new = HeaderTrust(TOPOLOGY, KEY), HeaderTrust(TOPOLOGY, b"the next key!!!!!", previous=(KEY,))
+    ours = {Header.ATTEMPTS: 2}
+    by_old = {**ours, **old.signature("r-1", ours)}
+    by_new = {**ours, **new.signature("r-1", ours)}
+
+    assert new.believed(by_old, "r-1") == ours  # retries and dead letters signed before the rollout
+    assert new.believed(by_new, "r-1") == ours
+    assert by_new[Header.SIGNATURE] != by_old[Header.SIGNATURE]  # it signs with the new key only
+    assert old.believed(by_new, "r-1") == {}
+    assert HeaderTrust(TOPOLOGY, b"the next key!!!!!").believed(by_old, "r-1") == {}  # once the old key is dropped
+
+
 def test_without_a_key_only_a_message_back_from_a_retry_level_is_believed() -> None:
     trust = HeaderTrust(TOPOLOGY)
     attempts = {Header.ATTEMPTS: 2}

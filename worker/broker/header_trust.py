@@ -13,7 +13,7 @@ Headers not vouched for are ignored, as if the request were fresh; the request i
 
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from pydantic import SecretStr
@@ -68,12 +68,21 @@ def load_key(reference: str | None) -> bytes | None:
     return key
 
 
+def load_keys(reference: str | None, previous: Sequence[str] = ()) -> tuple[bytes | None, tuple[bytes, ...]]:
+    """The signing key and the keys being rotated out (believed, never signed with), read when a command starts."""
+    if previous and reference is None:
+        raise StartupError(ExitCode.USAGE, "--header-key-previous needs --header-key: the key to sign with from now on")
+    return load_key(reference), tuple(key for ref in previous if (key := load_key(ref)) is not None)
+
+
 class HeaderTrust:
     """Signs the worker's headers on the copies it publishes, and says which ones on a delivery to believe."""
 
-    def __init__(self, topology: Topology, key: bytes | None = None) -> None:
+    def __init__(self, topology: Topology, key: bytes | None = None, previous: tuple[bytes, ...] = ()) -> None:
+        """`key` signs and is believed; each of `previous` (keys being rotated out) is only believed."""
         self._retry_prefix = f"{topology.namespace}.retry."
         self._key = key
+        self._believed_keys = (key, *previous) if key is not None else ()
 
     @property
     def signing(self) -> bool:
@@ -93,24 +102,20 @@ class HeaderTrust:
         return {
             name: value
             for name, value in present.items()
-            if (mac := self._mac(request_id, name, value)) is not None
-            and isinstance(signature := signatures.get(name), str)
-            and hmac.compare_digest(signature, mac)
+            if isinstance(signature := signatures.get(name), str)
+            and any(
+                (mac := _mac(key, request_id, name, value)) is not None and hmac.compare_digest(signature, mac)
+                for key in self._believed_keys
+            )
         }
 
     def signature(self, request_id: str | None, headers: Mapping[str, Any]) -> dict[str, Any]:
         """`{atlas-signature: {name: mac}}` for the vouched-for headers a copy carries (nothing without a key)."""
         if self._key is None or request_id is None:
             return {}
-        macs = {name: mac for name in VOUCHED if name in headers if (mac := self._mac(request_id, name, headers[name]))}
+        key = self._key
+        macs = {name: mac for name in VOUCHED if name in headers if (mac := _mac(key, request_id, name, headers[name]))}
         return {Header.SIGNATURE: macs} if macs else {}
-
-    def _mac(self, request_id: str, name: str, value: Any) -> str | None:
-        if self._key is None or isinstance(value, bool) or not isinstance(value, str | int):
-            return None
-        # Type-tagged and NUL-separated, so no value of one header can pass for another's.
-        message = "\0".join((request_id, name, type(value).__name__, str(value))).encode()
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
 
     def _back_from_ladder(self, headers: Mapping[str, Any]) -> bool:
         latest = latest_death(headers)
@@ -121,6 +126,14 @@ class HeaderTrust:
             and queue.removeprefix(self._retry_prefix).isdigit()
             and reason == "expired"
         )
+
+
+def _mac(key: bytes, request_id: str, name: str, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    # Type-tagged and NUL-separated, so no value of one header can pass for another's.
+    message = "\0".join((request_id, name, type(value).__name__, str(value))).encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 def _could_be_ours(name: str, value: Any) -> bool:

@@ -13,7 +13,7 @@ from contracts import Header, Topology
 from worker.broker.amqp_url import login_user
 from worker.broker.connection import broker_error, first_connection
 from worker.broker.definitions import declare_everything, definitions, render
-from worker.broker.header_trust import HeaderTrust, load_key
+from worker.broker.header_trust import HeaderTrust, load_keys
 from worker.broker.topology import TopologySpec, topology_spec
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.ladder import RetryLadder
@@ -135,8 +135,8 @@ async def _replay(dlq: DeadLetterQueue, args: argparse.Namespace) -> int:
         print(f"{exc} in {dlq.topology.dead}", file=sys.stderr)
         return 1
     progress = Progress("replayed", chosen)
-    key = load_key(args.header_key)
-    trust = HeaderTrust(dlq.topology, key) if key is not None else None
+    key, previous = load_keys(args.header_key, args.header_key_previous)
+    trust = HeaderTrust(dlq.topology, key, previous) if key is not None else None
     try:
         replayed = await dlq.replay(
             selection, keep_attempts=args.keep_attempts, trust=trust, progress=progress, expected=total
