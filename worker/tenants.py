@@ -65,10 +65,13 @@ class ConfigProblem:
 class TenantConfigError(Exception):
     """A tenant file that cannot be used; `declared_tenant_id` is the `tenant_id` it names, when it could be read."""
 
-    def __init__(self, problems: list[ConfigProblem], declared_tenant_id: str | None = None) -> None:
+    def __init__(
+        self, problems: list[ConfigProblem], declared_tenant_id: str | None = None, *, unreadable: bool = False
+    ) -> None:
         super().__init__("; ".join(map(str, problems)))
         self.problems = problems
         self.declared_tenant_id = declared_tenant_id
+        self.unreadable = unreadable  # reading it failed (EIO, EMFILE, EACCES): it may pass without the file changing
 
 
 class TenantSourceFault(Exception):
@@ -178,7 +181,8 @@ def load_tenant_file(path: Path) -> TenantConfig:
     except FileRefused as refused:
         raise TenantConfigError([ConfigProblem(path, "", str(refused))]) from None
     except OSError as exc:
-        raise TenantConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror or exc}")]) from None
+        problem = ConfigProblem(path, "", f"cannot read: {exc.strerror or exc}")
+        raise TenantConfigError([problem], unreadable=True) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -340,6 +344,7 @@ class TenantRegistry:
         self._broken: dict[str, list[ConfigProblem]] = {}  # quarantined tenants (claimed, without a config)
         self._seen: dict[Path, Stamp] = {}
         self._misnamed_seen: dict[Path, Stamp] = {}  # files read only for the tenant_id they declare
+        self._unreadable: set[Path] = set()  # files whose last read failed: read again at every look
         self._missing: set[Path] = set()  # gone at the last look: removed if still gone at this one
         self._ignored: set[str] = set()
         self._folded: dict[str, list[str]] = {}
@@ -410,6 +415,8 @@ class TenantRegistry:
             if self._seen.get(path) != stamp:
                 self._load(path)
                 changed = True
+            elif path in self._unreadable:  # a read error may pass without the file changing: read it again
+                changed |= self._load(path, again=True)
         # A file gone for the first time is still counted as seen, so the next look can confirm it is gone.
         self._seen = current | {path: self._seen[path] for path in self._missing}
         if changed:
@@ -472,18 +479,25 @@ class TenantRegistry:
             )
         for path in sorted(confirmed):
             self._claims.pop(path, None)
+            self._unreadable.discard(path)
             tenant_id = path.stem
             if self._sources.get(tenant_id) == path:
                 del self._configs[tenant_id], self._sources[tenant_id]
                 log.warning("tenant_removed", tenant_id=tenant_id, file=str(path))
         return bool(confirmed)
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path, *, again: bool = False) -> bool:
+        """Read one tenant file; whether what the registry holds changed. `again`: the file has not changed since
+        its last read failed, which is not said twice."""
         try:
             config = load_tenant_file(path)
         except TenantConfigError as exc:
-            self._rejected(path, exc)
-            return
+            if exc.unreadable:
+                self._unreadable.add(path)
+            else:
+                self._unreadable.discard(path)
+            return self._rejected(path, exc, again=again)
+        self._unreadable.discard(path)
         tenant_id = config.tenant_id
         self._claims.pop(path, None)
         is_new = tenant_id not in self._configs
@@ -494,11 +508,14 @@ class TenantRegistry:
             provider=config.provider.kind,
             policy=config.fallback.policy.value,
         )
+        return True
 
-    def _rejected(self, path: Path, exc: TenantConfigError) -> None:
+    def _rejected(self, path: Path, exc: TenantConfigError, *, again: bool = False) -> bool:
         claimed = [path.stem]
         if exc.declared_tenant_id is not None and exc.declared_tenant_id != path.stem:
             claimed.append(exc.declared_tenant_id)
+        if again and self._claims.get(path) == (claimed, exc.problems):
+            return False  # read again and failing as before: said already
         self._claims[path] = (claimed, exc.problems)
         errors = [str(p) for p in exc.problems]
         for tenant_id in claimed:
@@ -507,3 +524,4 @@ class TenantRegistry:
             else:
                 event, action = "tenant_config_invalid", "requests fail with tenant_config_invalid until it is fixed"
             log.error(event, tenant_id=tenant_id, file=str(path), errors=errors, action=action)
+        return True

@@ -1,5 +1,6 @@
 """Tenant registry: files validated with errors naming file and field; secrets stay references; live reload."""
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from contracts import FallbackPolicy
+from worker import files, tenants
 from worker.tenants import NO_TENANTS_MARKER, TenantConfigError, TenantRegistry, load_tenant_file
 
 GOOD = """
@@ -467,3 +469,34 @@ def test_a_rewrite_of_the_same_size_with_its_modification_time_kept_is_still_pic
     config = registry.get("acme")
     assert config is not None
     assert config.fallback.policy is FallbackPolicy.FAIL_CLOSED
+
+
+def test_a_read_error_that_passes_is_retried_though_the_file_never_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EIO on a network volume, EMFILE under load: the file is the same, only reading it failed.
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    write(tmp_path, "acme", GOOD)
+    read = files.read_regular_file
+    failing = {"acme.toml"}
+
+    def flaky(path: Path, limit: int) -> bytes:
+        if path.name in failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return read(path, limit)
+
+    monkeypatch.setattr(tenants, "read_regular_file", flaky)
+    with capture_logs() as logs:
+        registry.refresh()
+        registry.refresh()  # still failing: read again, not said again
+    assert registry.get("acme") is None
+    problems = registry.problems("acme")
+    assert problems is not None
+    assert "Input/output error" in problems[0].message
+    assert [e["event"] for e in logs if e.get("tenant_id") == "acme"] == ["tenant_config_invalid"]
+
+    failing.clear()
+    assert registry.refresh()
+    assert registry.get("acme") is not None
+    assert registry.problems("acme") is None
