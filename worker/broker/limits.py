@@ -11,7 +11,7 @@ from contracts import Header
 MAX_BODY_BYTES: Final = 4 * 1024 * 1024
 # Entries (object members and array elements) a request body may hold (`--max-body-entries`). Validation holds
 # the GIL, so no thread can take it off the event loop, and its time follows the entries, not the bytes: 4 MiB of
-# tiny alerts is 680,000 entries and takes 0.6-1.5 s. At this bound the worst body takes about 50-100 ms, valid or
+# tiny alerts is 680,000 entries and takes 0.6-1.5 s. At this bound the worst body takes about 50-140 ms, valid or
 # not (each collection stops at its first bad item, but what comes before it is parsed and validated).
 MAX_BODY_ENTRIES: Final = 100_000
 # What a dead letter keeps of a body over the limit: enough to see what it was, never the whole thing.
