@@ -21,7 +21,6 @@ from worker.log import configure_logging
 from worker.providers.breaker import BreakerPolicy
 from worker.redaction import remember_url_credentials
 from worker.runtime import LOOPS, env_gc_threshold, env_loop
-from worker.secrets import REFERENCE_PREFIXES
 from worker.settings import (
     DEFAULT_AMQP_URL,
     DEFAULT_TENANTS_DIR,
@@ -90,16 +89,7 @@ def _add_header_key_flags(parser: argparse.ArgumentParser, text: str) -> None:
     )
 
 
-def _check_header_keys(args: argparse.Namespace) -> None:
-    for flag, reference in [("--header-key", args.header_key)] + [
-        ("--header-key-previous", r) for r in args.header_key_previous
-    ]:
-        if reference is not None and not reference.startswith(REFERENCE_PREFIXES):
-            raise StartupError(ExitCode.USAGE, f"{flag} takes a reference (env:NAME or file:/path), not the key")
-
-
 def _security_settings(args: argparse.Namespace) -> dict[str, Any]:
-    _check_header_keys(args)
     try:
         publishers = PublisherRules.parse(args.publisher, args.reply_to)
     except ValueError as exc:

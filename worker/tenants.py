@@ -255,13 +255,9 @@ def list_directory(directory: Path) -> Listing:
 _DECLARED = re.compile(
     rb"""(?:^|[{,])[ \t]*["']?tenant_id["']?[ \t]*[:=][ \t]*["']?([A-Za-z0-9][A-Za-z0-9_-]{0,63})""", re.MULTILINE
 )
-# Names of files that look like a tenant's configuration saved under the wrong name: `acme.yaml`, `acme.toml.txt`,
-# `acme.json.bak`, `acme.toml~`. Such a file quarantines the tenant its name starts with, whatever it holds.
-_CONFIG_LIKE_NAME = re.compile(
-    r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.(?:[^.]+\.)*?(?:toml|ya?ml|json|conf|cfg|ini|txt|bak|orig|old|tmp)[^.]*~?|"
-    r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})(?:\.[^.]+)*~",
-    re.IGNORECASE,
-)
+# Names of tenant files saved under a longer name: `acme.toml.txt`, `acme.toml.bak`, `acme.toml~`. Such a file
+# quarantines the tenant its name starts with, whatever it holds; any other name only by what it declares.
+_TENANT_FILE_COPY = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,63})\.toml.+", re.IGNORECASE | re.DOTALL)
 
 
 def _declared_in(raw: bytes) -> str | None:
@@ -269,18 +265,27 @@ def _declared_in(raw: bytes) -> str | None:
     return found.group(1).decode() if found else None
 
 
+def _claimed_by_name(path: Path) -> list[str]:
+    named = _TENANT_FILE_COPY.fullmatch(path.name)
+    return [named.group(1)] if named else []
+
+
+class Unreadable(Exception):
+    """A file of the tenants directory that could not be read this time (EIO, EMFILE): nothing it claims is known."""
+
+
 def misnamed(path: Path) -> tuple[list[str], ConfigProblem] | None:
-    """A file of the tenants directory that is not read as a tenant file but looks like one saved under the wrong
-    name (`acme.yaml`, `acme.toml.txt`, `acme.toml~`), or declares a `tenant_id`: the tenants it claims (the one its
-    name starts with, the one it declares) and the problem that quarantines them, unless a valid file of its own
-    configures each. Any other file (a README) is only ignored."""
-    claimed: list[str] = []
-    if (named := _CONFIG_LIKE_NAME.fullmatch(path.name)) is not None:
-        claimed.append(named.group(1) or named.group(2))
+    """A file of the tenants directory that is not read as a tenant file but is one saved under a longer name
+    (`acme.toml.txt`, `acme.toml~`) or declares a `tenant_id` (`acme.yaml` holding `tenant_id: acme`): the tenants it
+    claims and the problem that quarantines them, unless a valid file of its own configures each. Any other file
+    (a README, a kustomization) is only ignored. Raises Unreadable when reading it failed."""
+    claimed = _claimed_by_name(path)
     try:
         declared = _declared_in(read_regular_file(path, MAX_TENANT_FILE_BYTES))
-    except (FileRefused, OSError):
+    except FileRefused:  # a FIFO, a directory, something too large: no tenant file either way
         declared = None
+    except OSError as exc:
+        raise Unreadable(str(exc)) from None
     if declared is not None and declared not in claimed:
         claimed.append(declared)
     if not claimed:
@@ -311,7 +316,12 @@ def validate_path(path: Path) -> tuple[list[TenantConfig], list[ConfigProblem]]:
         except TenantConfigError as exc:
             problems.extend(exc.problems)
     for name in listing.ignored:
-        if (found := misnamed(path / name)) is not None:
+        try:
+            found = misnamed(path / name)
+        except Unreadable as exc:
+            problems.append(ConfigProblem(path / name, "", f"cannot read: {exc}"))
+            continue
+        if found is not None:
             problems.append(found[1])
     if not configs and not listing.marked:
         problems.append(ConfigProblem(path, "", no_valid_tenant(path, len(listing.paths)).removeprefix(f"{path} ")))
@@ -447,8 +457,18 @@ class TenantRegistry:
             stamp = _stamp(path)
             if self._misnamed_seen.get(path) == stamp:
                 continue
+            try:
+                found = misnamed(path)
+            except Unreadable:
+                # Nothing it claims is known: keep what it claimed before, add its name's, read it again next look.
+                claimed = sorted({*self._claims.get(path, ([], []))[0], *_claimed_by_name(path)})
+                if claimed:
+                    problem = ConfigProblem(path, "", "cannot be read; it may configure this tenant")
+                    changed |= self._claims.get(path) != (claimed, [problem])
+                    self._claims[path] = (claimed, [problem])
+                self._misnamed_seen.pop(path, None)
+                continue
             self._misnamed_seen[path] = stamp
-            found = misnamed(path)
             if found is None:
                 changed |= self._claims.pop(path, None) is not None
                 continue
@@ -514,6 +534,8 @@ class TenantRegistry:
         claimed = [path.stem]
         if exc.declared_tenant_id is not None and exc.declared_tenant_id != path.stem:
             claimed.append(exc.declared_tenant_id)
+        if exc.unreadable:  # what it declared is not known this time: it still claims what it claimed before
+            claimed += [t for t in self._claims.get(path, ([], []))[0] if t not in claimed]
         if again and self._claims.get(path) == (claimed, exc.problems):
             return False  # read again and failing as before: said already
         self._claims[path] = (claimed, exc.problems)

@@ -80,7 +80,7 @@ CHAT_ANSWER = {
         ("64:ff9b:1::808:808", False, True),  # local-use NAT64: where its IPv4 host sits is the network's choice
         ("64:ff9b:1::a9fe:a9fe", True, True),  # local-use NAT64 /96 to the metadata service
         ("64:ff9b:1:a9fe:00a9:fe00::", True, True),  # the same in the /48 layout (bits 64-71 skipped)
-        ("64:ff9b:1:00:7f:0:1::", False, True),  # 127.0.0.1 in the /64 layout: a stored tenant's own host may be
+        ("64:ff9b:1:00:7f:0:1::", False, True),  # 127.0.0.0 in the /64 layout: loopback, a stored one may
     ],
 )
 def test_address_classifier(address: str, stored_refused: bool, draft_refused: bool) -> None:

@@ -388,7 +388,7 @@ JSON_ACME = '{"tenant_id":"acme","fallback":{"policy":"fail_closed"}}'
         ("acme", GOOD),  # no extension: the tenant it declares
         ("notes.txt", GOOD),  # another name: the tenant it declares too
         ("acme.yaml", YAML_ACME),
-        ("acme.yml", "# nothing that parses as a tenant\n"),  # the name alone
+        ("acme.toml.bak", "# nothing that parses as a tenant\n"),  # the name alone: a copy of acme.toml
         ("acme.json", JSON_ACME),
     ],
 )
@@ -423,6 +423,8 @@ def test_a_backup_beside_a_valid_tenant_file_quarantines_nothing_and_a_readme_is
     write(tmp_path, "acme", GOOD)
     (tmp_path / "acme.toml.bak").write_text(GOOD.replace("queue_and_retry", "atlas_cloud"))
     (tmp_path / "README.md").write_text("Tenant files for the worker; see the runbook.\n")
+    (tmp_path / "README.txt").write_text("Tenant files for the worker.\n")
+    (tmp_path / "kustomization.yaml").write_text("resources:\n  - deployment.yaml\n")
 
     registry.refresh()
 
@@ -500,3 +502,34 @@ def test_a_read_error_that_passes_is_retried_though_the_file_never_changed(
     assert registry.refresh()
     assert registry.get("acme") is not None
     assert registry.problems("acme") is None
+
+
+def test_a_file_that_cannot_be_read_keeps_quarantining_what_it_claimed_until_it_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Quarantines rest on reading files; a read that fails (EMFILE under load) tells nothing, so it lifts none.
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    write(tmp_path, "acmee", GOOD.replace("queue_and_retry", "fail_closed"))  # a typo in the name: claims acme
+    (tmp_path / "notes.txt").write_text(GOOD.replace('"acme"', '"initech"'))  # declares initech
+    registry.refresh()
+    assert registry.quarantined() == ["acme", "acmee", "initech"]
+
+    read = files.read_regular_file
+    failing = True
+
+    def flaky(path: Path, limit: int) -> bytes:
+        if failing and path.name in ("acmee.toml", "notes.txt"):
+            raise OSError(errno.EMFILE, "Too many open files")
+        return read(path, limit)
+
+    monkeypatch.setattr(tenants, "read_regular_file", flaky)
+    for path in (tmp_path / "acmee.toml", tmp_path / "notes.txt"):  # rewritten while reads fail
+        path.write_text(path.read_text() + "\n")
+    registry.refresh()
+    registry.refresh()
+    assert registry.quarantined() == ["acme", "acmee", "initech"]
+
+    failing = False
+    registry.refresh()
+    assert registry.quarantined() == ["acme", "acmee", "initech"]  # read again: what they say holds

@@ -24,7 +24,7 @@ from worker.broker.limits import ERROR_MESSAGE_LIMIT, SHORT_HEADER_CHARS
 from worker.errors import ProviderError
 from worker.exit_codes import ExitCode, StartupError
 from worker.handling.history import HISTORY_MAX_BYTES
-from worker.secrets import resolve_secret
+from worker.secrets import REFERENCE_PREFIXES, resolve_secret
 
 # The worker's headers that change what it does with a request, or that claim where it came from.
 VOUCHED: Final = (
@@ -55,16 +55,19 @@ VALUE_LIMITS: Final = {Header.HISTORY: HISTORY_MAX_BYTES, Header.ERROR_MESSAGE: 
 MIN_KEY_BYTES: Final = 16
 
 
-def load_key(reference: str | None) -> bytes | None:
-    """The header key behind `env:NAME` or `file:/path`, read when the worker starts; None when unset."""
+def load_key(reference: str | None, flag: str = "--header-key") -> bytes | None:
+    """The header key behind `env:NAME` or `file:/path`, read when a command starts; None when unset. A literal
+    key is refused: on a command line it would sit in `ps` output and shell history."""
     if reference is None:
         return None
+    if not reference.startswith(REFERENCE_PREFIXES):
+        raise StartupError(ExitCode.USAGE, f"{flag} takes a reference (env:NAME or file:/path), not the key")
     try:
         key = resolve_secret(SecretStr(reference)).encode()
     except ProviderError as exc:
-        raise StartupError(ExitCode.USAGE, f"--header-key: {exc.message}") from None
+        raise StartupError(ExitCode.USAGE, f"{flag}: {exc.message}") from None
     if len(key) < MIN_KEY_BYTES:
-        raise StartupError(ExitCode.USAGE, f"--header-key: the key must be at least {MIN_KEY_BYTES} bytes")
+        raise StartupError(ExitCode.USAGE, f"{flag}: the key must be at least {MIN_KEY_BYTES} bytes")
     return key
 
 
@@ -72,7 +75,8 @@ def load_keys(reference: str | None, previous: Sequence[str] = ()) -> tuple[byte
     """The signing key and the keys being rotated out (believed, never signed with), read when a command starts."""
     if previous and reference is None:
         raise StartupError(ExitCode.USAGE, "--header-key-previous needs --header-key: the key to sign with from now on")
-    return load_key(reference), tuple(key for ref in previous if (key := load_key(ref)) is not None)
+    previous_keys = tuple(key for ref in previous if (key := load_key(ref, "--header-key-previous")) is not None)
+    return load_key(reference), previous_keys
 
 
 class HeaderTrust:
