@@ -1,7 +1,9 @@
 """Counting a JSON document's entries without parsing it: parsing holds the GIL for a time that follows the entries,
 not the bytes, so a document with too many is refused before anything parses it."""
 
+import asyncio
 import re
+from concurrent.futures import Executor
 from typing import Final
 
 # The scan below reads at most this many bytes per regex call: a call holds the GIL, and a thread that holds it
@@ -52,3 +54,11 @@ def count_entries(body: bytes, stop_after: int, window: int = SCAN_WINDOW_BYTES)
                 return entries
             position = stop  # the window ended, perhaps between a backslash and what it escapes
     return entries
+
+
+async def exceeds(body: bytes, limit: int, counter: Executor | None = None) -> bool:
+    """Whether JSON `body` holds more than `limit` entries: ruled out on the loop in one pass when it can be, else
+    counted on `counter` (the loop's default pool if None), so the loop never holds the GIL for the count."""
+    if not entries_may_exceed(body, limit):
+        return False
+    return await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, limit) > limit

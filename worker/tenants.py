@@ -35,6 +35,7 @@ MAX_TENANT_FILE_BYTES = 1024 * 1024
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 Stamp = tuple[int, ...]
 UNREADABLE: Stamp = (-1,)
+UNREAD: Stamp = (-2,)  # seen, but its read failed: never equal to a stamp, so the next look reads it again
 
 
 def _stamp(path: Path) -> Stamp:
@@ -466,7 +467,7 @@ class TenantRegistry:
                     problem = ConfigProblem(path, "", "cannot be read; it may configure this tenant")
                     changed |= self._claims.get(path) != (claimed, [problem])
                     self._claims[path] = (claimed, [problem])
-                self._misnamed_seen.pop(path, None)
+                self._misnamed_seen[path] = UNREAD  # matches no stamp: read again at the next look
                 continue
             self._misnamed_seen[path] = stamp
             if found is None:

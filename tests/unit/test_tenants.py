@@ -533,3 +533,26 @@ def test_a_file_that_cannot_be_read_keeps_quarantining_what_it_claimed_until_it_
     failing = False
     registry.refresh()
     assert registry.quarantined() == ["acme", "acmee", "initech"]  # read again: what they say holds
+
+
+def test_a_misnamed_file_that_could_not_be_read_and_is_then_deleted_claims_nothing_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = TenantRegistry(tmp_path)
+    write(tmp_path, "globex", GOOD.replace('"acme"', '"globex"'))
+    stray = tmp_path / "acme.toml.bak"
+    stray.write_text(GOOD)
+    read = files.read_regular_file
+
+    def failing(path: Path, limit: int) -> bytes:
+        if path.name == stray.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return read(path, limit)
+
+    monkeypatch.setattr(tenants, "read_regular_file", failing)
+    registry.refresh()
+    assert registry.quarantined() == ["acme"]
+
+    stray.unlink()
+    registry.refresh()
+    assert registry.quarantined() == []

@@ -33,7 +33,7 @@ from worker.handling.outcome import (
     SettleResult,
 )
 from worker.handling.route import Router
-from worker.json_entries import count_entries, entries_may_exceed
+from worker.json_entries import exceeds
 from worker.tracing import NO_TRACING, Tracing
 
 log = structlog.get_logger("worker.broker.consumer")
@@ -65,10 +65,7 @@ async def decode(
             f"body is {len(body)} bytes; the limit is {max_body_bytes}",
             *leading_ids(body),
         )
-    if (
-        entries_may_exceed(body, max_entries)
-        and await asyncio.get_running_loop().run_in_executor(counter, count_entries, body, max_entries) > max_entries
-    ):
+    if await exceeds(body, max_entries, counter):
         return Malformed(
             MalformedCode.BODY_TOO_LARGE,
             f"body holds more than {max_entries:,} entries (object members and array elements); the limit is "

@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 
 from worker.errors import ErrorClass, ProviderError
-from worker.json_entries import count_entries, entries_may_exceed
+from worker.json_entries import exceeds
 from worker.providers.egress import egress_error
 
 CONTEXT_OVERFLOW_PATTERNS = re.compile(
@@ -68,15 +68,6 @@ def error_text(body: bytes) -> str:
 
 def _prefix(body: bytes) -> str:
     return body[:300].decode("utf-8", "replace").strip() or "(empty body)"
-
-
-async def too_many_entries(payload: bytes) -> bool:
-    """Whether an answer holds more than MAX_RESPONSE_ENTRIES entries; counted off the loop when a quick look
-    cannot rule it out."""
-    if not entries_may_exceed(payload, MAX_RESPONSE_ENTRIES):
-        return False
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, count_entries, payload, MAX_RESPONSE_ENTRIES) > MAX_RESPONSE_ENTRIES
 
 
 def classify_status(status: int, text: str, headers: Mapping[str, str], who: str) -> ProviderError:
@@ -212,7 +203,7 @@ async def send_json(
             method, url, data=data, headers=send_headers, timeout=CONNECT_ONLY, allow_redirects=False
         ) as response:
             payload = await response.read()  # read and capped by the session's egress policy
-            flooded = await too_many_entries(payload)
+            flooded = await exceeds(payload, MAX_RESPONSE_ENTRIES)
             if response.status >= 400:
                 if flooded:  # judged by its status alone
                     unread = f"(error body not read: more than {MAX_RESPONSE_ENTRIES:,} JSON entries)".encode()
